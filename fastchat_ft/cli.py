@@ -1,0 +1,171 @@
+"""Command-line parsing only. Each subcommand names one function elsewhere that does the work.
+
+Handlers are imported lazily (by "module:function") so `fastchat-ft --help` stays fast and a
+subcommand whose implementation has not landed says so instead of printing fake output.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastchat_ft import __version__
+from fastchat_ft.errors import FastchatError, NotBuiltYet
+
+# subcommand -> (implementing "module:function", one-line help). The function takes the parsed args
+# and returns an exit code (None means 0).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("fastchat_ft.data.validate:run_validate", "check a ChatML JSONL dataset; list every problem with file:line"),
+    "analyze": ("fastchat_ft.data.analyze:run_analyze", "dataset statistics: turns, tokens, lengths, diversity, packing estimate"),
+    "split": ("fastchat_ft.data.split:run_split", "deterministic train/validation split with no near-duplicates across it"),
+    "train": ("fastchat_ft.engine.train:run_train", "fine-tune a model (LoRA, QLoRA or full) on ChatML data"),
+    "eval": ("fastchat_ft.engine.evaluate:run_eval", "loss, perplexity and token accuracy, optionally against a baseline"),
+    "generate": ("fastchat_ft.generate:run_generate", "chat with a model or a LoRA checkpoint"),
+    "export": ("fastchat_ft.export:run_export", "write a merged model, a PEFT adapter, GGUF and the run's artifacts"),
+    "serve": ("fastchat_ft.serve:run_serve", "a quick OpenAI-compatible endpoint for local testing"),
+    "bench": ("fastchat_ft.bench:run_bench", "train side by side with HF Trainer and print the ratios"),
+    "distill": ("fastchat_ft.engine.distill:run_distill", "knowledge distillation from a teacher to a student model"),
+}
+
+
+def _add_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="ChatML .jsonl or .json file")
+    p.add_argument("--tokenizer", help="model or tokenizer folder, for length and trainable-token checks")
+    p.add_argument("--template", default="chatml", help="chat template (chatml, llama3, llama2, mistral, alpaca, tokenizer)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="flag conversations longer than this")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--fix", metavar="OUT", help="write a cleaned copy to OUT and the rejects beside it (input untouched)")
+
+
+def _add_analyze(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+    p.add_argument("--tokenizer", help="model or tokenizer folder (default: the default model's)")
+    p.add_argument("--template", default="chatml")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--budget", type=int, default=None, help="token budget to check against")
+    p.add_argument("--plot", metavar="PNG", help="write a length histogram")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_split(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+    p.add_argument("--val-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="where to write <name>.train.jsonl and <name>.val.jsonl")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (Axolotl key names); default: the bundled demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--base-model", help="HF model folder (overrides base_model)")
+    p.add_argument("--data", action="append", help="ChatML file (overrides datasets)")
+    p.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    p.add_argument("--dry-run", action="store_true", help="check everything, estimate memory and time, and exit")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")
+    p.add_argument("--skip-bad-batches", action="store_true", help="skip a batch whose loss is NaN/inf instead of stopping")
+    p.add_argument("--nproc", type=int, default=None, help="shortcut for torchrun --nproc-per-node N")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder, run directory or checkpoint")
+    p.add_argument("--data", required=True, help="ChatML file")
+    p.add_argument("--baseline", help="model folder to compare against")
+    p.add_argument("--template", default=None)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--samples", type=int, default=0, help="write a side-by-side report of N generations")
+    p.add_argument("--json", action="store_true")
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder, run directory or LoRA checkpoint")
+    p.add_argument("--prompt", help="one user message; omit for an interactive chat")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--merge", action="store_true", help="merged full-precision model (default)")
+    mode.add_argument("--adapter", action="store_true", help="PEFT adapter only")
+    p.add_argument("--gguf", choices=["q8_0", "f16"], help="also write a GGUF file")
+    p.add_argument("--4bit", dest="four_bit", action="store_true", help="also write a bitsandbytes nf4 copy")
+    p.add_argument("--notes", help="your notes on how the data was made (for generation_notes.md)")
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default="bench/results")
+
+
+def _add_distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation loss vs the label loss")
+    p.add_argument("--output-dir", default="runs/distill")
+
+
+ARGUMENTS = {
+    "validate": _add_validate, "analyze": _add_analyze, "split": _add_split, "train": _add_train,
+    "eval": _add_eval, "generate": _add_generate, "export": _add_export, "serve": _add_serve,
+    "bench": _add_bench, "distill": _add_distill,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastchat-ft", description="Fast, exact fine-tuning for chat datasets.")
+    parser.add_argument("--version", action="version", version=f"fastchat-ft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        ARGUMENTS[name](p)
+    return parser
+
+
+def resolve_handler(command: str):
+    """Import the function behind a subcommand, or raise NotBuiltYet if it has not landed."""
+    target, _ = COMMANDS[command]
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise NotBuiltYet(f"`fastchat-ft {command}` is not built yet ({target} does not exist).") from None
+        raise
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise NotBuiltYet(f"`fastchat-ft {command}` is not built yet ({target} does not exist).")
+    return func
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return resolve_handler(args.command)(args) or 0
+    except FastchatError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

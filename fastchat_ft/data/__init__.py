@@ -1,0 +1,1 @@
+"""Datasets and dataset tools: the Python face of the native loader (csrc/json, chat, pack)."""

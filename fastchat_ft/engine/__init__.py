@@ -1,0 +1,1 @@
+"""The train loop, evaluation, checkpoints, metrics and distributed set-up."""

@@ -1,0 +1,48 @@
+"""The CLI surface: every subcommand is listed, --version works, unbuilt commands fail loudly."""
+import subprocess
+import sys
+
+import pytest
+
+from fastchat_ft import __version__, cli
+from fastchat_ft.errors import NotBuiltYet
+
+EXPECTED = ["validate", "analyze", "split", "train", "eval", "generate", "export", "serve", "bench", "distill"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastchat_ft", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_subcommand():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for name in EXPECTED:
+        assert f"    {name}" in out.stdout, name
+
+
+def test_version_matches_package():
+    out = run_cli("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"fastchat-ft {__version__}"
+
+
+def test_every_command_has_arguments_and_a_handler_path():
+    assert sorted(cli.COMMANDS) == sorted(EXPECTED)
+    assert sorted(cli.ARGUMENTS) == sorted(EXPECTED)
+    for target, _ in cli.COMMANDS.values():
+        module, func = target.split(":")
+        assert module.startswith("fastchat_ft.") and func
+
+
+def test_unbuilt_command_says_so_and_exits_nonzero(monkeypatch):
+    monkeypatch.setitem(cli.COMMANDS, "serve", ("fastchat_ft.does_not_exist:run", "x"))
+    with pytest.raises(NotBuiltYet, match="not built yet"):
+        cli.resolve_handler("serve")
+    assert cli.main(["serve", "some-model"]) == 1
+
+
+def test_no_command_prints_help_and_fails():
+    out = run_cli()
+    assert out.returncode == 2
+    assert "COMMAND" in out.stdout
