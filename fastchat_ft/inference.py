@@ -7,6 +7,7 @@ one generation loop that generate, eval samples, export's self-check and serve a
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -313,11 +314,13 @@ class ChatStream:
             gen = torch.Generator(device=device)
             gen.manual_seed(self.seed if self.seed is not None else torch.seed())
         ids = torch.tensor([self.prompt_ids], device=device)
+        # transformers 5.x renamed past_key_values to cache; older releases (>=4.51 is supported) lack it
+        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         past, emitted = None, 0
         with torch.inference_mode():
             for _ in range(self.max_new_tokens):
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = self.model(input_ids=ids, use_cache=True, **{cache_kw: past})
+                past = out.get(cache_kw)
                 next_id = _pick(out.logits[0, -1].float(), self.temperature, self.top_p, gen)
                 if next_id in self.stop_ids:
                     self.finish_reason = "stop"

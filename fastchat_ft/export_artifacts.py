@@ -1,0 +1,313 @@
+"""The run's artifacts beside an exported model: training_config.yaml, the splits used (copied, or by path and
+sha256 when large), dataset_info.json, training_logs/ (TensorBoard events, metrics.jsonl), the loss curve and
+generation_notes.md. Reads the run directory (runlayout.md); never writes into it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+COPY_SPLITS_UP_TO = 200 * 1024 * 1024  # bytes; larger splits are referenced by path + sha256 instead
+SPLIT_NAMES = ("train", "val")
+
+
+def read_conversations(path: Path, limit: int | None = None) -> list[list[dict]]:
+    """Message lists from a ChatML JSONL/JSON file (OpenAI `messages` or ShareGPT `conversations`).
+    Lenient on purpose: it only feeds statistics and prompts; `fastchat-ft validate` is the strict reader."""
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    convs = []
+    for row in rows:
+        msgs = _messages(row)
+        if msgs:
+            convs.append(msgs)
+        if limit and len(convs) >= limit:
+            break
+    return convs
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+
+
+def _messages(row) -> list[dict]:
+    if not isinstance(row, dict):
+        return []
+    if isinstance(row.get("messages"), list):
+        out = []
+        for m in row["messages"]:
+            if isinstance(m, dict) and "role" in m:
+                content = m.get("content") or ""
+                if isinstance(content, list):  # content parts
+                    content = "".join(p.get("text") or p.get("value") or "" for p in content if isinstance(p, dict))
+                out.append({"role": m["role"], "content": str(content)})
+        return out
+    if isinstance(row.get("conversations"), list):
+        return [{"role": _SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": str(m.get("value", ""))}
+                for m in row["conversations"] if isinstance(m, dict)]
+    return []
+
+
+def split_files(run_dir: Path | None) -> dict[str, Path]:
+    """{"train": path, "val": path} from run_dir/data/ (copied files or splits.json with paths)."""
+    if run_dir is None:
+        return {}
+    data = run_dir / "data"
+    found = {}
+    for name in SPLIT_NAMES:
+        for ext in (".jsonl", ".json"):
+            if (data / f"{name}{ext}").is_file():
+                found[name] = data / f"{name}{ext}"
+                break
+    splits_json = data / "splits.json"
+    if splits_json.is_file():
+        for name, entry in json.loads(splits_json.read_text()).items():
+            path = Path(entry["path"] if isinstance(entry, dict) else entry)
+            if name in SPLIT_NAMES and name not in found and path.is_file():
+                found[name] = path
+    return found
+
+
+def prompts_from(convs: list[list[dict]], n: int) -> list[dict]:
+    """Prompts for generation checks: each conversation cut before its last assistant turn, with that turn
+    kept as the reference answer."""
+    out = []
+    for msgs in convs:
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            continue
+        out.append({"messages": msgs[:last], "reference": msgs[last]["content"]})
+        if len(out) >= n:
+            break
+    return out
+
+
+def dataset_stats(convs: list[list[dict]], tokenizer=None) -> dict:
+    """Examples, turns, multi-turn ratio, tokens (template-rendered) and answer diversity (distinct bigrams)."""
+    n = len(convs)
+    if n == 0:
+        return {"examples": 0}
+    assistant_turns = [sum(m["role"] == "assistant" for m in c) for c in convs]
+    answers = [m["content"] for c in convs for m in c if m["role"] == "assistant"]
+    words = [w for a in answers for w in a.lower().split()]
+    bigrams = list(zip(words, words[1:]))
+    stats = {
+        "examples": n,
+        "messages_per_example": round(sum(map(len, convs)) / n, 2),
+        "multi_turn_ratio": round(sum(t > 1 for t in assistant_turns) / n, 4),
+        "with_system_prompt": round(sum(c[0]["role"] == "system" for c in convs if c) / n, 4),
+        "assistant_answers": len(answers),
+        "distinct_answer_ratio": round(len(set(answers)) / max(1, len(answers)), 4),
+        "distinct_2": round(len(set(bigrams)) / max(1, len(bigrams)), 4),
+    }
+    if tokenizer is not None:
+        lengths = []
+        for c in convs:
+            try:
+                lengths.append(len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False),
+                                             add_special_tokens=False)["input_ids"]))
+            except Exception:  # a conversation the template rejects: validate reports it, stats skip it
+                continue
+        if lengths:
+            lengths.sort()
+            stats.update(tokens=sum(lengths), tokens_per_example_mean=round(sum(lengths) / len(lengths), 1),
+                         tokens_per_example_p50=lengths[len(lengths) // 2],
+                         tokens_per_example_max=lengths[-1])
+    return stats
+
+
+def read_metrics(run_dir: Path | None) -> list[dict]:
+    path = run_dir / "metrics.jsonl" if run_dir else None
+    if not path or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def loss_before_after(metrics: list[dict]) -> dict:
+    evals = [m for m in metrics if "val_loss" in m]
+    out = {}
+    if evals:
+        first, last = evals[0], evals[-1]
+        for key in ("val_loss", "val_ppl", "val_token_acc"):
+            if key in first:
+                out[f"{key}_before"] = first[key]
+            if key in last:
+                out[f"{key}_after"] = last[key]
+        out["eval_steps"] = [first.get("step"), last.get("step")]
+    train = [m for m in metrics if "loss" in m]
+    if train:
+        out["train_loss_first"], out["train_loss_last"] = train[0]["loss"], train[-1]["loss"]
+        out["steps"] = train[-1].get("step")
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = None) -> dict:
+    """Copy or summarise everything the run left; return what the model card and self-check need."""
+    run_dir = source.run_dir or _run_dir_of_checkpoint(source.path)
+    info: dict = {"run_dir": str(run_dir) if run_dir else None, "files": []}
+    if run_dir is not None:
+        for name in ("training_config.yaml", "run_manifest.json", "loss_curve.png", "samples.jsonl"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, out / name)
+                info["files"].append(name)
+        logs = out / "training_logs"
+        if (run_dir / "training_logs").is_dir():
+            shutil.copytree(run_dir / "training_logs", logs)
+        if (run_dir / "metrics.jsonl").is_file():
+            logs.mkdir(exist_ok=True)
+            shutil.copy2(run_dir / "metrics.jsonl", logs / "metrics.jsonl")
+        if logs.is_dir():
+            info["files"].append("training_logs/")
+    splits = split_files(run_dir)
+    info["splits"] = _write_splits(splits, out)
+    if splits:
+        info["files"].append("data/")
+    info["dataset_info"] = {name: dataset_stats(read_conversations(path), tokenizer) for name, path in splits.items()}
+    info["dataset_info"]["validate"] = _validate_summary(run_dir)
+    (out / "dataset_info.json").write_text(json.dumps(info["dataset_info"], indent=2) + "\n")
+    info["files"].append("dataset_info.json")
+    metrics = read_metrics(run_dir)
+    info["losses"] = loss_before_after(metrics)
+    if metrics and not (out / "loss_curve.png").exists() and _plot_loss(metrics, out / "loss_curve.png"):
+        info["files"].append("loss_curve.png")
+    info["config"] = _read_yaml(run_dir / "training_config.yaml") if run_dir else {}
+    val = splits.get("val") or splits.get("train")
+    info["check_prompts"] = prompts_from(read_conversations(val, limit=50), 3) if val else []
+    notes = Path(notes_file).read_text() if notes_file else None
+    (out / "generation_notes.md").write_text(generation_notes(notes, info))
+    info["files"].append("generation_notes.md")
+    return info
+
+
+def _run_dir_of_checkpoint(ckpt: Path) -> Path | None:
+    """A checkpoint inside a run dir (final/ or checkpoints/step-N/) belongs to that run."""
+    for parent in (ckpt.parent, ckpt.parent.parent):
+        if (parent / "training_config.yaml").is_file() or (parent / "metrics.jsonl").is_file():
+            return parent
+    return None
+
+
+def _write_splits(splits: dict[str, Path], out: Path) -> dict:
+    total = sum(p.stat().st_size for p in splits.values())
+    entries = {}
+    if not splits:
+        return entries
+    (out / "data").mkdir()
+    for name, path in splits.items():
+        entry = {"path": str(path.resolve()), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        if total <= COPY_SPLITS_UP_TO:
+            shutil.copy2(path, out / "data" / path.name)
+            entry["copied_as"] = f"data/{path.name}"
+        entries[name] = entry
+    (out / "data" / "splits.json").write_text(json.dumps(entries, indent=2) + "\n")
+    return entries
+
+
+def _validate_summary(run_dir: Path | None) -> dict:
+    """What validation removed, as the engine recorded it in run_manifest.json (keys vary; pass them on)."""
+    if run_dir is None or not (run_dir / "run_manifest.json").is_file():
+        return {}
+    try:
+        manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    except json.JSONDecodeError:
+        return {}
+    found = {}
+
+    def walk(obj, prefix=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                key = f"{prefix}{k}"
+                if re.search(r"drop|removed|reject|skipp|truncat|inexact|invalid", k, re.I) and \
+                        isinstance(v, (int, float, str)):
+                    found[key] = v
+                else:
+                    walk(v, key + ".")
+    walk(manifest)
+    return found
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _plot_loss(metrics: list[dict], png: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "step" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m and "step" in m]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def generation_notes(user_notes: str | None, info: dict) -> str:
+    lines = ["# How the training data was made", ""]
+    if user_notes:
+        lines += ["## Notes from the author", "", user_notes.strip(), ""]
+    else:
+        lines += ["_No notes were given (`fastchat-ft export --notes FILE` adds them here)._", ""]
+    lines += ["## Measured statistics", ""]
+    ds = info.get("dataset_info", {})
+    for name in SPLIT_NAMES:
+        if name in ds and ds[name].get("examples"):
+            s = ds[name]
+            lines.append(f"- **{name}**: {s['examples']} examples, multi-turn ratio {s['multi_turn_ratio']:.1%}, "
+                         f"{s.get('tokens', 'n/a')} tokens, distinct answers {s['distinct_answer_ratio']:.1%}, "
+                         f"distinct-2 {s['distinct_2']:.3f}")
+    if "train" in ds and "val" in ds and ds["train"].get("examples") and ds["val"].get("examples"):
+        n_tr, n_va = ds["train"]["examples"], ds["val"]["examples"]
+        lines.append(f"- split: {n_tr} train / {n_va} validation ({n_va / (n_tr + n_va):.1%} held out)")
+    removed = ds.get("validate") or {}
+    lines.append("- removed by validation: " + (", ".join(f"{k} = {v}" for k, v in removed.items())
+                                                if removed else "nothing recorded in run_manifest.json"))
+    losses = info.get("losses", {})
+    if "val_loss_before" in losses:
+        lines.append(f"- validation loss: {losses['val_loss_before']:.4f} before training, "
+                     f"{losses['val_loss_after']:.4f} after")
+    return "\n".join(lines) + "\n"

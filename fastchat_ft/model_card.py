@@ -1,0 +1,136 @@
+"""README.md model card for an exported model: what it is, how to load it (transformers, peft, vLLM,
+llama.cpp), the data statistics, the hyperparameters, the evaluation metrics and the self-check results.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HYPERPARAMETERS = ("base_model", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                   "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs", "max_steps", "micro_batch_size",
+                   "gradient_accumulation_steps", "sequence_len", "sample_packing", "optimizer", "weight_decay",
+                   "max_grad_norm", "seed", "bf16")
+
+
+def write_model_card(out: Path, source, summary: dict, artifacts: dict, check: dict) -> None:
+    (out / "README.md").write_text(model_card(out, source, summary, artifacts, check))
+
+
+def model_card(out: Path, source, summary: dict, artifacts: dict, check: dict) -> str:
+    config = artifacts.get("config") or {}
+    base = config.get("base_model") or (str(source.base) if source.base else str(source.path))
+    mode = summary["mode"]
+    front = ["---", "library_name: " + ("peft" if mode == "adapter" else "transformers"),
+             f"base_model: {base}", "tags:", "- fastchat-ft", "- chat", "- " + ("lora" if source.kind == "lora" else "full-finetune")]
+    if summary.get("gguf"):
+        front.append("- gguf")
+    front += ["---", ""]
+    lines = front + [f"# Fine-tuned chat model ({'PEFT adapter' if mode == 'adapter' else 'merged weights'})", "",
+                     f"Fine-tuned from `{base}` with fastchat-ft ({_kind(source)}), exported from `{source.path}`.",
+                     "Replies use the model's chat template (saved with the tokenizer) and end with the "
+                     f"end-of-turn token `{check.get('end_of_turn', {}).get('token', '?')}`, which "
+                     "`generation_config.json` lists as a stop token.", ""]
+    lines += ["## Use it", ""] + _usage(mode, summary) + [""]
+    lines += _data_section(artifacts)
+    lines += _hyperparameter_section(config)
+    lines += _metrics_section(artifacts)
+    lines += _check_section(check)
+    files = ["config.json + model*.safetensors + generation_config.json" if mode == "merge"
+             else "adapter_config.json + adapter_model.safetensors",
+             "tokenizer.json, tokenizer_config.json (with chat_template), chat_template.jinja"]
+    if summary.get("adapter", {}).get("base_copy"):
+        files.append("base/: the base model with the trained embedding rows (added tokens) the adapter needs")
+    if summary.get("gguf"):
+        files.append(f"{summary['gguf']}: GGUF for llama.cpp / Ollama")
+    if summary.get("four_bit"):
+        files.append("nf4/: bitsandbytes 4-bit (nf4, double quantization) copy")
+    files += [f for f in artifacts.get("files", [])]
+    lines += ["## Files", ""] + [f"- {f}" for f in files] + [""]
+    return "\n".join(lines)
+
+
+def _kind(source) -> str:
+    return "LoRA, merged in float32" if source.kind == "lora" else "full fine-tune"
+
+
+def _usage(mode: str, summary: dict) -> list[str]:
+    if mode == "merge":
+        lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                 "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
+                 "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Hi!\"}], "
+                 "add_generation_prompt=True, return_tensors=\"pt\")",
+                 "print(tok.decode(model.generate(ids, max_new_tokens=256)[0, ids.shape[1]:]))", "```", "",
+                 "```bash", "vllm serve PATH            # or: fastchat-ft serve PATH", "```"]
+    else:
+        base = "PATH/base" if summary.get("adapter", {}).get("base_copy") else "BASE_MODEL"
+        lines = ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+                 f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), PATH)", "```",
+                 "", "```bash", f"vllm serve {base} --enable-lora --lora-modules finetuned=PATH --generation-config PATH",
+                 "```", "", "`--generation-config PATH` gives vLLM this folder's stop tokens (the end-of-turn token "
+                 "included), which the base model's own generation_config.json may lack."]
+    if summary.get("gguf"):
+        lines += ["", "```bash", f"llama-cli -m PATH/{summary['gguf']} -cnv", "```"]
+    return lines
+
+
+def _data_section(artifacts: dict) -> list[str]:
+    ds = artifacts.get("dataset_info") or {}
+    rows = [(n, s) for n, s in ds.items() if n in ("train", "val") and s.get("examples")]
+    if not rows:
+        return ["## Data", "", "No training splits were found in the run directory.", ""]
+    lines = ["## Data", "", "| split | examples | tokens | tokens/example (mean, max) | multi-turn | distinct-2 |",
+             "|---|---|---|---|---|---|"]
+    for name, s in rows:
+        lines.append(f"| {name} | {s['examples']} | {s.get('tokens', 'n/a')} | "
+                     f"{s.get('tokens_per_example_mean', 'n/a')}, {s.get('tokens_per_example_max', 'n/a')} | "
+                     f"{s['multi_turn_ratio']:.1%} | {s['distinct_2']:.3f} |")
+    lines += ["", "How the data was made: see `generation_notes.md`; statistics in `dataset_info.json`.", ""]
+    return lines
+
+
+def _hyperparameter_section(config: dict) -> list[str]:
+    if not config:
+        return []
+    lines = ["## Training hyperparameters", "", "| key | value |", "|---|---|"]
+    for key in HYPERPARAMETERS:
+        if key in config:
+            lines.append(f"| {key} | {json.dumps(config[key]) if not isinstance(config[key], str) else config[key]} |")
+    lines += ["", "The full resolved config is in `training_config.yaml`.", ""]
+    return lines
+
+
+def _metrics_section(artifacts: dict) -> list[str]:
+    losses = artifacts.get("losses") or {}
+    if not losses:
+        return ["## Evaluation", "", "The run recorded no metrics.", ""]
+    lines = ["## Evaluation", "", "Validation metrics on trainable (assistant) tokens, as logged by training:", "",
+             "| metric | before training | after training |", "|---|---|---|"]
+    for key, label in (("val_loss", "loss"), ("val_ppl", "perplexity"), ("val_token_acc", "token accuracy")):
+        if f"{key}_before" in losses or f"{key}_after" in losses:
+            lines.append(f"| {label} | {_fmt(losses.get(key + '_before'))} | {_fmt(losses.get(key + '_after'))} |")
+    if "steps" in losses:
+        lines += ["", f"Trained for {losses['steps']} steps; training loss {_fmt(losses.get('train_loss_first'))} "
+                      f"at the first step, {_fmt(losses.get('train_loss_last'))} at the last."]
+    lines += ["", "Re-measure with `fastchat-ft eval --model PATH --data VAL_FILE --baseline BASE`.", ""]
+    return lines
+
+
+def _check_section(check: dict) -> list[str]:
+    if not check:
+        return []
+    lines = ["## Export self-check", "", f"Passed: {'yes' if check.get('passed') else 'no'}.", ""]
+    rl = check.get("reload_logits")
+    if rl:
+        lines.append(f"- reloaded with transformers: logits max relative difference {rl['max_rel_diff']:.2e} "
+                     f"({rl['dtype']})")
+    lines.append(f"- chat template round-trips: {'yes' if check.get('template_roundtrip') else 'no'}")
+    for p in check.get("prompts", []):
+        lines.append(f"- {p['prompt'][:60]!r}: stopped after {p['tokens']} tokens" if p["stopped"]
+                     else f"- {p['prompt'][:60]!r}: did not stop")
+    for name, g in (check.get("gguf") or {}).items():
+        lines.append(f"- {name}: logits cosine {g['cosine']:.5f}, top-1 agreement {g['top1_agreement']:.0%}")
+    return lines + [""]
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,149 @@
+"""fastchat-ft export: merged model and PEFT adapter. References: transformers' from_pretrained (the merged
+folder loads as is, same logits as the engine's model), peft's PeftModel (the adapter loads, same logits), and
+the self-check failing on a model that never stops."""
+import json
+from argparse import Namespace
+
+import pytest
+import torch
+
+from fastchat_ft.cli import main
+from fastchat_ft.errors import FastchatError, ModelError
+from fastchat_ft.export import run_export, write_merged
+from fastchat_ft.inference import load_model
+from test_export_fixtures import chatty_run, tiny_run, tiny_run_new_tokens  # noqa: F401 (fixtures)
+
+
+def _args(run, out, **kw):
+    base = dict(run_dir=str(run), out=str(out), merge=False, adapter=False, gguf=None, four_bit=False, notes=None)
+    base.update(kw)
+    return Namespace(**base)
+
+
+def _ids(vocab, n=21, seed=3):
+    return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def merged_export(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "merged"
+    notes = out.parent / "notes.md"
+    notes.write_text("Answers were written by hand for the weather bot.")
+    assert main(["export", str(tiny_run["run"]), "--out", str(out), "--notes", str(notes)]) == 0
+    return out
+
+
+def test_merged_folder_loads_in_transformers_with_engine_logits(tiny_run, merged_export):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(merged_export).eval()
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_run["peft_model"](input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+    tok = AutoTokenizer.from_pretrained(merged_export)
+    assert tok.chat_template == tiny_run["tokenizer"].chat_template
+    assert json.loads((merged_export / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    gen = json.loads((merged_export / "generation_config.json").read_text())
+    assert im_end in gen["eos_token_id"] and tok.eos_token_id in gen["eos_token_id"]
+    assert im_end in json.loads((merged_export / "config.json").read_text())["eos_token_id"]
+
+
+def test_merged_export_writes_artifacts_and_card(tiny_run, merged_export):
+    for name in ("training_config.yaml", "run_manifest.json", "loss_curve.png", "dataset_info.json",
+                 "generation_notes.md", "README.md", "data/train.jsonl", "data/val.jsonl", "data/splits.json",
+                 "training_logs/metrics.jsonl"):
+        assert (merged_export / name).is_file(), name
+    info = json.loads((merged_export / "dataset_info.json").read_text())
+    assert info["train"]["examples"] == len(tiny_run["train"]) and info["val"]["examples"] == len(tiny_run["val"])
+    multi = sum(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in tiny_run["train"])
+    assert info["train"]["multi_turn_ratio"] == round(multi / len(tiny_run["train"]), 4)
+    assert info["train"]["tokens"] > info["train"]["examples"] * 10
+    notes = (merged_export / "generation_notes.md").read_text()
+    assert "written by hand for the weather bot" in notes and "6.0000 before training, 2.9000 after" in notes
+    card = (merged_export / "README.md").read_text()
+    assert "| loss | 6.0000 | 2.9000 |" in card and "| lora_r | 4 |" in card and "Passed: yes" in card
+    assert "<|im_end|>" in card
+    splits = json.loads((merged_export / "data" / "splits.json").read_text())
+    assert len(splits["train"]["sha256"]) == 64
+
+
+def test_export_refuses_to_overwrite_or_write_inside_run(tiny_run, merged_export, tmp_path):
+    with pytest.raises(FastchatError, match="not empty"):
+        run_export(_args(tiny_run["run"], merged_export))
+    with pytest.raises(FastchatError, match="inside the run"):
+        run_export(_args(tiny_run["run"], tiny_run["run"] / "export"))
+    assert not (tiny_run["run"] / "export").exists()
+
+
+def test_self_check_fails_on_a_model_that_never_stops(chatty_run, tmp_path, capsys):
+    out = tmp_path / "chatty"
+    with pytest.raises(ModelError, match="did not stop"):
+        run_export(_args(chatty_run["run"], out))
+    assert not out.exists() and (tmp_path / "chatty.failed" / "config.json").is_file()
+    assert "[FAIL] stops within" in capsys.readouterr().out
+    assert main(["export", str(chatty_run["run"]), "--out", str(tmp_path / "chatty2")]) == 1  # CLI: error, no traceback
+
+
+def test_sharded_save_loads(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+    loaded = load_model(tiny_run["run"], device="cpu")
+    write_merged(loaded, tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    ids = _ids(loaded.model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits,
+                                   loaded.model(ids).logits)
+
+
+def test_export_bf16_keeps_float32_merge(tiny_run, tmp_path):
+    out = tmp_path / "bf16"
+    run_export(_args(tiny_run["run"], out, dtype="bfloat16"))
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["dtype"] == "bfloat16"
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        w = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    ref = load_model(tiny_run["run"], device="cpu").model.model.layers[0].self_attn.q_proj.weight
+    assert w.dtype == torch.bfloat16
+    assert torch.equal(w, ref.detach().to(torch.bfloat16))  # rounded once, from the float32 merge
+
+
+@pytest.mark.parametrize("fixture", ["tiny_run", "tiny_run_new_tokens"])
+def test_adapter_export_loads_in_peft(fixture, request, tmp_path):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    run = request.getfixturevalue(fixture)
+    out = tmp_path / "adapter"
+    run_export(_args(run["run"], out, adapter=True))
+    conf = json.loads((out / "adapter_config.json").read_text())
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    # vLLM accepts only lora_A/lora_B tensors in an adapter: whole tensors must not be in it
+    assert keys and all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert not conf.get("modules_to_save")
+    if fixture == "tiny_run_new_tokens":
+        assert conf["base_model_name_or_path"] == str((out / "base").resolve())
+        assert (out / "base" / "config.json").is_file()
+    else:
+        assert conf["base_model_name_or_path"] == str(run["base"].resolve()) and not (out / "base").exists()
+    base = AutoModelForCausalLM.from_pretrained(conf["base_model_name_or_path"])
+    model = PeftModel.from_pretrained(base, out).eval()
+    ids = _ids(base.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, run["peft_model"](input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_export_refused_for_full_finetune(tiny_run, tmp_path):
+    with pytest.raises(ModelError, match="full fine-tune"):
+        run_export(_args(tiny_run["base"], tmp_path / "x", adapter=True))
+
+
+def test_4bit_without_cuda_is_a_clear_error(tiny_run, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    with pytest.raises(FastchatError, match="CUDA"):
+        run_export(_args(tiny_run["run"], tmp_path / "q", four_bit=True))
+    assert not (tmp_path / "q").exists()
