@@ -93,6 +93,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", choices=["q8_0", "f16"], help="also write a GGUF file")
     p.add_argument("--4bit", dest="four_bit", action="store_true", help="also write a bitsandbytes nf4 copy")
     p.add_argument("--notes", help="your notes on how the data was made (for generation_notes.md)")
+    p.add_argument("--dtype", default="auto", help="merged weights dtype: auto (the base's), float32, bfloat16, float16")
+    p.add_argument("--check-max-new-tokens", type=int, default=None,
+                   help="self-check: a reply must end within this many tokens (default: from the validation answers)")
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:

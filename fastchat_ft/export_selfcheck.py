@@ -98,9 +98,11 @@ def self_check(folder: Path, mode: str, loaded, prompts: list[dict] | None = Non
     report["passed"] = not problems
     report["problems"] = problems
     if problems:
+        never_stops = any("did not stop" in p for p in problems)
         raise ModelError("export self-check failed:\n  - " + "\n  - ".join(problems), file=str(folder),
-                         fix="look at the replies above; a model that never stops needs its end-of-turn token "
-                             "trained (train on the assistant turns including the end-of-turn token)")
+                         fix="a model that never stops needs its end-of-turn token trained (train on the assistant "
+                             "turns including the end-of-turn token); see the [FAIL] lines above" if never_stops
+                         else "see the [FAIL] lines above")
     print("self-check: passed")
     return report
 
