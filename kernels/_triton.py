@@ -1,0 +1,107 @@
+"""Triton plumbing shared by the kernels: an optional import (the CPU path needs no triton), the dispatch
+rule (CUDA -> Triton, CPU -> torch reference unless TRITON_INTERPRET=1), and a kernel wrapper that picks
+the compiled or the interpreted form by the device of the launch, not by import order."""
+from __future__ import annotations
+
+import os
+import types
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only install: kernels are defined but never launched
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)  # only the annotations are evaluated at definition time
+    HAS_TRITON = False
+
+
+def interpret_requested() -> bool:
+    """TRITON_INTERPRET=1 routes CPU tensors through the Triton kernels (run by the interpreter), for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def use_triton(tensor) -> bool:
+    """Whether a call on `tensor` runs the Triton kernels (True) or the torch reference (False)."""
+    if not HAS_TRITON:
+        return False
+    if tensor.is_cuda:
+        return True
+    return tensor.device.type == "cpu" and interpret_requested()
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+class Kernel:
+    """A @triton.jit function built on first launch: JITFunction for GPU tensors, InterpretedFunction for
+    CPU tensors. triton.jit decides once at decoration from TRITON_INTERPRET, which would make the result
+    depend on which module imported the kernels first; deciding per device keeps both paths usable in one
+    process. `autotune` (kwargs for triton.autotune) applies to the GPU form only."""
+
+    def __init__(self, fn, autotune: dict | None = None):
+        self.fn = fn
+        self.autotune = autotune
+        self._compiled = None
+        self._interpreted = None
+        self._untuned = None
+        self.__name__ = fn.__name__
+
+    def on(self, device, tuned: bool = True):
+        """The launchable kernel for tensors on `device`; tuned=False skips the autotuner (explicit tiles)."""
+        if not HAS_TRITON:
+            raise RuntimeError("triton is not installed; the Triton kernels cannot run")
+        if device.type == "cpu":
+            if self._interpreted is None:
+                self._interpreted = _Interpreted(self.fn)
+            return self._interpreted
+        if self._compiled is None:
+            from triton.runtime.jit import JITFunction
+
+            self._untuned = JITFunction(self.fn)
+            self._compiled = self._untuned
+            if self.autotune is not None:
+                self._compiled = triton.autotune(**self.autotune)(self._untuned)
+        return self._compiled if tuned else self._untuned
+
+
+class _Interpreted:
+    """Interpreter launch that also works when triton was imported without TRITON_INTERPRET=1. Then triton's
+    own @jit library functions (tl.sum, tl.max, tl.zeros, ...) are compiled-only JITFunctions and refuse to be
+    called from Python; for the duration of the launch they are run through the interpreter instead."""
+
+    def __init__(self, fn):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self._fn = InterpretedFunction(fn)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
+
+            cache: dict = {}
+
+            def call_interpreted(jit_fn, *a, **k):
+                interp = cache.get(id(jit_fn))  # by id: hashing a JITFunction compiles its cache key
+                if interp is None:
+                    interp = cache[id(jit_fn)] = InterpretedFunction(jit_fn.fn)
+                return interp(*a, **k)
+
+            original = JITFunction.__call__
+            JITFunction.__call__ = call_interpreted
+            try:
+                return self._fn[grid](*args, **kwargs)
+            finally:
+                JITFunction.__call__ = original
+
+        return launch
+
+
+def kernel(fn=None, *, autotune: dict | None = None):
+    """Decorator form of Kernel: `@kernel` or `@kernel(autotune=dict(configs=..., key=...))`."""
+    if fn is None:
+        return lambda f: Kernel(f, autotune=autotune)
+    return Kernel(fn)

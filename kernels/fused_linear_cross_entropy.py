@@ -1,0 +1,383 @@
+"""Fused linear + cross-entropy: the LM-head loss from hidden states and the head weight without ever holding
+the [tokens x vocab] logits. Owns the Triton row kernel, the chunked launcher, the autograd Function and the
+chunked torch reference (also the CPU path). Patching models to use it lives in fastchat_ft/model/.
+
+Design (see ../shared/notes/kernels.md): rows whose label is ignore_index are dropped up front; the kept rows
+are processed in large token chunks (a memory budget, not a fixed chunk count, so cost scales with tokens and
+a small batch is one chunk). Per chunk: logits = x W^T (+b) by cuBLAS, one Triton program per row computes
+loss, lse and accuracy with an online softmax and overwrites the logits with dLoss/dlogits (target-class term
+formed in fp32), then dx = g W and dW += g^T x into an fp32 accumulator. Gradients are computed in forward;
+backward scales them by grad_output and casts (one pass).
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ._triton import kernel, next_power_of_2, tl, use_triton
+
+# Largest chunk of logits (bytes) held at once on the Triton path. Big chunks keep the [V, H] fp32 gradient
+# read-modify-write rare (one per chunk); 1 GiB is 4096 tokens at V=128256 in bf16.
+DEFAULT_CHUNK_BYTES = 1 << 30
+# Chunk of tokens for the CPU reference (bounds the fp32 logits held on CPU).
+REFERENCE_CHUNK_TOKENS = 1024
+
+
+class CrossEntropyStats(NamedTuple):
+    """Returned with return_stats=True. n_valid and n_correct are int64 tensors on the input's device (no host
+    sync); token accuracy is n_correct / n_valid. A token is correct when its label's logit is the row maximum."""
+    loss: torch.Tensor
+    n_valid: torch.Tensor
+    n_correct: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+@kernel
+def _ce_rows_kernel(
+    logits_ptr, logits_stride, labels_ptr, loss_ptr, correct_ptr, grad_scale_ptr,
+    n_cols, softcap, z_loss,
+    HAS_SOFTCAP: tl.constexpr, HAS_Z_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # One program per row; int64 row offset because rows * V passes 2^31 at realistic sizes.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_stride
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    # Scalars are cast here: a Python float can arrive as fp64 (torch.compile), which breaks the fp32 loop.
+    cap = tl.cast(softcap, tl.float32)
+    inv_cap = 1.0 / cap
+    zl = tl.cast(z_loss, tl.float32)
+    offs = tl.arange(0, BLOCK_V)
+
+    # Pass 1: online max / sum-exp, and the label's logit taken from the same computed values as the max so
+    # the accuracy test (label logit == row max) compares identical numbers.
+    m = tl.full([], float("-inf"), tl.float32)
+    d = tl.zeros([], tl.float32)
+    x_label = tl.zeros([], tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        mask = cols < n_cols
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            # tanh from exp: libdevice tanh does not run under the interpreter.
+            x = cap * (1.0 - 2.0 / (tl.exp(2.0 * x * inv_cap) + 1.0))
+        x = tl.where(mask, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, 0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+        x_label += tl.sum(tl.where(cols == label, x, 0.0), 0)
+    lse = m + tl.log(d)
+    loss = lse - x_label
+    if HAS_Z_LOSS:
+        loss += zl * lse * lse
+    tl.store(loss_ptr + row, loss)
+    tl.store(correct_ptr + row, (x_label >= m).to(tl.int32))
+
+    if WRITE_GRAD:
+        # Pass 2: dLoss/dlogit = p * (1 + 2 z lse) - onehot, times the softcap derivative, times the
+        # reduction scale, all in fp32 and rounded once at the store (the target term never sees bf16).
+        scale = tl.load(grad_scale_ptr).to(tl.float32)
+        p_factor = 1.0
+        if HAS_Z_LOSS:
+            p_factor = 1.0 + 2.0 * zl * lse
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + offs
+            mask = cols < n_cols
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t = 1.0 - 2.0 / (tl.exp(2.0 * x * inv_cap) + 1.0)
+                x = cap * t
+            g = tl.exp(x - lse) * p_factor
+            g = tl.where(cols == label, g - 1.0, g)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - t * t)
+            tl.store(row_ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+@kernel
+def _scale_cast_kernel(src_ptr, dst_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    # dst = (src * scale) in dst's dtype: the backward's one pass over the fp32 weight-gradient accumulator.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    scale = tl.load(scale_ptr).to(tl.float32)
+    v = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst_ptr + offs, (v * scale).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+def _launch_ce_rows(logits, labels, loss_out, correct_out, grad_scale, softcap, z_loss, write_grad, block_v):
+    n_rows, n_cols = logits.shape
+    if block_v is None:
+        block_v = min(8192, next_power_of_2(n_cols))
+    _ce_rows_kernel.on(logits.device)[(n_rows,)](
+        logits, logits.stride(0), labels, loss_out, correct_out, grad_scale,
+        n_cols, float(softcap or 1.0), float(z_loss),
+        HAS_SOFTCAP=softcap is not None, HAS_Z_LOSS=z_loss != 0.0, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        num_warps=16 if block_v >= 4096 else 8,
+    )
+
+
+def _scale_cast(src, scale, dtype):
+    """(src * scale).to(dtype), scale a 0-d tensor (no host sync)."""
+    dst = torch.empty(src.shape, dtype=dtype, device=src.device)
+    n = src.numel()
+    if n:
+        block = 4096
+        _scale_cast_kernel.on(src.device)[(triton_cdiv(n, block),)](
+            src, dst, scale.to(torch.float32).reshape(1), n, BLOCK=block, num_warps=8)
+    return dst
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+_OUT_DTYPE_MODE: dict = {}
+
+
+def _accumulate_fp32(acc, a, b, first):
+    """acc (fp32) = [acc +] a @ b, with the product accumulated in fp32 even for bf16/fp16 a, b.
+    On CUDA this uses addmm's out_dtype (torch>=2.8) straight into acc; the mode is probed once per device."""
+    if a.dtype == torch.float32:
+        torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out=acc)
+        return
+    if acc.is_cuda:
+        mode = _OUT_DTYPE_MODE.get(acc.device)
+        if mode is None:
+            mode = _OUT_DTYPE_MODE[acc.device] = _probe_out_dtype(acc.device, a.dtype)
+        if mode == "addmm_out":
+            torch.addmm(acc, a, b, out_dtype=torch.float32, beta=0.0 if first else 1.0, out=acc)
+            return
+        if mode == "mm":
+            prod = torch.mm(a, b, out_dtype=torch.float32)
+            if first:
+                acc.copy_(prod)
+            else:
+                acc.add_(prod)
+            return
+    torch.addmm(acc, a.float(), b.float(), beta=0.0 if first else 1.0, out=acc)
+
+
+def _probe_out_dtype(device, dtype):
+    a = torch.randn(64, 32, device=device).to(dtype)
+    b = torch.randn(32, 48, device=device).to(dtype)
+    want = a.float() @ b.float()
+    try:
+        acc = torch.full((64, 48), float("nan"), device=device)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=0.0, out=acc)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=1.0, out=acc)
+        if torch.allclose(acc, 2 * want, rtol=1e-3, atol=1e-3):
+            return "addmm_out"
+    except (RuntimeError, TypeError):
+        pass
+    try:
+        if torch.allclose(torch.mm(a, b, out_dtype=torch.float32), want, rtol=1e-3, atol=1e-3):
+            return "mm"
+    except (RuntimeError, TypeError):
+        pass
+    return "upcast"
+
+
+def _default_chunk_rows(n_rows, n_cols, dtype):
+    rows = DEFAULT_CHUNK_BYTES // max(1, n_cols * torch.finfo(dtype).bits // 8)
+    rows = max(256, rows // 256 * 256)
+    return max(1, min(n_rows, rows))
+
+
+def _flce_chunks(x, weight, bias, labels, grad_scale, softcap, z_loss, want_dx, want_dw, want_db, chunk_rows,
+                 block_v):
+    """Loss per row, correctness per row and (if asked) dx, fp32 dW, fp32 db for the kept rows `x`."""
+    n, _ = x.shape
+    vocab = weight.shape[0]
+    device = x.device
+    loss_rows = torch.empty(n, dtype=torch.float32, device=device)
+    correct = torch.empty(n, dtype=torch.int32, device=device)
+    write_grad = want_dx or want_dw or want_db
+    dx = torch.empty_like(x) if want_dx else None
+    dw32 = torch.empty(weight.shape, dtype=torch.float32, device=device) if want_dw else None
+    db32 = torch.zeros(vocab, dtype=torch.float32, device=device) if want_db else None
+    if n == 0:
+        if dw32 is not None:
+            dw32.zero_()
+        return loss_rows, correct, dx, dw32, db32
+    chunk = chunk_rows or _default_chunk_rows(n, vocab, x.dtype)
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        xc = x[start:end]
+        logits = torch.addmm(bias, xc, weight.t()) if bias is not None else torch.mm(xc, weight.t())
+        _launch_ce_rows(logits, labels[start:end], loss_rows[start:end], correct[start:end], grad_scale,
+                        softcap, z_loss, write_grad, block_v)
+        if want_dx:
+            torch.mm(logits, weight, out=dx[start:end])
+        if want_dw:
+            _accumulate_fp32(dw32, logits.t(), xc, first=start == 0)
+        if want_db:
+            db32 += logits.sum(0, dtype=torch.float32)
+        del logits
+    return loss_rows, correct, dx, dw32, db32
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, grad_scale, softcap, z_loss, chunk_rows, block_v):
+        want_dx, want_dw, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        w = weight if weight.dtype == x.dtype else weight.to(x.dtype)  # autocast: fp32 master, bf16 activations
+        b = None if bias is None else (bias if bias.dtype == x.dtype else bias.to(x.dtype))
+        loss_rows, correct, dx, dw32, db32 = _flce_chunks(
+            x, w, b, labels, grad_scale, softcap, z_loss, want_dx, want_dw, want_db, chunk_rows, block_v)
+        loss = loss_rows.sum() * grad_scale
+        ctx.save_for_backward(dx, dw32, db32)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        n_correct = correct.sum(dtype=torch.int64)
+        ctx.mark_non_differentiable(n_correct)
+        return loss, n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        dx, dw32, db32 = ctx.saved_tensors
+        g = grad_loss.reshape(())
+        grad_x = grad_w = grad_b = None
+        if dx is not None:
+            grad_x = _scale_cast(dx, g, dx.dtype)
+        if dw32 is not None:
+            grad_w = _scale_cast(dw32, g, ctx.weight_dtype)
+        if db32 is not None:
+            grad_b = (db32 * g).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+def _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items):
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(f"hidden [..., {hidden.shape[-1]}] does not match weight {tuple(weight.shape)} "
+                         "(expected weight [vocab, hidden])")
+    if labels.numel() * hidden.shape[-1] != hidden.numel():
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}: one label per "
+                         "hidden row (shift labels before calling)")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if num_items is not None and reduction != "sum":
+        raise ValueError("num_items divides a summed loss: pass reduction='sum' with num_items")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def _keep_labelled_rows(hidden, labels, ignore_index, vocab):
+    """Flatten and drop rows whose label is ignore_index (they cost nothing after this). One host sync."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(device=x.device)
+    keep = y != ignore_index
+    idx = keep.nonzero().squeeze(1)
+    if idx.numel() == y.numel():
+        idx = None
+    else:
+        x = x.index_select(0, idx)
+        y = y.index_select(0, idx)
+    if y.numel():
+        bad = ((y < 0) | (y >= vocab)).any()
+        if bool(bad):
+            raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+    return x, y.to(torch.int64).contiguous(), idx
+
+
+def _grad_scale(n_valid, reduction, num_items, device):
+    """1/denominator as an fp32 0-d tensor: n_valid for 'mean', num_items for 'sum' with an external count,
+    1 for a plain sum. A zero denominator gives scale 0 (loss 0, grads 0), never NaN."""
+    if reduction == "mean":
+        return torch.tensor(1.0 / max(n_valid, 1), dtype=torch.float32, device=device)
+    if num_items is None:
+        return torch.ones((), dtype=torch.float32, device=device)
+    count = torch.as_tensor(num_items, dtype=torch.float32, device=device).reshape(())
+    return torch.where(count > 0, 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean",
+                               softcap=None, z_loss=0.0, num_items=None, return_stats=False, chunk_size=None,
+                               block_size=None):
+    """Cross-entropy of softmax(hidden @ weight.T + bias) against labels, without the full logits.
+
+    hidden [..., H]; weight [V, H]; labels [...] (already shifted), ignore_index rows skipped; bias [V] or None.
+    reduction='mean' averages over labelled tokens; reduction='sum' sums, and with num_items (int or 0-d tensor:
+    the labelled-token count over the whole accumulated batch) returns sum / num_items, which is the correct
+    loss for gradient accumulation. softcap=c applies c*tanh(logit/c) first (Gemma-2). z_loss=s adds
+    s * logsumexp^2 per token. All tokens ignored: loss 0, zero grads. The loss is an fp32 scalar.
+    return_stats=True returns CrossEntropyStats(loss, n_valid, n_correct) instead of the loss.
+    chunk_size: tokens per chunk (default: a memory budget); block_size: vocab block of the Triton row kernel.
+    CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the Triton path, others the torch reference.
+    """
+    if not use_triton(hidden):
+        return fused_linear_cross_entropy_reference(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+            z_loss=z_loss, num_items=num_items, return_stats=return_stats, chunk_size=chunk_size)
+    _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items)
+    x, y, _idx = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])
+    if not x.is_contiguous():
+        x = x.contiguous()
+    grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device)
+    loss, n_correct = _FusedLinearCrossEntropy.apply(
+        x, weight, bias, y, grad_scale, softcap, float(z_loss), chunk_size, block_size)
+    if not return_stats:
+        return loss
+    return CrossEntropyStats(loss, torch.tensor(y.numel(), device=x.device), n_correct)
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+def _reference_chunk_loss(x, weight32, bias32, labels, softcap, z_loss):
+    logits = x.to(weight32.dtype) @ weight32.t()
+    if bias32 is not None:
+        logits = logits + bias32
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    label_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    loss = lse - label_logit
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    correct = (label_logit >= logits.max(dim=-1).values).sum()
+    return loss.sum(), correct
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, ignore_index=-100,
+                                         reduction="mean", softcap=None, z_loss=0.0, num_items=None,
+                                         return_stats=False, chunk_size=None):
+    """Plain torch, same API and semantics as fused_linear_cross_entropy; the CPU path. Logits are computed in
+    fp32 one token chunk at a time under activation checkpointing, so backward also holds one chunk; the
+    weight is upcast once, so its gradient accumulates across chunks in fp32 before the final cast."""
+    _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items)
+    x, y, _idx = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+    weight32 = weight.to(acc_dtype)
+    bias32 = None if bias is None else bias.to(acc_dtype)
+    grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device).to(acc_dtype)
+    chunk = chunk_size or REFERENCE_CHUNK_TOKENS
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    total = torch.zeros((), dtype=acc_dtype, device=x.device)
+    n_correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for start in range(0, y.numel(), chunk):
+        args = (x[start:start + chunk], weight32, bias32, y[start:start + chunk], softcap, float(z_loss))
+        if needs_grad:
+            loss_sum, correct = checkpoint(_reference_chunk_loss, *args, use_reentrant=False)
+        else:
+            loss_sum, correct = _reference_chunk_loss(*args)
+        total = total + loss_sum
+        n_correct = n_correct + correct
+    if needs_grad and y.numel() == 0:
+        # keep the graph connected so backward gives zero grads instead of None
+        total = total + 0.0 * (x.sum() + weight32.sum() + (0.0 if bias32 is None else bias32.sum()))
+    loss = total * grad_scale
+    if not return_stats:
+        return loss
+    return CrossEntropyStats(loss, torch.tensor(y.numel(), device=x.device), n_correct)

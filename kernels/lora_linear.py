@@ -1,0 +1,217 @@
+"""LoRA linear: y = x W^T + scale * (x A^T) B^T (+ bias) with W frozen (dense or bitsandbytes 4-bit), gradients
+for x, A, B (and bias). Owns the fused Triton GEMM, the autograd Function and the torch reference (also the
+CPU path); PEFT-module patching lives in fastchat_ft/model/.
+
+Fusion (after LoRAFusion, see ../shared/notes/kernels.md): the rank-r product S = x A^T is a skinny cuBLAS
+GEMM; one Triton GEMM then seeds its fp32 accumulator with scale * S B^T and runs the normal K loop of x W^T,
+so the LoRA path adds no extra pass over y. Backward reuses the same kernel for dx = dy W + scale (dy B) A.
+"""
+from typing import Optional
+
+import torch
+
+from ._triton import kernel, next_power_of_2, tl, use_triton
+
+
+def _gemm_configs():
+    from ._triton import HAS_TRITON, triton
+
+    if not HAS_TRITON:
+        return []
+    shapes = [  # (BM, BN, BK, stages, warps): the usual Hopper/Ampere bf16 tiles, small ones for skinny M
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 3, 8),
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for m, n, k, s, w in shapes]
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+@kernel(autotune=dict(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "R"]))
+def _lora_matmul_kernel(
+    a_ptr, b_ptr, s_ptr, l_ptr, bias_ptr, c_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_sm, stride_sr, stride_lr, stride_ln, stride_cm, stride_cn,
+    scale,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # C[M, N] = A[M, K] @ B[K, N] + scale * S[M, R] @ L[R, N] + bias[N]; M_BUCKET only keys the autotuner.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped launch order: GROUP_M row-blocks share their B columns in L2
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        rr = tl.arange(0, BLOCK_R)
+        s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=mask_m[:, None] & (rr[None, :] < R), other=0.0)
+        lo = tl.load(l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+                     mask=(rr[:, None] < R) & mask_n[None, :], other=0.0)
+        acc = tl.dot(s, lo, input_precision=PRECISION) * tl.cast(scale, tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] + k < K), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] + k < K) & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+# Fixed tiles for the interpreter (CPU tests); the GPU path autotunes.
+INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+
+
+def _precision(dtype):
+    # fp32 follows torch's own matmul setting, so fp32 training never silently drops to tf32
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def fused_lora_matmul(a, b, s=None, lo=None, scale=1.0, bias=None, blocks: Optional[dict] = None):
+    """a [M, K] @ b [K, N] + scale * s [M, R] @ lo [R, N] + bias, one Triton GEMM (any strides)."""
+    m, k = a.shape
+    n = b.shape[1]
+    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    has_lora = s is not None
+    r = s.shape[1] if has_lora else 0
+    s_ = s if has_lora else a
+    lo_ = lo if has_lora else b
+    launch_args = (
+        a, b, s_, lo_, bias if bias is not None else a, c,
+        m, n, k, r, next_power_of_2(m),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_.stride(0), s_.stride(1 if has_lora else 0),
+        lo_.stride(0), lo_.stride(1), c.stride(0), c.stride(1), float(scale),
+    )
+    meta = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, BLOCK_R=max(16, next_power_of_2(r)),
+                PRECISION=_precision(a.dtype))
+    if a.device.type == "cpu" or blocks is not None:  # explicit tiles bypass the autotuner
+        tiles = blocks or INTERPRETER_BLOCKS
+        grid = (triton_cdiv(m, tiles["BLOCK_M"]) * triton_cdiv(n, tiles["BLOCK_N"]),)
+        fn = _lora_matmul_kernel.on(a.device, tuned=False)
+        fn[grid](*launch_args, **meta, **tiles)
+    else:
+        def grid(meta_):
+            return (triton_cdiv(m, meta_["BLOCK_M"]) * triton_cdiv(n, meta_["BLOCK_N"]),)
+        _lora_matmul_kernel.on(a.device)[grid](*launch_args, **meta)
+    return c
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _dequantize(weight):
+    """A dense view of W: bitsandbytes Params4bit (it carries quant_state) is dequantized, others pass through."""
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight
+    import bitsandbytes.functional as bnbf  # optional extra (pip install fastchat-ft[qlora])
+
+    return bnbf.dequantize_4bit(weight.data if hasattr(weight, "data") else weight, quant_state)
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, lora_a, lora_b, scale, bias):
+        w = _dequantize(weight).to(x2d.dtype)
+        s = torch.mm(x2d, lora_a.t())  # [M, r], kept for dB
+        y = fused_lora_matmul(x2d, w.t(), s, lora_b.t(), scale, bias)
+        ctx.save_for_backward(x2d, lora_a, lora_b, s)
+        ctx.weight, ctx.scale, ctx.has_bias = weight, scale, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, lora_a, lora_b, s = ctx.saved_tensors
+        scale = ctx.scale
+        dy = dy.contiguous()
+        t = torch.mm(dy, lora_b)  # [M, r] = dy B
+        grad_x = grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = _dequantize(ctx.weight).to(dy.dtype)  # again, rather than keeping a dense copy alive
+            grad_x = fused_lora_matmul(dy, w, t, lora_a, scale)
+        if ctx.needs_input_grad[2]:
+            grad_a = torch.mm(t.t(), x2d).mul_(scale)
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.mm(dy.t(), s).mul_(scale)
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = dy.sum(0)
+        return grad_x, None, grad_a, grad_b, None, grad_bias
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+def _check(x, weight, lora_a, lora_b, bias):
+    out_features, in_features = _weight_shape(weight)
+    r = lora_a.shape[0]
+    if x.shape[-1] != in_features or lora_a.shape != (r, in_features) or lora_b.shape != (out_features, r):
+        raise ValueError(f"shape mismatch: x [..., {x.shape[-1]}], W {(out_features, in_features)}, "
+                         f"A {tuple(lora_a.shape)} (want [r, {in_features}]), B {tuple(lora_b.shape)} "
+                         f"(want [{out_features}, r])")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [{out_features}]")
+    if getattr(weight, "requires_grad", False) and torch.is_grad_enabled():
+        raise ValueError("lora_linear treats W as frozen but weight.requires_grad is True: "
+                         "set requires_grad=False on the base weight (or train it without LoRA)")
+
+
+def _weight_shape(weight):
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        return tuple(quant_state.shape)
+    return tuple(weight.shape)
+
+
+def lora_linear(x, weight, lora_a, lora_b, scale, bias=None):
+    """y = x W^T + scale * (x A^T) B^T + bias. x [..., in]; W [out, in] frozen (dense, or a bitsandbytes
+    Params4bit, dequantized on the fly); A [r, in]; B [out, r]. Gradients flow to x, A, B and bias.
+    A, B and W are computed in x's dtype (A/B gradients come back in their own dtype, e.g. fp32 adapters).
+    CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the fused Triton GEMM, others the torch reference."""
+    if not use_triton(x):
+        return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
+    _check(x, weight, lora_a, lora_b, bias)
+    x2d = x.reshape(-1, x.shape[-1])
+    dtype = x.dtype
+    a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)  # differentiable casts, outside the Function
+    b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
+    bias_ = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
+    y = _LoRALinear.apply(x2d, weight, a, b, float(scale), bias_)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None):
+    """Plain torch: F.linear(x, W, bias) + scale * F.linear(F.linear(x, A), B), in x's dtype."""
+    _check(x, weight, lora_a, lora_b, bias)
+    dtype = x.dtype
+    w = _dequantize(weight).to(dtype)
+    base = torch.nn.functional.linear(x, w, None if bias is None else bias.to(dtype))
+    low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a.to(dtype)), lora_b.to(dtype))
+    return base + scale * low_rank

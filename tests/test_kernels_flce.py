@@ -1,0 +1,271 @@
+"""fused_linear_cross_entropy (Triton path under the interpreter, and the chunked torch reference) against an
+unchunked float64 cross-entropy on fresh random inputs: odd sizes, heavy label masking, all-ignored batches,
+mean vs sum + external count (gradient accumulation), softcap, z-loss, token accuracy."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastchat_ft.kernels import CrossEntropyStats, fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from fastchat_ft.kernels._triton import HAS_TRITON
+
+IGNORE = -100
+IMPLS = ["triton", "reference"]
+# (loss rtol, grad atol relative to the largest reference grad) per input dtype
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-3, 5e-3), torch.bfloat16: (2e-2, 3e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(impl, monkeypatch, *args, **kwargs):
+    """Call the public dispatcher on the Triton path (interpreter on CPU) or the torch reference."""
+    if impl == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        kwargs.setdefault("block_size", 128)  # several vocab blocks per row, the last one partial
+        out = fused_linear_cross_entropy(*args, **kwargs)
+        monkeypatch.delenv("TRITON_INTERPRET")
+        return out
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return fused_linear_cross_entropy_reference(*args, **kwargs)
+
+
+def float64_loss(hidden, weight, labels, bias=None, reduction="mean", softcap=None, z_loss=0.0, num_items=None):
+    """Unchunked float64 reference: full logits, torch's own log-softmax."""
+    logits = hidden.reshape(-1, hidden.shape[-1]).double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    y = labels.reshape(-1)
+    keep = y != IGNORE
+    lse = torch.logsumexp(logits[keep], -1)
+    per_token = lse - logits[keep].gather(1, y[keep][:, None]).squeeze(1) + z_loss * lse * lse
+    total = per_token.sum()
+    if reduction == "mean":
+        return total / max(int(keep.sum()), 1)
+    return total / num_items if num_items is not None else total
+
+
+def make_inputs(dtype, tokens=(3, 29), hidden=40, vocab=301, ignore_frac=0.7, bias=True, seed=None):
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    h = torch.randn(*tokens, hidden, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen) * hidden ** -0.5).to(dtype).requires_grad_()
+    b = (torch.randn(vocab, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, vocab, tokens, generator=gen)
+    labels[torch.rand(tokens, generator=gen) < ignore_frac] = IGNORE
+    labels.view(-1)[0] = 5  # at least one labelled token
+    return h, w, b, labels
+
+
+def leaf64(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def assert_close_grads(got, want, dtype):
+    rtol, gtol = TOL[dtype]
+    for g, r in zip(got, want):
+        if r is None:
+            continue
+        assert g is not None and g.dtype != torch.float64
+        scale = r.grad.abs().max().item() or 1.0
+        err = (g.grad.double() - r.grad).abs().max().item()
+        assert err <= gtol * scale, f"grad error {err:.3g} > {gtol * scale:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_mean_matches_float64(impl, dtype, with_bias, monkeypatch):
+    h, w, b, y = make_inputs(dtype, bias=with_bias)
+    loss = run(impl, monkeypatch, h, w, y, bias=b, chunk_size=16)
+    loss.backward()
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    ref = float64_loss(h64, w64, y, b64)
+    ref.backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert abs(loss.item() - ref.item()) <= TOL[dtype][0] * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), dtype)
+    # ignored rows get exactly zero gradient
+    assert torch.all(h.grad.reshape(-1, h.shape[-1])[y.reshape(-1) == IGNORE] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_and_z_loss_grads(impl, monkeypatch):
+    h, w, b, y = make_inputs(torch.float32, tokens=(2, 23), vocab=257, ignore_frac=0.4)
+    with torch.no_grad():
+        w.mul_(8.0)  # logits well beyond the cap so tanh's curvature matters
+    loss = run(impl, monkeypatch, h, w, y, bias=b, softcap=3.0, z_loss=1e-2, chunk_size=8)
+    loss.backward()
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    ref = float64_loss(h64, w64, y, b64, softcap=3.0, z_loss=1e-2)
+    ref.backward()
+    plain = float64_loss(h64.detach(), w64.detach(), y, b64.detach())
+    assert abs(ref.item() - plain.item()) > 1e-2, "softcap/z-loss must change the loss for this test to mean anything"
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sum_with_external_count_equals_mean_over_accumulated_batch(impl, monkeypatch):
+    """Gradient accumulation: micro-batches summed and divided by the whole batch's token count give the same
+    loss and gradients as one big batch averaged, even though micro-batches hold different token counts."""
+    h, w, b, y = make_inputs(torch.float32, tokens=(4, 17), vocab=199, ignore_frac=0.5)
+    y[:2, 3:] = IGNORE  # the first micro-batch keeps far fewer tokens than the second
+    full = run(impl, monkeypatch, h, w, y, bias=b)
+    g_full = torch.autograd.grad(full, (h, w, b))
+    num_items = torch.tensor(int((y != IGNORE).sum()))
+    total = 0.0
+    for part in (slice(0, 2), slice(2, 4)):
+        micro = run(impl, monkeypatch, h[part], w, y[part], bias=b, reduction="sum", num_items=num_items)
+        micro.backward()
+        total += micro.item()
+    assert abs(total - full.item()) <= 1e-5 * abs(full.item())
+    for acc, ref in zip((h.grad, w.grad, b.grad), g_full):
+        torch.testing.assert_close(acc, ref, rtol=1e-5, atol=1e-7)
+    # a wrong scheme (mean per micro-batch) would differ here, so the check above has teeth
+    per_micro_mean = sum(run(impl, monkeypatch, h[p], w, y[p], bias=b).item() for p in (slice(0, 2), slice(2, 4)))
+    assert abs(per_micro_mean / 2 - full.item()) > 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction,num_items", [("mean", None), ("sum", None), ("sum", 0)])
+def test_all_ignored_gives_zero_loss_and_zero_grads(impl, reduction, num_items, monkeypatch):
+    h, w, b, y = make_inputs(torch.float32, tokens=(2, 11), vocab=133)
+    y[:] = IGNORE
+    out = run(impl, monkeypatch, h, w, y, bias=b, reduction=reduction, num_items=num_items, return_stats=True)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and int(out.n_valid) == 0 and int(out.n_correct) == 0
+    for t in (h, w, b):
+        assert t.grad is not None and torch.all(t.grad == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_stats_count_valid_tokens_and_argmax_hits(impl, monkeypatch):
+    h, w, _, y = make_inputs(torch.float32, tokens=(3, 21), vocab=211, ignore_frac=0.3, bias=False)
+    logits = h.detach().double().reshape(-1, h.shape[-1]) @ w.detach().double().t()
+    flat = y.view(-1)
+    hit_rows = torch.arange(0, flat.numel(), 3)
+    flat[hit_rows] = logits[hit_rows].argmax(-1)  # every third token is a correct prediction
+    keep = flat != IGNORE
+    want_correct = int(((logits.argmax(-1) == flat) & keep).sum())
+    out = run(impl, monkeypatch, h, w, y, return_stats=True, chunk_size=10)
+    assert isinstance(out, CrossEntropyStats)
+    assert int(out.n_valid) == int(keep.sum())
+    assert int(out.n_correct) == want_correct and want_correct >= hit_rows.numel()
+    torch.testing.assert_close(out.loss.double(), float64_loss(h, w, y).detach(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_chunking_does_not_change_the_result(chunk, monkeypatch):
+    h, w, b, y = make_inputs(torch.float32, tokens=(2, 19), vocab=150, ignore_frac=0.2)
+    a = run("triton", monkeypatch, h, w, y, bias=b, chunk_size=chunk)
+    ga = torch.autograd.grad(a, (h, w, b))
+    r = run("reference", monkeypatch, h, w, y, bias=b, chunk_size=chunk)
+    gr = torch.autograd.grad(r, (h, w, b))
+    torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    for x, z in zip(ga, gr):
+        torch.testing.assert_close(x, z, rtol=1e-4, atol=1e-6)
+
+
+def test_target_class_gradient_keeps_precision_when_confident(monkeypatch):
+    """dlogit at the label is p_y - 1: formed in fp32 before the fp16 store, it stays accurate as p_y -> 1
+    (rounding p_y first and subtracting 1 afterwards loses most digits, Liger PR #1329)."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    from fastchat_ft.kernels.fused_linear_cross_entropy import _launch_ce_rows
+
+    vocab, rows = 517, 6
+    logits = torch.randn(rows, vocab, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,))
+    logits[torch.arange(rows), labels] = torch.tensor([9.0, 11.0, 13.0, 14.0, 15.0, 16.0], dtype=torch.float64)
+    buf = logits.to(torch.float16)
+    want = torch.softmax(buf.double(), -1)  # from the same fp16 logits the kernel sees
+    want[torch.arange(rows), labels] -= 1.0
+    loss = torch.empty(rows, dtype=torch.float32)
+    correct = torch.empty(rows, dtype=torch.int32)
+    scale = torch.ones((), dtype=torch.float32)
+    _launch_ce_rows(buf, labels, loss, correct, scale, None, 0.0, True, 128)
+    got = buf.double()[torch.arange(rows), labels]
+    ref = want[torch.arange(rows), labels]
+    assert torch.all(ref < 0) and ref.abs().min() < 2e-4
+    rel = ((got - ref) / ref).abs()
+    assert rel.max() < 5e-3, rel  # fp16 storage costs ~5e-4; a rounded p_y would cost ~100% here
+    assert torch.all(correct == 1)
+    torch.testing.assert_close(buf.double(), want, rtol=5e-3, atol=1e-6)
+
+
+def test_mixed_dtypes_fp32_weight_fp16_hidden(monkeypatch):
+    h, _, _, y = make_inputs(torch.float16, vocab=160)
+    w = (torch.randn(160, h.shape[-1]) * 0.15).requires_grad_()
+    loss = run("triton", monkeypatch, h, w, y)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float16
+    h64, w64 = leaf64(h), leaf64(w)
+    float64_loss(h64, w64, y).backward()
+    assert_close_grads((h, w), (h64, w64), torch.float16)
+
+
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    h, w, b, y = make_inputs(torch.float32, vocab=50)
+    y.view(-1)[1] = 50
+    for impl in IMPLS:
+        with pytest.raises(ValueError, match="labels must be in"):
+            run(impl, monkeypatch, h, w, y)
+    with pytest.raises(ValueError, match="num_items"):
+        fused_linear_cross_entropy_reference(h, w, y.clamp(max=1), num_items=3)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_linear_cross_entropy_reference(h, w, y.clamp(max=1), reduction="none")
+    with pytest.raises(ValueError, match="does not match weight"):
+        fused_linear_cross_entropy_reference(h, w[:, :-1], y.clamp(max=1))
+
+
+def test_no_grad_call_computes_no_gradients(monkeypatch):
+    h, w, b, y = make_inputs(torch.float32, vocab=120)
+    with torch.no_grad():
+        a = run("triton", monkeypatch, h, w, y, bias=b)
+        r = run("reference", monkeypatch, h, w, y, bias=b)
+    assert not a.requires_grad and not r.requires_grad
+    torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_import_and_cpu_path_work_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from fastchat_ft.kernels import fused_linear_cross_entropy as f, rms_norm, lora_linear\n"
+        "h = torch.randn(5, 8, requires_grad=True); w = torch.randn(11, 8)\n"
+        "f(h, w, torch.tensor([1, 2, -100, 3, 4])).backward()\n"
+        "rms_norm(h, torch.ones(8), 1e-6)\n"
+        "lora_linear(h, w, torch.randn(2, 8), torch.randn(11, 2), 0.5)\n"
+        "assert h.grad is not None\n"
+    )
+    env = {"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"}  # even with the flag: no triton, reference path
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_matches_float64(dtype):
+    """GPU: bf16/fp16 at LM-head-like sizes. Tolerances: loss rtol 2e-2 (bf16) / 3e-3 (fp16); grads within
+    3e-2 / 5e-3 of the largest reference gradient."""
+    torch.manual_seed(0)
+    h, w, b, y = make_inputs(dtype, tokens=(4, 511), hidden=512, vocab=32003, ignore_frac=0.5)
+    h, w, b = (t.detach().cuda().requires_grad_() for t in (h, w, b))
+    y = y.cuda()
+    out = fused_linear_cross_entropy(h, w, y, bias=b, softcap=30.0, z_loss=1e-4, chunk_size=512,
+                                     return_stats=True)
+    out.loss.backward()
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    ref = float64_loss(h64, w64, y, b64, softcap=30.0, z_loss=1e-4)
+    ref.backward()
+    assert abs(out.loss.item() - ref.item()) <= TOL[dtype][0] * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), dtype)

@@ -1,0 +1,184 @@
+"""lora_linear (fused Triton GEMM under the interpreter, and the torch reference) against PEFT's LoRA Linear and
+a float64 reference: odd sizes (not multiples of the tiles), bias, fp32 adapters on fp16 activations, frozen W,
+and the 4-bit (bitsandbytes) dequantize path."""
+import sys
+import types
+
+import pytest
+import torch
+
+from fastchat_ft.kernels import lora_linear, lora_linear_reference
+from fastchat_ft.kernels._triton import HAS_TRITON
+
+IMPLS = ["triton", "reference"]
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # relative to the largest reference value
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(impl, monkeypatch, *args, **kwargs):
+    if impl == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return lora_linear(*args, **kwargs)
+
+
+def make(dtype, m=(3, 13), k=45, n=53, r=5, bias=True):
+    x = torch.randn(*m, k).to(dtype).requires_grad_()
+    w = (torch.randn(n, k) * k ** -0.5).to(dtype)
+    a = (torch.randn(r, k) * 0.2).to(dtype).requires_grad_()
+    b = (torch.randn(n, r) * 0.2).to(dtype).requires_grad_()
+    bias_ = (torch.randn(n) * 0.1).to(dtype) if bias else None
+    return x, w, a, b, bias_
+
+
+def close(got, want, dtype):
+    scale = want.abs().max().item() or 1.0
+    err = (got.double() - want).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"error {err:.3g} > {TOL[dtype] * scale:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_float64(impl, dtype, with_bias, monkeypatch):
+    x, w, a, b, bias = make(dtype, bias=with_bias)
+    y = run(impl, monkeypatch, x, w, a, b, 1.75, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = lora_linear_reference(x64, w.double(), a64, b64, 1.75, None if bias is None else bias.double())
+    y64.backward(dy.double())
+    assert y.dtype == dtype and y.shape == (3, 13, 53)
+    close(y, y64.detach(), dtype)
+    for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        close(got, want, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_peft_lora_linear(impl, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(37, 29, bias=True))
+    peft_model = get_peft_model(model, LoraConfig(r=6, lora_alpha=9, lora_dropout=0.0, target_modules=["proj"]))
+    layer = peft_model.base_model.model.proj
+    base = layer.base_layer
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)  # PEFT inits B to zero; make the LoRA path count
+    x = torch.randn(2, 17, 37)
+    want = layer(x)
+    y = run(impl, monkeypatch, x, base.weight.detach(), layer.lora_A["default"].weight,
+            layer.lora_B["default"].weight, layer.scaling["default"], base.bias.detach())
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert (want - base(x)).abs().max() > 1e-2  # the adapter changes the output
+
+
+def test_fp32_adapters_on_fp16_activations_get_fp32_grads(monkeypatch):
+    x, w, _, _, bias = make(torch.float16)
+    a = (torch.randn(5, 45) * 0.2).requires_grad_()
+    b = (torch.randn(53, 5) * 0.2).requires_grad_()
+    y = run("triton", monkeypatch, x, w, a, b, 0.5, bias)
+    y.float().sum().backward()
+    assert y.dtype == torch.float16 and a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    lora_linear_reference(x64, w.double(), a64, b64, 0.5, bias.double()).sum().backward()
+    for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        close(got, want, torch.float16)
+
+
+def test_fused_gemm_with_transposed_operands_and_ragged_k(monkeypatch):
+    """The kernel reads any strides: the backward calls it with W untransposed; K=47 is not a tile multiple."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    from fastchat_ft.kernels.lora_linear import fused_lora_matmul
+
+    a = torch.randn(47, 33).t()  # [33, 47], column-major
+    b = torch.randn(47, 21)
+    s = torch.randn(33, 3)
+    lo = torch.randn(21, 3).t()
+    bias = torch.randn(21)
+    got = fused_lora_matmul(a, b, s, lo, 0.3, bias)
+    want = a.double() @ b.double() + 0.3 * s.double() @ lo.double() + bias.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    plain = fused_lora_matmul(a, b)
+    torch.testing.assert_close(plain.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_trainable_base_weight_is_rejected(impl, monkeypatch):
+    x, w, a, b, _ = make(torch.float32)
+    with pytest.raises(ValueError, match="frozen"):
+        run(impl, monkeypatch, x, w.requires_grad_(), a, b, 1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        run(impl, monkeypatch, x, w, a[:, :-1], b, 1.0)
+
+
+class _FakeQuantState:
+    def __init__(self, shape, absmax):
+        self.shape, self.absmax = torch.Size(shape), absmax
+
+
+class _FakeParams4bit(torch.Tensor):
+    """Stands in for bitsandbytes Params4bit: int8 codes plus a quant_state (the real type needs CUDA here)."""
+
+
+def _fake_bnb(monkeypatch, calls):
+    functional = types.ModuleType("bitsandbytes.functional")
+
+    def dequantize_4bit(codes, quant_state):
+        calls.append(quant_state)
+        return (codes.float() * quant_state.absmax).reshape(quant_state.shape)
+
+    functional.dequantize_4bit = dequantize_4bit
+    package = types.ModuleType("bitsandbytes")
+    package.functional = functional
+    monkeypatch.setitem(sys.modules, "bitsandbytes", package)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", functional)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_4bit_weight_is_dequantized_in_forward_and_backward(impl, monkeypatch):
+    calls = []
+    _fake_bnb(monkeypatch, calls)
+    codes = torch.randint(-7, 8, (53 * 45,), dtype=torch.int8)
+    qweight = codes.as_subclass(_FakeParams4bit)
+    qweight.quant_state = _FakeQuantState((53, 45), 0.02)
+    dense = codes.float().reshape(53, 45) * 0.02
+    x, _, a, b, bias = make(torch.float32)
+    y = run(impl, monkeypatch, x, qweight, a, b, 2.0, bias)
+    y.sum().backward()
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    lora_linear_reference(x64, dense.double(), a64, b64, 2.0, bias.double()).sum().backward()
+    close(y, lora_linear_reference(x.detach().double(), dense.double(), a64, b64, 2.0, bias.double()).detach(),
+          torch.float32)
+    for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        close(got, want, torch.float32)
+    assert len(calls) >= 2 if impl == "triton" else len(calls) >= 1  # Triton path dequantizes again in backward
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_matches_float64():
+    """GPU bf16 at a 4096-wide projection: output and grads within 2e-2 of the largest float64 value."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1000, 4096, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(4096, 4096, device="cuda") * 4096 ** -0.5).bfloat16()
+    a = (torch.randn(16, 4096, device="cuda") * 0.01).bfloat16().requires_grad_()
+    b = (torch.randn(4096, 16, device="cuda") * 0.01).bfloat16().requires_grad_()
+    y = lora_linear(x, w, a, b, 2.0)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = lora_linear_reference(x64, w.double(), a64, b64, 2.0)
+    y64.backward(dy.double())
+    for got, want in ((y, y64.detach()), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
