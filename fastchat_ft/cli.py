@@ -82,6 +82,9 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system message")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
@@ -102,6 +105,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="auto: vLLM when installed, else the built-in transformers server")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
