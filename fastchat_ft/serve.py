@@ -1,0 +1,227 @@
+"""`fastchat-ft serve`: an OpenAI-compatible endpoint for a quick try. vLLM's own server when vLLM is
+installed; otherwise a small `/v1/chat/completions` server (streaming via server-sent events too) on
+transformers, for local testing only: one request at a time, bound to 127.0.0.1 unless told otherwise.
+
+The fallback uses the standard library's HTTP server on purpose: no web framework dependency for a
+testing aid, and the OpenAI wire format is a few JSON shapes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from fastchat_ft.errors import FastchatError
+from fastchat_ft.inference import ChatStream, LoadedModel, load_model, resolve_model
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+MAX_BODY = 8 * 1024 * 1024
+
+
+def run_serve(args) -> int:
+    backend = getattr(args, "backend", "auto")
+    if backend == "vllm" or (backend == "auto" and _has_vllm()):
+        return _exec_vllm(args)
+    if args.host not in LOOPBACK:
+        print(f"warning: serving on {args.host}: this server is for local testing (no auth, one request at a "
+              "time)", file=sys.stderr)
+    loaded = load_model(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
+    server = make_server(loaded, args.host, args.port, default_max_tokens=getattr(args, "max_new_tokens", 512))
+    host, port = server.server_address[:2]
+    print(f"serving {loaded.source.describe()} as {server.model_name!r} on http://{host}:{port}/v1 "
+          "(transformers backend; Ctrl-C stops)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _has_vllm() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_command(model: str, host: str, port: int) -> list[str]:
+    """vLLM's OpenAI server for a model folder; for a LoRA checkpoint, the base plus the adapter, with the
+    checkpoint's tokenizer and its stop tokens (an export's generation_config.json when present)."""
+    source = resolve_model(model)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", host, "--port", str(port)]
+    if source.kind == "lora":
+        cmd += ["--model", str(source.base), "--enable-lora", "--lora-modules", f"finetuned={source.path}",
+                "--tokenizer", str(source.tokenizer_dir)]
+        if (source.path / "generation_config.json").is_file():
+            cmd += ["--generation-config", str(source.path)]
+    else:
+        cmd += ["--model", str(source.path)]
+    return cmd
+
+
+def _exec_vllm(args) -> int:
+    if not _has_vllm():
+        raise FastchatError("--backend vllm needs vLLM installed", field="--backend",
+                            fix="pip install vllm (GPU), or use --backend transformers")
+    cmd = vllm_command(args.model, args.host, args.port)
+    print("running: " + " ".join(cmd), file=sys.stderr)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, loaded: LoadedModel, default_max_tokens: int = 512):
+        super().__init__(address, ChatHandler)
+        self.loaded = loaded
+        self.model_name = Path(str(loaded.source.path)).name or "model"
+        self.default_max_tokens = default_max_tokens
+        self.lock = threading.Lock()  # one generation at a time: a CPU/GPU model is not shared usefully
+
+
+def make_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, *, default_max_tokens: int = 512):
+    return ChatServer((host, port), loaded, default_max_tokens)
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, fmt, *args):  # one short line per request on stderr
+        sys.stderr.write(f"{self.command} {self.path} -> {args[1] if len(args) > 1 else ''}\n")
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models":
+            self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                          "created": 0, "owned_by": "fastchat-ft"}]})
+        elif self.path.rstrip("/") in ("/health", ""):
+            self._json(200, {"status": "ok"})
+        else:
+            self._error(RequestError(f"no route {self.path}", 404))
+
+    def do_POST(self):
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self._error(RequestError(f"no route {self.path}", 404))
+        try:
+            req = self._read_json()
+            messages, opts, stream = parse_chat_request(req, self.server.default_max_tokens)
+        except RequestError as e:
+            return self._error(e)
+        with self.server.lock:
+            chat = ChatStream(self.server.loaded.model, self.server.loaded.tokenizer, messages, **opts)
+            if stream:
+                self._stream(chat, req)
+            else:
+                chat.run()
+                self._json(200, completion(chat, self.server.model_name))
+
+    def _read_json(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0 or length > MAX_BODY:
+            raise RequestError("request body missing or too large")
+        try:
+            req = json.loads(self.rfile.read(length))
+        except json.JSONDecodeError as e:
+            raise RequestError(f"invalid JSON body: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if not isinstance(req, dict):
+            raise RequestError("the body must be a JSON object")
+        return req
+
+    def _stream(self, chat: ChatStream, req: dict) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.server.model_name
+
+        def send(delta: dict, finish=None, usage=None):
+            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+            if usage is not None:
+                chunk["usage"] = usage
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        try:
+            send({"role": "assistant", "content": ""})
+            for piece in chat:
+                send({"content": piece})
+            send({}, finish=chat.finish_reason)
+            if (req.get("stream_options") or {}).get("include_usage"):
+                send({}, usage=_usage(chat))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client went away: stop generating
+            return
+
+    def _json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: RequestError) -> None:
+        self._json(e.status, {"error": {"message": str(e), "type": "invalid_request_error", "param": e.param,
+                                        "code": None}})
+
+
+def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], dict, bool]:
+    messages = req.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}] needs a 'role'", param=f"messages[{i}]")
+        content = m.get("content") or ""
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string or text parts", param=f"messages[{i}]")
+        clean.append({"role": m["role"], "content": content})
+    if req.get("n", 1) != 1:
+        raise RequestError("only n=1 is supported", param="n")
+    max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or default_max_tokens
+    temperature = req.get("temperature")
+    opts = {"max_new_tokens": _positive_int(max_tokens, "max_tokens"),
+            "temperature": 1.0 if temperature is None else float(temperature),
+            "top_p": float(req.get("top_p") if req.get("top_p") is not None else 1.0),
+            "seed": req.get("seed")}
+    if not 0 <= opts["temperature"] <= 2 or not 0 < opts["top_p"] <= 1:
+        raise RequestError("temperature must be in [0, 2] and top_p in (0, 1]", param="temperature")
+    return clean, opts, bool(req.get("stream"))
+
+
+def _positive_int(v, name: str) -> int:
+    if not isinstance(v, int) or v <= 0:
+        raise RequestError(f"'{name}' must be a positive integer", param=name)
+    return v
+
+
+def _usage(chat: ChatStream) -> dict:
+    return {"prompt_tokens": chat.prompt_tokens, "completion_tokens": len(chat.token_ids),
+            "total_tokens": chat.prompt_tokens + len(chat.token_ids)}
+
+
+def completion(chat: ChatStream, model_name: str) -> dict:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": chat.text},
+                         "finish_reason": chat.finish_reason, "logprobs": None}],
+            "usage": _usage(chat)}

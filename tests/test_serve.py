@@ -1,0 +1,97 @@
+"""fastchat-ft serve (transformers backend): the `openai` client over loopback gets the same greedy reply as
+our generation loop / transformers' generate, streamed (SSE) and not, with usage and finish reasons; bad
+requests get OpenAI-shaped errors. Every request is bounded and the server is stopped at the end."""
+import threading
+
+import pytest
+import torch
+
+from fastchat_ft.inference import ChatStream, load_model
+from fastchat_ft.serve import make_server, vllm_command
+from test_export_fixtures import chatty_run, tiny_run  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def server(chatty_run):
+    loaded = load_model(chatty_run["run"], device="cpu")
+    srv = make_server(loaded, "127.0.0.1", 0, default_max_tokens=16)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.fixture()
+def client(server):
+    openai = pytest.importorskip("openai")
+    port = server.server_address[1]
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the cat sat on a mat?"}]
+
+
+def _expected(server, n):
+    s = ChatStream(server.loaded.model, server.loaded.tokenizer, MSGS, max_new_tokens=n)
+    s.run()
+    prompt = torch.tensor([s.prompt_ids])
+    with torch.no_grad():  # our loop itself agrees with transformers' generate (test_inference checks it too)
+        ref = server.loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                           do_sample=False, eos_token_id=s.stop_ids, pad_token_id=0)
+    assert ref[0, prompt.shape[1]:].tolist() == s.token_ids
+    return s
+
+
+def test_chat_completion(server, client):
+    exp = _expected(server, 7)
+    r = client.chat.completions.create(model="x", messages=MSGS, max_tokens=7, temperature=0)
+    assert r.choices[0].message.content == exp.text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 7 and r.usage.prompt_tokens == exp.prompt_tokens
+
+
+def test_chat_completion_streaming(server, client):
+    exp = _expected(server, 6)
+    chunks = list(client.chat.completions.create(model="x", messages=MSGS, max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == exp.text
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # really streamed
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def test_models_and_errors(server, client):
+    import openai
+    assert [m.id for m in client.models.list().data] == [server.model_name]
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="x", messages=[], max_tokens=3)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="x", messages=MSGS, max_tokens=-2)
+
+
+def test_stop_reason_on_a_model_that_ends_its_turn(tiny_run):
+    openai = pytest.importorskip("openai")
+    srv = make_server(load_model(tiny_run["run"], device="cpu"), "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="u", timeout=60,
+                          max_retries=0)
+        r = c.chat.completions.create(model="x", messages=MSGS, max_tokens=50, temperature=0)
+        assert r.choices[0].finish_reason == "stop" and "<|im_end|>" not in r.choices[0].message.content
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_vllm_command_for_lora_and_model(tiny_run):
+    cmd = vllm_command(str(tiny_run["run"]), "127.0.0.1", 8123)
+    assert cmd[cmd.index("--model") + 1] == str(tiny_run["base"].resolve())
+    assert f"finetuned={tiny_run['run'] / 'final'}" in cmd and "--enable-lora" in cmd
+    cmd = vllm_command(str(tiny_run["base"]), "127.0.0.1", 8123)
+    assert cmd[cmd.index("--model") + 1] == str(tiny_run["base"]) and "--enable-lora" not in cmd
