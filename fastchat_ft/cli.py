@@ -73,6 +73,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None)
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--samples", type=int, default=0, help="write a side-by-side report of N generations")
+    p.add_argument("--report", help="where --samples writes its Markdown (default: eval-samples-<model>.md)")
+    p.add_argument("--train-data", help="training file for the memorisation check (default: the run's train split)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit for --samples")
     p.add_argument("--json", action="store_true")
 
 

@@ -1,0 +1,113 @@
+"""fastchat-ft eval: metrics on trainable tokens equal HF's own loss/accuracy on the same rows (reference:
+transformers' forward with labels), never through full-vocab logits; baseline comparison, --json, and the
+samples report with its memorisation check."""
+import json
+
+import pytest
+import torch
+
+from fastchat_ft.cli import main
+from fastchat_ft.errors import DataError
+from test_export_fixtures import chatty_run, tiny_run, write_jsonl  # noqa: F401 (fixtures)
+
+
+def _need_engine_and_loader():
+    data = pytest.importorskip("fastchat_ft.data")
+    if not hasattr(data, "ChatDataset"):
+        pytest.skip("fastchat_ft.data.ChatDataset has not landed yet")
+    pytest.importorskip("fastchat_ft.engine.validation")
+
+
+def _hf_reference(model, rows):
+    """HF's causal-LM loss per row (mean over its shifted labels), token-weighted over rows; accuracy from
+    the full logits' argmax."""
+    total, n, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.as_tensor(r["input_ids"], dtype=torch.long)[None]
+            labels = torch.as_tensor(r["labels"], dtype=torch.long)[None]
+            out = model(input_ids=ids, labels=labels)
+            k = int((labels[:, 1:] != -100).sum())
+            total += float(out.loss) * k
+            n += k
+            pred = out.logits[:, :-1].argmax(-1)
+            mask = labels[:, 1:] != -100
+            correct += int((pred[mask] == labels[:, 1:][mask]).sum())
+    return total / n, correct / n, n
+
+
+def test_metrics_equal_hf_loss_without_full_logits(chatty_run, monkeypatch):
+    _need_engine_and_loader()
+    from fastchat_ft.engine.evaluate import encode_rows, metrics_of
+    from fastchat_ft.inference import load_model
+    loaded = load_model(chatty_run["run"], device="cpu")
+    data = chatty_run["run"] / "data" / "val.jsonl"
+    rows, _ = encode_rows(data, loaded.source.tokenizer_dir, "chatml", 512)
+    assert len(rows) == len(chatty_run["val"])
+    ref_loss, ref_acc, ref_n = _hf_reference(loaded.model, rows)
+
+    def no_full_logits(*a, **k):
+        raise AssertionError("eval must not run the lm_head over whole sequences")
+    monkeypatch.setattr(loaded.model.lm_head, "forward", no_full_logits)
+    m = metrics_of(loaded, data, "chatml", 512)
+    assert m["n_tokens"] == ref_n and m["n_sequences"] == len(rows)
+    assert m["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert m["token_acc"] == pytest.approx(ref_acc, abs=1e-9)
+    assert m["ppl"] == pytest.approx(torch.tensor(ref_loss).exp().item(), rel=1e-5)
+
+
+def test_baseline_json(tiny_run, capsys):
+    _need_engine_and_loader()
+    data = tiny_run["run"] / "data" / "val.jsonl"
+    assert main(["eval", "--model", str(tiny_run["run"]), "--data", str(data), "--baseline", str(tiny_run["base"]),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    m, b, imp = res["model"], res["baseline"], res["improvement"]
+    assert res["template"] == "chatml" or res["template"]
+    assert m["n_tokens"] == b["n_tokens"] > 0 and m["loss"] != b["loss"]
+    assert imp["loss"] == pytest.approx(m["loss"] - b["loss"])
+    assert imp["token_acc_points"] == pytest.approx(100 * (m["token_acc"] - b["token_acc"]))
+
+
+def test_table_output(tiny_run, capsys):
+    _need_engine_and_loader()
+    data = tiny_run["run"] / "data" / "val.jsonl"
+    assert main(["eval", "--model", str(tiny_run["run"]), "--data", str(data), "--baseline",
+                 str(tiny_run["base"])]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "token accuracy" in out and "baseline" in out and "pts" in out
+
+
+def test_samples_report(chatty_run, tmp_path, capsys):
+    _need_engine_and_loader()
+    # one eval prompt copied from training (seen), the rest unseen
+    rows = [chatty_run["train"][0]] + [{"messages": r["messages"]} for r in chatty_run["val"][:2]]
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    report = tmp_path / "samples.md"
+    assert main(["eval", "--model", str(chatty_run["run"]), "--data", str(data), "--baseline",
+                 str(chatty_run["base"]), "--samples", "3", "--report", str(report), "--max-new-tokens", "12"]) == 0
+    text = report.read_text()
+    assert text.count("\n## ") == 3 and text.count("**Fine-tuned answer**") == 3
+    assert text.count("**Baseline answer**") == 3 and text.count("Longest n-gram shared") == 3
+    assert text.count("(this prompt is in the training data)") == 1
+    ref = [m["content"] for m in chatty_run["val"][0]["messages"] if m["role"] == "assistant"][-1]
+    assert ref in text
+
+
+def test_longest_shared_ngram():
+    from fastchat_ft.engine.evaluate import TrainingAnswers
+    ta = TrainingAnswers(["The cat sat on the mat today.", "dogs ran home quickly", "a b c d e f g"])
+    assert ta.longest_shared("yesterday the cat sat on the rug") == (5, "the cat sat on the")
+    assert ta.longest_shared("x y b c d e q") == (4, "b c d e")
+    assert ta.longest_shared("nothing shared here") == (0, "")
+    assert ta.longest_shared("home alone")[0] == 1
+
+
+def test_missing_data_is_a_clean_error(tiny_run, tmp_path, capsys):
+    with pytest.raises(DataError):
+        from argparse import Namespace
+        from fastchat_ft.engine.evaluate import run_eval
+        run_eval(Namespace(model=str(tiny_run["run"]), data=str(tmp_path / "none.jsonl"), baseline=None,
+                           template=None, max_seq_len=512, samples=0, json=False))
+    assert main(["eval", "--model", str(tiny_run["run"]), "--data", str(tmp_path / "none.jsonl")]) == 1
+    assert "not found" in capsys.readouterr().err
