@@ -237,7 +237,7 @@ def write_samples_report(path: Path, model: LoadedModel, baseline: LoadedModel |
             if train is not None and label == "Fine-tuned":
                 n_words, ngram = train.longest_shared(text)
                 flag = " (possible memorisation)" if n_words >= 12 else ""
-                lines += [f"Longest n-gram shared with a training answer: {n_words} word{"s" if n_words != 1 else ""}{flag}"
+                lines += [f"Longest n-gram shared with a training answer: {n_words} word{'s' if n_words != 1 else ''}{flag}"
                           + (f": \"{_one_line(ngram, 200)}\"" if n_words else ""), ""]
         print(f"sample {i}/{len(prompts)} done", file=sys.stderr)
     tmp = path.with_name(path.name + ".tmp")
