@@ -52,8 +52,10 @@ def _ce_rows_kernel(
 
     # Pass 1: online max / sum-exp, and the label's logit taken from the same computed values as the max so
     # the accuracy test (label logit == row max) compares identical numbers.
+    # d_other (the sum without the label) gives p_y - 1 = -d_other / d without cancellation as p_y -> 1.
     m = tl.full([], float("-inf"), tl.float32)
     d = tl.zeros([], tl.float32)
+    d_other = tl.zeros([], tl.float32)
     x_label = tl.zeros([], tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
@@ -63,12 +65,19 @@ def _ce_rows_kernel(
             # tanh from exp: libdevice tanh does not run under the interpreter.
             x = cap * (1.0 - 2.0 / (tl.exp(2.0 * x * inv_cap) + 1.0))
         x = tl.where(mask, x, float("-inf"))
+        is_label = cols == label
         m_new = tl.maximum(m, tl.max(x, 0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        d = d * alpha + tl.sum(e, 0)
+        d_other = d_other * alpha + tl.sum(tl.where(is_label, 0.0, e), 0)
         m = m_new
-        x_label += tl.sum(tl.where(cols == label, x, 0.0), 0)
-    lse = m + tl.log(d)
-    loss = lse - x_label
+        x_label += tl.sum(tl.where(is_label, x, 0.0), 0)
+    # Keep lse split as m + log_d: near p_y -> 1 the gradient p_y - 1 is ~log_d, which m + log_d rounded at
+    # the magnitude of m (fp32 spacing ~2e-6 at 16) would lose.
+    log_d = tl.log(d)
+    lse = m + log_d
+    loss = (m - x_label) + log_d
     if HAS_Z_LOSS:
         loss += zl * lse * lse
     tl.store(loss_ptr + row, loss)
@@ -76,11 +85,14 @@ def _ce_rows_kernel(
 
     if WRITE_GRAD:
         # Pass 2: dLoss/dlogit = p * (1 + 2 z lse) - onehot, times the softcap derivative, times the
-        # reduction scale, all in fp32 and rounded once at the store (the target term never sees bf16).
+        # reduction scale, all in fp32 and rounded once at the store (the target term never sees bf16;
+        # at the label it is -d_other/d + 2 z lse p_y, which equals p_y (1 + 2 z lse) - 1).
         scale = tl.load(grad_scale_ptr).to(tl.float32)
         p_factor = 1.0
         if HAS_Z_LOSS:
             p_factor = 1.0 + 2.0 * zl * lse
+        p_label = tl.exp((x_label - m) - log_d)
+        g_label = -d_other / d + (p_factor - 1.0) * p_label
         for start in range(0, n_cols, BLOCK_V):
             cols = start + offs
             mask = cols < n_cols
@@ -88,8 +100,8 @@ def _ce_rows_kernel(
             if HAS_SOFTCAP:
                 t = 1.0 - 2.0 / (tl.exp(2.0 * x * inv_cap) + 1.0)
                 x = cap * t
-            g = tl.exp(x - lse) * p_factor
-            g = tl.where(cols == label, g - 1.0, g)
+            g = tl.exp((x - m) - log_d) * p_factor
+            g = tl.where(cols == label, g_label, g)
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)
             tl.store(row_ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)

@@ -198,7 +198,7 @@ def test_target_class_gradient_keeps_precision_when_confident(monkeypatch):
     ref = want[torch.arange(rows), labels]
     assert torch.all(ref < 0) and ref.abs().min() < 2e-4
     rel = ((got - ref) / ref).abs()
-    assert rel.max() < 5e-3, rel  # fp16 storage costs ~5e-4; a rounded p_y would cost ~100% here
+    assert rel.max() < 2e-3, rel  # fp16 storage alone costs ~5e-4; a rounded p_y would cost ~100% here
     assert torch.all(correct == 1)
     torch.testing.assert_close(buf.double(), want, rtol=5e-3, atol=1e-6)
 
