@@ -1,0 +1,290 @@
+"""`fastchat_ft.patch(model)`: swap our kernels into a HF causal LM in place (RMSNorm, the fused linear+CE loss,
+peft LoRA Linear layers) and hand back a handle that undoes it. One generic patcher driven by FAMILIES, a small
+table of model types; the kernels live in fastchat_ft.kernels and the train loop in fastchat_ft.engine.
+
+Everything is patched per instance (a `forward` in the module's __dict__), never on a transformers class, so
+other models in the process are untouched and undo is exact: the instance attribute goes away (or the one it
+shadowed comes back) and the modules, parameters and hooks are the very same objects as before.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import types
+import weakref
+from dataclasses import dataclass, field
+
+from fastchat_ft.errors import ModelError
+
+log = logging.getLogger("fastchat_ft")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one HF model type differs, as far as the patcher cares."""
+    norm_class: str                 # class name of its RMSNorm modules (decoder layers, final norm, q/k norms)
+    eps_attr: str = "variance_epsilon"
+    offset: float = 0.0             # 1.0 where the weight stores (scale - 1), zero-initialised (Gemma)
+    casting: str = "llama"          # "llama": normalise in fp32, cast, then * w; "gemma": * (1 + w) in fp32, cast last
+    softcap_attr: str | None = None  # config field of the final-logit tanh softcap, applied before the loss
+
+
+_GEMMA = dict(eps_attr="eps", offset=1.0, casting="gemma")
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaRMSNorm"),            # also SmolLM / SmolLM2 (llama architecture)
+    "mistral": Family("MistralRMSNorm"),
+    "qwen2": Family("Qwen2RMSNorm"),
+    "qwen3": Family("Qwen3RMSNorm"),
+    "smollm3": Family("SmolLM3RMSNorm"),
+    "phi3": Family("Phi3RMSNorm"),
+    "gemma": Family("GemmaRMSNorm", **_GEMMA),
+    "gemma2": Family("Gemma2RMSNorm", **_GEMMA, softcap_attr="final_logit_softcapping"),
+    "gemma3_text": Family("Gemma3RMSNorm", **_GEMMA, softcap_attr="final_logit_softcapping"),
+}
+
+_MISSING = object()
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its live PatchHandle
+
+
+@dataclass
+class PatchHandle:
+    """What patch() replaced. `undo()` (or fastchat_ft.unpatch(handle)) puts every original forward back."""
+    model_type: str
+    rms_norms: int = 0          # RMSNorm modules now running fastchat_ft.kernels.rms_norm
+    fused_loss: bool = False    # causal-LM forward computes the loss with fused_linear_cross_entropy
+    lora_layers: int = 0        # peft LoRA Linear layers now running fastchat_ft.kernels.lora_linear
+    skipped: list[str] = field(default_factory=list)   # what was left alone, and why
+    _model: object = field(default=None, repr=False)
+    _saved: list = field(default_factory=list, repr=False)  # (module, forward in its __dict__ before, ours)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._saved)
+
+    def summary(self) -> str:
+        parts = [f"{self.rms_norms} RMSNorm -> rms_norm"]
+        parts.append("loss -> fused_linear_cross_entropy" if self.fused_loss else "loss unchanged")
+        parts.append(f"{self.lora_layers} LoRA Linear -> lora_linear")
+        text = f"fastchat_ft.patch({self.model_type}): " + ", ".join(parts)
+        return text + ("; skipped: " + "; ".join(self.skipped) if self.skipped else "")
+
+    def undo(self) -> None:
+        """Restore every patched forward, newest first. A forward someone replaced after us (e.g. a trainer
+        wrapping ours) is left in place with a warning, since removing it would break their wrapper."""
+        for module, before, ours in reversed(self._saved):
+            if module.__dict__.get("forward") is not ours:
+                log.warning("fastchat_ft.unpatch: %s.forward was replaced after patching; left as it is",
+                            type(module).__name__)
+                continue
+            if before is _MISSING:
+                del module.forward
+            else:
+                module.forward = before
+        self._saved.clear()
+        if self._model is not None:
+            _ACTIVE.pop(self._model, None)
+        self._model = None
+
+    def _install(self, module, new_forward) -> None:
+        before = module.__dict__.get("forward", _MISSING)
+        bound = types.MethodType(new_forward, module)
+        module.forward = bound
+        self._saved.append((module, before, bound))
+
+
+def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True) -> PatchHandle:
+    """Swap fastchat-ft kernels into a HF causal LM (or a peft model wrapping one), in place.
+
+    rms_norm: every RMSNorm of the model type runs fastchat_ft.kernels.rms_norm (Gemma's (1 + w) included).
+    loss: in training mode, a forward given `labels` (or `shift_labels`) computes HF's causal-LM loss from the
+      hidden states with fused_linear_cross_entropy, so the [tokens x vocab] logits are never built
+      (outputs.logits is None). `num_items_in_batch` (HF Trainer's gradient-accumulation count) gives
+      sum / num_items exactly as HF's loss does; without it the loss is the mean over labelled tokens.
+      Eval mode, no labels, or a non-plain lm_head (e.g. a LoRA on lm_head) run the original forward.
+    lora: dense peft LoRA Linear layers run fastchat_ft.kernels.lora_linear whenever one vanilla adapter is
+      active with no dropout; anything else (merged, disabled, several adapters, DoRA, dropout > 0 while
+      training, lora_bias) falls back to peft's own forward on that call.
+    Returns a PatchHandle; `handle.undo()` restores the model exactly. Logs one line saying what it patched.
+    """
+    lm = _causal_lm(model)
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ModelError(f"fastchat_ft.patch does not know model type {model_type!r} ({type(lm).__name__})",
+                         field="model_type",
+                         fix="supported model types: " + ", ".join(sorted(FAMILIES))
+                             + " (SmolLM/SmolLM2 load as llama); use the model unpatched otherwise")
+    if lm in _ACTIVE:
+        raise ModelError("this model is already patched by fastchat_ft.patch",
+                         fix="call handle.undo() (or fastchat_ft.unpatch(handle)) before patching it again")
+    handle = PatchHandle(model_type=model_type)
+    try:
+        if rms_norm:
+            _patch_rms_norms(lm, family, handle)
+        if loss:
+            _patch_loss(lm, family, handle)
+        if lora:
+            _patch_lora(model, handle)
+    except BaseException:
+        handle.undo()
+        raise
+    handle._model = lm
+    _ACTIVE[lm] = handle
+    log.info(handle.summary())
+    return handle
+
+
+def unpatch(handle: PatchHandle) -> None:
+    """The same as handle.undo()."""
+    handle.undo()
+
+
+def _causal_lm(model):
+    """The transformers model under a peft wrapper (PeftModel -> LoraModel -> the HF model), else model."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+
+def _patch_rms_norms(lm, family: Family, handle: PatchHandle) -> None:
+    from fastchat_ft.kernels import rms_norm as rms_norm_kernel
+
+    eps_attr, offset, casting = family.eps_attr, family.offset, family.casting
+
+    def rms_norm_forward(self, hidden_states):
+        return rms_norm_kernel(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting=casting)
+
+    for name, module in lm.named_modules():
+        if type(module).__name__ != family.norm_class:
+            continue
+        if not hasattr(module, eps_attr) or getattr(module, "weight", None) is None:
+            handle.skipped.append(f"{name}: {family.norm_class} without weight/{eps_attr}")
+            continue
+        handle._install(module, rms_norm_forward)
+        handle.rms_norms += 1
+    if handle.rms_norms == 0:
+        handle.skipped.append(f"rms_norm: no {family.norm_class} module found")
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _plain_linear(module) -> bool:
+    import torch
+
+    return type(module) is torch.nn.Linear and "forward" not in module.__dict__
+
+
+def _patch_loss(lm, family: Family, handle: PatchHandle) -> None:
+    if not callable(getattr(lm, "get_output_embeddings", None)) or lm.get_output_embeddings() is None:
+        handle.skipped.append("loss: the model has no lm_head")
+        return
+    original = lm.forward  # whatever ran before (bound), so undo and fallbacks see the same thing
+    signature = inspect.signature(original)
+
+    @functools.wraps(type(lm).forward)  # keeps the signature: Trainer and generate() inspect it
+    def fused_loss_forward(self, *args, **kwargs):
+        if args:  # positional call: name everything, so labels are found wherever they were passed
+            kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+            kwargs.update(kwargs.pop(_var_keyword_name(signature), None) or {})
+        head = self.get_output_embeddings()
+        wants_loss = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+        if not (self.training and wants_loss and _plain_linear(head) and not kwargs.get("logits_to_keep")):
+            return original(**kwargs)
+        return _forward_with_fused_loss(self, head, family, kwargs)
+
+    handle._install(lm, fused_loss_forward)
+    handle.fused_loss = True
+
+
+def _var_keyword_name(signature) -> str | None:
+    for p in signature.parameters.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            return p.name
+    return None
+
+
+def _forward_with_fused_loss(lm, head, family: Family, kwargs: dict):
+    """HF's causal-LM forward with the loss taken from the hidden states: the same label shift (pad with
+    ignore_index, drop the first), the same normalisation (mean over labelled tokens, or sum / num_items)."""
+    import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from fastchat_ft.kernels import fused_linear_cross_entropy
+
+    labels = kwargs.pop("labels", None)
+    kwargs.pop("logits_to_keep", None)
+    num_items, ignore_index, shift_labels = (kwargs.pop(k, None) for k in _LOSS_KWARGS)
+    ignore_index = -100 if ignore_index is None else ignore_index
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(lm.config, "return_dict", True)
+
+    outputs = lm.base_model(**kwargs)
+    hidden = outputs[0]
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    softcap = getattr(lm.config, family.softcap_attr, None) if family.softcap_attr else None
+    hidden = hidden.to(head.weight.device)
+    loss = fused_linear_cross_entropy(
+        hidden, head.weight, shift_labels.to(hidden.device), bias=head.bias, ignore_index=ignore_index,
+        reduction="mean" if num_items is None else "sum", softcap=softcap, num_items=num_items)
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    rest = {k: v for k, v in outputs.items() if k in fields and k not in ("loss", "logits")}
+    out = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+    return out if return_dict else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+def _patch_lora(model, handle: PatchHandle) -> None:
+    if "peft" not in sys.modules:  # a model with peft layers has imported peft already
+        return
+    import torch
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    from fastchat_ft.kernels import lora_linear
+
+    def lora_forward(self, x, *args, **kwargs):
+        adapter = None if args or kwargs else _single_vanilla_adapter(self)
+        if adapter is None:
+            return handle_originals[id(self)](x, *args, **kwargs)
+        base = self.base_layer
+        return lora_linear(x, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                           self.scaling[adapter], bias=base.bias)
+
+    handle_originals: dict[int, object] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, PeftLoraLinear):
+            continue
+        if type(module) is not PeftLoraLinear or type(module.base_layer) is not torch.nn.Linear \
+                or getattr(module, "fan_in_fan_out", False):
+            handle.skipped.append(f"{name}: {type(module).__name__} over {type(module.base_layer).__name__} "
+                                  "(only dense nn.Linear bases use the kernel)")
+            continue
+        handle_originals[id(module)] = module.forward
+        handle._install(module, lora_forward)
+        handle.lora_layers += 1
+
+
+def _single_vanilla_adapter(layer):
+    """The adapter name when plain y = base(x) + s * B(A(x)) is exactly what peft would compute now, else None."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or layer.lora_B[name].bias is not None:
+        return None
+    dropout = layer.lora_dropout[name]
+    if dropout.training and getattr(dropout, "p", 0.0) > 0:
+        return None
+    if layer.base_layer.weight.requires_grad:  # the kernel treats W as frozen
+        return None
+    return name

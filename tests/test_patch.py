@@ -1,0 +1,305 @@
+"""fastchat_ft.patch: for every model type in the table, a tiny random model (built from a config, no download)
+gives the same loss and gradients patched as HF's own unpatched forward (reference: HF's ForCausalLMLoss and
+RMSNorm code), with ignored labels and with num_items_in_batch; the kernels are really called; undo restores
+the original forwards exactly. Plus peft LoRA layers, fallbacks, and the bad-input errors."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import fastchat_ft  # noqa: E402
+import fastchat_ft.kernels as kernels  # noqa: E402
+from fastchat_ft.errors import ModelError  # noqa: E402
+from fastchat_ft.model.patch import FAMILIES  # noqa: E402
+
+torch.set_num_threads(1)
+
+CONFIG_CLASS = {
+    "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+    "smollm3": "SmolLM3Config", "phi3": "Phi3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig",
+}
+VOCAB = 101
+
+
+def tiny_model(model_type: str, seed: int = 0, **extra):
+    cfg_cls = getattr(transformers, CONFIG_CLASS[model_type])
+    kw = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=12, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              attention_dropout=0.0)
+    if FAMILIES[model_type].softcap_attr:
+        kw[FAMILIES[model_type].softcap_attr] = 3.0  # small, so a missing or misplaced softcap shows in the loss
+    kw.update(extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg_cls(**kw))
+    with torch.no_grad():  # random norm weights: Gemma's zero init (1 + w = 1) would hide a wrong offset
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+            elif p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    return model.train()
+
+
+def batch(seed: int = 1, rows: int = 3, length: int = 17):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[0, :6] = -100                    # a prompt
+    if rows > 1:
+        labels[1, 3:9] = -100               # a masked span in the middle
+    if rows > 2:
+        labels[2, :-4] = -100               # only the last tokens labelled
+    if rows > 3:
+        labels[3, :] = -100                 # a row with nothing to learn
+    return ids, labels
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_close_grads(got, want, rtol=1e-4, atol=1e-5):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Count calls into the three kernels, so a parity test cannot pass by silently running HF's own code."""
+    calls = {"rms_norm": 0, "fused_linear_cross_entropy": 0, "lora_linear": 0}
+    for name in calls:
+        real = getattr(kernels, name)
+
+        def counting(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(kernels, name, counting)
+    return calls
+
+
+def forwards(model) -> dict:
+    return {name: m.__dict__.get("forward") for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_patched_loss_and_grads_equal_hf(model_type, kernel_calls):
+    model = tiny_model(model_type)
+    ids, labels = batch()
+    n_items = torch.tensor(int((labels[:, 1:] != -100).sum()) + 5)  # as if other micro-batches held 5 more
+    want_mean, want_grads_mean = loss_and_grads(model, input_ids=ids, labels=labels)
+    want_sum, want_grads_sum = loss_and_grads(model, input_ids=ids, labels=labels, num_items_in_batch=n_items)
+    before, params = forwards(model), [id(p) for p in model.parameters()]
+
+    handle = fastchat_ft.patch(model)
+    n_norms = sum(type(m).__name__ == FAMILIES[model_type].norm_class for m in model.modules())
+    assert handle.rms_norms == n_norms > 0 and handle.fused_loss and handle.skipped == []
+
+    got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert got.logits is None  # the [tokens x vocab] logits were never built
+    torch.testing.assert_close(got.loss, want_mean.loss, rtol=1e-5, atol=1e-6)
+    assert_close_grads(grads, want_grads_mean)
+    got, grads = loss_and_grads(model, input_ids=ids, labels=labels, num_items_in_batch=n_items)
+    torch.testing.assert_close(got.loss, want_sum.loss, rtol=1e-5, atol=1e-6)
+    assert_close_grads(grads, want_grads_sum)
+    assert kernel_calls["fused_linear_cross_entropy"] == 2
+    assert kernel_calls["rms_norm"] == 2 * n_norms
+
+    handle.undo()
+    assert forwards(model) == before and "forward" not in model.__dict__
+    assert [id(p) for p in model.parameters()] == params
+    calls = dict(kernel_calls)
+    again, _ = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert kernel_calls == calls  # nothing of ours runs after undo
+    assert torch.equal(again.loss, want_mean.loss) and again.logits is not None
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """HF's num_items_in_batch rule: micro-batch losses, each sum / (labelled tokens of the whole step), add up
+    to the mean over the whole step, whatever the split (the GA bug reported in Liger #802, axolotl #2262)."""
+    model = tiny_model("llama")
+    ids, labels = batch(rows=4, length=15)
+    labels[3, :12] = -100  # uneven label counts per micro-batch
+    fastchat_ft.patch(model)
+    full, full_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    n_items = torch.tensor(int((labels[:, 1:] != -100).sum()))
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for part in (slice(0, 1), slice(1, 4)):
+        loss = model(input_ids=ids[part], labels=labels[part], num_items_in_batch=n_items).loss
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(full.loss.item(), rel=1e-5)
+    accumulated = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert_close_grads(accumulated, full_grads)
+
+
+def test_triton_kernels_through_the_patch_under_the_interpreter(monkeypatch, kernel_calls):
+    """The same parity with the Triton kernels themselves (run by the interpreter on CPU), not their references."""
+    pytest.importorskip("triton")
+    model = tiny_model("gemma2")  # offset RMSNorm, softcap and tied embeddings in one model
+    ids, labels = batch(rows=2, length=9)
+    want, want_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    fastchat_ft.patch(model)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+    assert_close_grads(grads, want_grads, rtol=1e-3, atol=1e-4)
+    assert kernel_calls["fused_linear_cross_entropy"] == 1 and kernel_calls["rms_norm"] > 0
+
+
+def test_eval_mode_and_unlabelled_calls_run_the_original_forward(kernel_calls):
+    model = tiny_model("qwen3")
+    ids, labels = batch()
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=labels)
+    handle = fastchat_ft.patch(model, rms_norm=False)
+    with torch.no_grad():
+        got = model(input_ids=ids, labels=labels)
+        logits_only = model(ids)  # positional input_ids, no labels
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(logits_only.logits, want.logits)
+    assert kernel_calls["fused_linear_cross_entropy"] == 0 and handle.rms_norms == 0
+
+
+def test_positional_labels_and_tuple_output():
+    model = tiny_model("mistral")
+    ids, labels = batch()
+    want = model(input_ids=ids, labels=labels).loss
+    fastchat_ft.patch(model)
+    sig = list(__import__("inspect").signature(model.forward).parameters)
+    args = [None] * (sig.index("labels") + 1)
+    args[0], args[-1] = ids, labels
+    got = model(*args)
+    torch.testing.assert_close(got.loss, want)
+    as_tuple = model(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], want)
+
+
+def test_trainer_sees_the_original_signature():
+    """HF Trainer passes num_items_in_batch only to a forward that takes **kwargs; generate() checks names."""
+    import inspect
+
+    model = tiny_model("llama")
+    want = inspect.signature(model.forward)
+    fastchat_ft.patch(model)
+    assert inspect.signature(model.forward) == want
+
+
+def test_peft_lora_layers_use_the_kernel_and_match_peft(kernel_calls):
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                          init_lora_weights=False)  # random B: a zero B would hide a wrong LoRA path
+    model = peft.get_peft_model(base, cfg)
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    before = forwards(model)
+    handle = fastchat_ft.patch(model)
+    assert handle.lora_layers == 2 * 3 and handle.fused_loss
+    got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert kernel_calls["lora_linear"] == 6 and kernel_calls["fused_linear_cross_entropy"] == 1
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert_close_grads(grads, want_grads)
+    assert grads.keys() == want_grads.keys() and any("lora_A" in n for n in grads)
+
+    calls = kernel_calls["lora_linear"]
+    with model.disable_adapter():  # peft's own path (base model only) on this call
+        plain = model(input_ids=ids, labels=labels).loss
+    assert kernel_calls["lora_linear"] == calls
+    with model.disable_adapter():
+        handle.undo()
+        want_plain = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(plain, want_plain)
+    assert forwards(model) == before
+
+
+def test_peft_lora_dropout_falls_back_to_peft_while_training(kernel_calls):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("qwen2"), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                                     target_modules=["q_proj"]))
+    ids, labels = batch()
+    fastchat_ft.patch(model)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert kernel_calls["lora_linear"] == 0  # dropout active: the kernel has none, so peft runs
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert kernel_calls["lora_linear"] == 2  # eval: dropout is the identity, the kernel applies
+
+
+def test_lm_head_that_is_not_a_plain_linear_keeps_hf_loss(kernel_calls):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    ids, labels = batch()
+    want = model(input_ids=ids, labels=labels).loss
+    fastchat_ft.patch(model)
+    got = model(input_ids=ids, labels=labels)
+    assert kernel_calls["fused_linear_cross_entropy"] == 0 and got.logits is not None
+    torch.testing.assert_close(got.loss, want)
+
+
+def test_unknown_model_type_lists_the_supported_ones():
+    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(ModelError) as err:
+        fastchat_ft.patch(model)
+    text = str(err.value)
+    assert "'gpt2'" in text and all(name in text for name in FAMILIES)
+    assert "forward" not in model.__dict__
+
+
+def test_patching_twice_is_refused_and_undo_is_idempotent():
+    model = tiny_model("gemma")
+    handle = fastchat_ft.patch(model)
+    with pytest.raises(ModelError, match="already patched"):
+        fastchat_ft.patch(model)
+    fastchat_ft.unpatch(handle)
+    handle.undo()
+    assert not handle.active and "forward" not in model.__dict__
+    second = fastchat_ft.patch(copy.deepcopy(model))  # a fresh copy of an unpatched model patches fine
+    assert second.rms_norms == handle.rms_norms
+
+
+def test_undo_leaves_a_later_wrapper_in_place(caplog):
+    """A trainer that wraps the patched forward (TRL's fused LM head does) keeps its wrapper after our undo."""
+    model = tiny_model("llama")
+    handle = fastchat_ft.patch(model)
+    ours = model.forward
+    model.forward = lambda *a, **k: ours(*a, **k)
+    wrapper = model.forward
+    handle.undo()
+    assert model.forward is wrapper and "replaced after patching" in caplog.text
+
+
+def test_patch_logs_once_what_it_patched(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fastchat_ft")
+    model = tiny_model("smollm3")
+    fastchat_ft.patch(model)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastchat_ft"]
+    assert len(lines) == 1 and "smollm3" in lines[0] and "5 RMSNorm" in lines[0]
+    model(input_ids=batch()[0], labels=batch()[1]).loss.backward()
+    assert len([r for r in caplog.records if r.name == "fastchat_ft"]) == 1  # not once per call
+
+
+def test_import_fastchat_ft_does_not_import_torch():
+    code = "import sys, fastchat_ft; assert 'torch' not in sys.modules; print(callable(fastchat_ft.patch))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
