@@ -83,10 +83,11 @@ INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
 
 
 def _precision(dtype):
-    # fp32 follows torch's own matmul setting, so fp32 training never silently drops to tf32
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    # fp32 follows torch's own matmul setting, so fp32 training never silently drops to tf32; for 16-bit
+    # operands the setting is moot and triton's default ("tf32") applies
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def fused_lora_matmul(a, b, s=None, lo=None, scale=1.0, bias=None, blocks: Optional[dict] = None):
