@@ -146,6 +146,29 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert_close_grads(accumulated, full_grads)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_packed_row_equals_its_documents_run_alone(model_type):
+    """A packed row (position_ids restarting per document, first label of each document -100, no attention
+    mask) gives exactly the documents' own losses: no document sees another, even with config.use_cache on."""
+    model = tiny_model(model_type)
+    assert model.config.use_cache  # the default that would make HF attend across documents
+    g = torch.Generator().manual_seed(5)
+    docs = []
+    for length in (7, 11, 5):
+        ids = torch.randint(3, VOCAB, (1, length), generator=g)
+        labels = ids.clone()
+        labels[0, : length // 2] = -100  # prompt part (includes the first token)
+        docs.append((ids, labels))
+    ids = torch.cat([d[0] for d in docs], 1)
+    labels = torch.cat([d[1] for d in docs], 1)
+    position_ids = torch.cat([torch.arange(d[0].shape[1]) for d in docs])[None]
+    n_items = int((labels[:, 1:] != -100).sum())
+    fastchat_ft.patch(model)
+    packed = model(input_ids=ids, labels=labels, position_ids=position_ids).loss
+    alone = sum(model(input_ids=d_ids, labels=d_labels, num_items_in_batch=n_items).loss for d_ids, d_labels in docs)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
+
+
 def test_triton_kernels_through_the_patch_under_the_interpreter(monkeypatch, kernel_calls):
     """The same parity with the Triton kernels themselves (run by the interpreter on CPU), not their references."""
     pytest.importorskip("triton")

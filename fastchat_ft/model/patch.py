@@ -102,6 +102,8 @@ def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True)
       hidden states with fused_linear_cross_entropy, so the [tokens x vocab] logits are never built
       (outputs.logits is None). `num_items_in_batch` (HF Trainer's gradient-accumulation count) gives
       sum / num_items exactly as HF's loss does; without it the loss is the mean over labelled tokens.
+      use_cache defaults to False there, so packed rows (position_ids restarting per document) keep HF's
+      per-document attention mask even when config.use_cache is True.
       Eval mode, no labels, or a non-plain lm_head (e.g. a LoRA on lm_head) run the original forward.
     lora: dense peft LoRA Linear layers run fastchat_ft.kernels.lora_linear whenever one vanilla adapter is
       active with no dropout; anything else (merged, disabled, several adapters, DoRA, dropout > 0 while
@@ -225,6 +227,9 @@ def _forward_with_fused_loss(lm, head, family: Family, kwargs: dict):
     if return_dict is None:
         return_dict = getattr(lm.config, "return_dict", True)
 
+    # A loss forward never needs a KV cache, and a cache switches off HF's block-diagonal mask for packed rows
+    # (position_ids restarting at 0): with config.use_cache=True, packed documents would attend to each other.
+    kwargs.setdefault("use_cache", False)
     outputs = lm.base_model(**kwargs)
     hidden = outputs[0]
     if shift_labels is None:
