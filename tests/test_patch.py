@@ -277,6 +277,32 @@ def test_lm_head_that_is_not_a_plain_linear_keeps_hf_loss(kernel_calls):
     torch.testing.assert_close(got.loss, want)
 
 
+def test_deep_copy_of_a_patched_model_runs_its_own_weights(kernel_calls):
+    """EMA / reference models are deep copies: the copy's fallbacks must use the copy, not the original."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                     init_lora_weights=False))
+    ids, labels = batch()
+    fastchat_ft.patch(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    reference = copy.deepcopy(twin)
+    for m in reference.modules():  # strip our forwards: plain HF + peft code on the copy's weights
+        m.__dict__.pop("forward", None)
+    for mode in ("train", "eval"):
+        getattr(twin, mode)()
+        getattr(reference, mode)()
+        with torch.no_grad(), twin.disable_adapter(), reference.disable_adapter():  # LoRA fallback path
+            torch.testing.assert_close(twin(input_ids=ids, labels=labels).loss,
+                                       reference(input_ids=ids, labels=labels).loss)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(input_ids=ids, labels=labels).loss,
+                                       reference(input_ids=ids, labels=labels).loss)
+    assert kernel_calls["fused_linear_cross_entropy"] > 0 and kernel_calls["lora_linear"] > 0
+
+
 def test_unknown_model_type_lists_the_supported_ones():
     cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32)
     model = transformers.GPT2LMHeadModel(cfg)

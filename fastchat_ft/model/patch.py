@@ -58,6 +58,7 @@ class PatchHandle:
     skipped: list[str] = field(default_factory=list)   # what was left alone, and why
     _model: object = field(default=None, repr=False)
     _saved: list = field(default_factory=list, repr=False)  # (module, forward in its __dict__ before, ours)
+    _before: dict = field(default_factory=dict, repr=False)  # id(module) -> (weakref to it, forward before)
 
     @property
     def active(self) -> bool:
@@ -92,6 +93,15 @@ class PatchHandle:
         bound = types.MethodType(new_forward, module)
         module.forward = bound
         self._saved.append((module, before, bound))
+        self._before[id(module)] = (weakref.ref(module), before)
+
+    def _call_original(self, module, *args, **kwargs):
+        """Run the forward `module` had before patching. A deep copy of a patched model (an EMA or reference
+        model) carries our forwards bound to the copy; it gets its own class forward, not the original's."""
+        ref, before = self._before.get(id(module), (None, _MISSING))
+        if ref is not None and ref() is module and before is not _MISSING:
+            return before(*args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)
 
 
 def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True) -> PatchHandle:
@@ -186,8 +196,7 @@ def _patch_loss(lm, family: Family, handle: PatchHandle) -> None:
     if not callable(getattr(lm, "get_output_embeddings", None)) or lm.get_output_embeddings() is None:
         handle.skipped.append("loss: the model has no lm_head")
         return
-    original = lm.forward  # whatever ran before (bound), so undo and fallbacks see the same thing
-    signature = inspect.signature(original)
+    signature = inspect.signature(lm.forward)
 
     @functools.wraps(type(lm).forward)  # keeps the signature: Trainer and generate() inspect it
     def fused_loss_forward(self, *args, **kwargs):
@@ -197,7 +206,7 @@ def _patch_loss(lm, family: Family, handle: PatchHandle) -> None:
         head = self.get_output_embeddings()
         wants_loss = kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
         if not (self.training and wants_loss and _plain_linear(head) and not kwargs.get("logits_to_keep")):
-            return original(**kwargs)
+            return handle._call_original(self, **kwargs)
         return _forward_with_fused_loss(self, head, family, kwargs)
 
     handle._install(lm, fused_loss_forward)
@@ -258,12 +267,11 @@ def _patch_lora(model, handle: PatchHandle) -> None:
     def lora_forward(self, x, *args, **kwargs):
         adapter = None if args or kwargs else _single_vanilla_adapter(self)
         if adapter is None:
-            return handle_originals[id(self)](x, *args, **kwargs)
+            return handle._call_original(self, x, *args, **kwargs)
         base = self.base_layer
         return lora_linear(x, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                            self.scaling[adapter], bias=base.bias)
 
-    handle_originals: dict[int, object] = {}
     for name, module in model.named_modules():
         if not isinstance(module, PeftLoraLinear):
             continue
@@ -272,7 +280,6 @@ def _patch_lora(model, handle: PatchHandle) -> None:
             handle.skipped.append(f"{name}: {type(module).__name__} over {type(module.base_layer).__name__} "
                                   "(only dense nn.Linear bases use the kernel)")
             continue
-        handle_originals[id(module)] = module.forward
         handle._install(module, lora_forward)
         handle.lora_layers += 1
 
