@@ -126,6 +126,23 @@ def test_patched_loss_and_grads_equal_hf(model_type, kernel_calls):
     assert torch.equal(again.loss, want_mean.loss) and again.logits is not None
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_patched_rms_norms_equal_hf_bitwise_in_bf16(model_type):
+    """Each family's casting rule (Llama: cast, then * w; Gemma: * (1 + w) in fp32, cast last) and eps field:
+    on CPU our norm must give HF's bf16 output bit for bit, where a wrong rule shows up as rounding."""
+    model = tiny_model(model_type).to(torch.bfloat16)
+    norms = [m for m in model.modules() if type(m).__name__ == FAMILIES[model_type].norm_class]
+    g = torch.Generator().manual_seed(3)
+    inputs = [(torch.randn(3, 5, m.weight.shape[0], generator=g) * 4).to(torch.bfloat16) for m in norms]
+    with torch.no_grad():
+        want = [m(x) for m, x in zip(norms, inputs)]
+        fastchat_ft.patch(model, loss=False)
+        got = [m(x) for m, x in zip(norms, inputs)]
+    assert all("forward" in m.__dict__ for m in norms)
+    for w, o in zip(want, got):
+        assert o.dtype == w.dtype and torch.equal(o, w)
+
+
 def test_gradient_accumulation_matches_one_big_batch():
     """HF's num_items_in_batch rule: micro-batch losses, each sum / (labelled tokens of the whole step), add up
     to the mean over the whole step, whatever the split (the GA bug reported in Liger #802, axolotl #2262)."""
@@ -250,6 +267,27 @@ def test_peft_lora_layers_use_the_kernel_and_match_peft(kernel_calls):
         want_plain = model(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(plain, want_plain)
     assert forwards(model) == before
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_bf16_patched_model_is_as_close_to_float64_as_hf_bf16(model_type):
+    """bf16 weights with fp32 peft adapters (the usual LoRA set-up): against the same model in float64, our
+    loss and gradients are no further off than HF's own bf16 forward (casting rules kept, no extra rounding)."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(model_type).to(torch.bfloat16), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    ids, labels = batch()
+    exact, exact_grads = loss_and_grads(copy.deepcopy(model).double(), input_ids=ids, labels=labels)
+    hf, hf_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    fastchat_ft.patch(model)
+    ours, our_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+
+    def grad_error(grads):
+        return max(float((grads[n].double() - g).norm() / g.norm()) for n, g in exact_grads.items())
+
+    assert abs(ours.loss.item() - exact.loss.item()) <= 2 * abs(hf.loss.item() - exact.loss.item()) + 1e-3
+    assert grad_error(our_grads) <= 1.5 * grad_error(hf_grads) + 5e-3
+    assert grad_error(our_grads) < 0.05
 
 
 def test_peft_lora_dropout_falls_back_to_peft_while_training(kernel_calls):
