@@ -1,0 +1,133 @@
+// Batch processing behind loader.h: each worker thread takes a contiguous slice of the batch and runs
+// parse -> schema -> render -> (encode -> label) on it, so results need no reordering.
+#include "loader.h"
+
+#include <algorithm>
+#include <thread>
+
+namespace fastchat::loader {
+
+uint8_t label_tokens(const int32_t* ids, const uint32_t* starts, const uint32_t* ends, size_t n,
+                     const std::vector<chat::Span>& spans, int32_t* labels) {
+  uint8_t flags = 0;
+  size_t j = 0;
+  bool any = false;
+  for (size_t i = 0; i < n; ++i) {
+    labels[i] = -100;
+    uint32_t s = starts[i], e = ends[i];
+    if (e <= s) continue;
+    while (j < spans.size() && spans[j].end <= s) ++j;
+    // Spans are sorted and disjoint; a token may overlap span j and, rarely, the next one too.
+    bool overlap = false, contained = false;
+    for (size_t k = j; k < spans.size() && spans[k].begin < e; ++k) {
+      if (spans[k].end > s) {
+        overlap = true;
+        if (spans[k].begin <= s && e <= spans[k].end) contained = true;
+      }
+    }
+    if (overlap) {
+      labels[i] = ids[i];
+      any = true;
+      if (!contained) flags |= kInexact;
+    }
+  }
+  if (!any) flags |= kNoTrainable;
+  return flags;
+}
+
+void turn_token_ends(const uint32_t* ends, size_t n, const std::vector<uint32_t>& turn_ends, std::vector<uint32_t>& out) {
+  out.clear();
+  size_t i = 0;
+  for (uint32_t t : turn_ends) {
+    while (i < n && ends[i] <= t) ++i;
+    out.push_back(static_cast<uint32_t>(i));
+  }
+}
+
+namespace {
+
+void process_one(jsonl::RawRecord& rec, const Options& opt, chat::Conversation& conv, Encoding& enc,
+                 std::vector<std::pair<uint32_t, uint32_t>>& controls, Result& res) {
+  res = Result();
+  res.line = rec.line;
+  try {
+    json::Value value = rec.parsed ? std::move(rec.value) : json::parse(rec.text, rec.line);
+    chat::read_record(std::move(value), conv);
+    chat::render(conv, opt.render, res.rendered);
+  } catch (const json::ParseError& e) {
+    res.status = kError;
+    res.err_line = e.line;
+    res.err_column = e.column;
+    res.reason = "invalid JSON: " + e.reason;
+    res.fix = "fix the JSON syntax of this line (each line of a .jsonl file is one complete JSON object)";
+  } catch (const chat::RecordError& e) {
+    res.status = kError;
+    res.err_line = e.line;
+    res.err_column = e.column;
+    res.field = e.field;
+    res.reason = e.reason;
+    res.fix = e.fix;
+  }
+  if (res.status == kError) {
+    res.raw = std::move(rec.text);
+    return;
+  }
+  if (!opt.tokenizer) return;
+  const Tokenizer& tok = *opt.tokenizer;
+  const chat::Rendered& r = res.rendered;
+  // Only candidates that are tokens of this tokenizer are control tokens; the rest is text (as in HF).
+  controls.clear();
+  for (const auto& c : r.control)
+    if (tok.token_to_id(std::string_view(r.text).substr(c.first, c.second - c.first)) >= 0) controls.push_back(c);
+  EncodeOptions eo;
+  eo.allow_special = opt.allow_special_in_content;
+  eo.offsets = true;
+  eo.control_spans = &controls;
+  enc.clear();
+  tok.encode(r.text, eo, enc);
+  size_t n = enc.ids.size();
+  res.ids = enc.ids;
+  res.labels.resize(n);
+  res.flags = label_tokens(enc.ids.data(), enc.starts.data(), enc.ends.data(), n, r.train, res.labels.data());
+  turn_token_ends(enc.ends.data(), n, r.turn_ends, res.turn_token_ends);
+}
+
+}  // namespace
+
+void process(std::vector<jsonl::RawRecord>& records, const Options& options, std::vector<Result>& results) {
+  size_t n = records.size();
+  results.resize(n);
+  int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
+  threads = std::max(1, std::min<int>(threads, static_cast<int>(n / 8 + 1)));  // tiny batches: fewer threads
+  auto work = [&](size_t begin, size_t end) {
+    chat::Conversation conv;
+    Encoding enc;
+    std::vector<std::pair<uint32_t, uint32_t>> controls;
+    for (size_t i = begin; i < end; ++i) {
+      try {
+        process_one(records[i], options, conv, enc, controls, results[i]);
+      } catch (const std::exception& e) {
+        // Never let a worker thread take the process down: report the record instead.
+        results[i].status = kError;
+        results[i].err_line = records[i].line;
+        results[i].err_column = 1;
+        results[i].reason = std::string("could not process the record: ") + e.what();
+        results[i].fix = "report this record to the fastchat-ft maintainers";
+      }
+    }
+  };
+  if (threads == 1) {
+    work(0, n);
+    return;
+  }
+  std::vector<std::thread> pool;
+  size_t per = (n + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    size_t b = std::min(n, per * t), e = std::min(n, per * (t + 1));
+    if (b < e) pool.emplace_back(work, b, e);
+  }
+  work(0, std::min(n, per));
+  for (auto& th : pool) th.join();
+}
+
+}  // namespace fastchat::loader

@@ -1,0 +1,262 @@
+"""ChatDataset: files -> tokenized conversations (cached on disk, memory-mapped) -> best-fit-decreasing
+packed examples, deterministic by seed and epoch, with a sharded view that gives every rank the same count.
+Does not know about torch (see collate.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fastchat_ft import _native
+from fastchat_ft.errors import DataError
+from fastchat_ft.data.encode import NO_LABEL, ChatOptions, LoaderStats, process_batch, record_error
+from fastchat_ft.data.tokenize import LoaderTokenizer
+
+CACHE_VERSION = "chat-v1"  # bump when the on-disk layout or the encoding rules change
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FASTCHAT_FT_CACHE", Path.home() / ".cache" / "fastchat-ft")) / "data"
+
+
+class ChatDataset:
+    """Iterates dicts of numpy arrays: input_ids, labels (-100 = not trained), position_ids (restart at 0 for
+    each packed conversation) and seq_lens. With packing=False each item is one conversation.
+
+    paths: .jsonl / .json files (OpenAI messages or ShareGPT, detected per record). tokenizer: a path, a
+    fastchat_ft.tokenizer.Tokenizer, tokenizers.Tokenizer or a transformers fast tokenizer.
+    on_error: "raise" (default; the error names file:line:column and a fix) or "skip" (bad records are written
+    with their reasons to `rejects_path`, default <first file>.rejects.jsonl, and counted in stats).
+    """
+
+    def __init__(self, paths, tokenizer, template: str = "chatml", max_seq_len: int = 2048, packing: bool = True,
+                 seed: int = 0, *, train_on: str = "assistant", overlong: str = "drop", think: str = "keep",
+                 system_prompt: str | None = None, allow_special_in_content: bool = False, on_error: str = "raise",
+                 rejects_path: str | os.PathLike | None = None, cache: bool = True,
+                 cache_dir: str | os.PathLike | None = None, threads: int = 0, self_check: int = 1000,
+                 verbose: bool = True):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        if on_error not in ("raise", "skip"):
+            raise ValueError("on_error must be 'raise' or 'skip'")
+        self.tokenizer = LoaderTokenizer.from_any(tokenizer)
+        self.options = ChatOptions(template=template, train_on=train_on, think=think,
+                                   system_prompt=system_prompt or "",
+                                   allow_special_in_content=allow_special_in_content,
+                                   max_seq_len=max_seq_len, overlong=overlong)
+        self.packing, self.seed, self.epoch = packing, seed, 0
+        self.on_error, self.threads, self.self_check_budget = on_error, threads, self_check
+        self.rejects_path = Path(rejects_path) if rejects_path else self.paths[0].with_suffix(".rejects.jsonl")
+        self.stats = LoaderStats()
+        key = self._cache_key()
+        folder = Path(cache_dir) if cache_dir else default_cache_dir()
+        entry = folder / key
+        if cache and (entry / "stats.json").is_file():
+            self._load(entry)
+        else:
+            self._build(entry if cache else None)
+        self._pack()
+        if verbose:
+            print(f"fastchat-ft data: {self.stats.summary()}; packed into {self.stats.bins} sequences of "
+                  f"{max_seq_len}, efficiency {self.stats.packing_efficiency:.2%}", file=sys.stderr)
+            if self.stats.self_check_failed or self.stats.inexact:
+                for line in self.stats.examples:
+                    print(f"  {line}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------- build
+    def _cache_key(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(CACHE_VERSION.encode())
+        h.update(_native.__version__.encode())
+        for p in self.paths:
+            h.update(str(p.name).encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+        h.update(self.tokenizer.fingerprint.encode())
+        h.update(repr(self.options).encode())
+        h.update(f"{self.on_error}".encode())
+        return h.hexdigest()
+
+    def _build(self, entry: Path | None) -> None:
+        opts, tok = self.options, self.tokenizer
+        kwargs = opts.native_kwargs(tok)
+        if opts.template == "tokenizer":
+            from fastchat_ft.data.jinja import JinjaBatchEncoder
+            jinja = JinjaBatchEncoder(tok, opts)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent)) if entry else None
+        if entry:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+        ids_parts, label_parts, lengths = [], [], []
+        ids_file = open(tmp / "ids.bin", "wb") if tmp else None
+        labels_file = open(tmp / "labels.bin", "wb") if tmp else None
+        rejects = None
+        budget = self.self_check_budget
+        try:
+            for path in self.paths:
+                native_kwargs = dict(kwargs)
+                if opts.template == "tokenizer":
+                    native_kwargs["template"] = "chatml"  # parse + validate only; Jinja renders below
+                    native_kwargs.pop("tokenizer", None)
+                try:
+                    reader = _native.ChatReader(str(path), threads=self.threads, **native_kwargs)
+                except ValueError as e:  # "line:column: reason" for a broken JSON array file
+                    line, col, reason = _split_position(str(e))
+                    raise DataError(reason, file=str(path), line=line, column=col,
+                                    fix="the file is not valid JSON; JSONL files need one object per line") from None
+                while (batch := reader.next_batch()) is not None:
+                    for err in batch["errors"]:
+                        if self.on_error == "raise":
+                            raise record_error(err, str(path))
+                        self.stats.errors += 1
+                        self.stats.records += 1
+                        if rejects is None:
+                            rejects = open(self.rejects_path, "w", encoding="utf-8")
+                        rejects.write(json.dumps({"file": str(path), "line": err["line"], "column": err["column"],
+                                                  "field": err["field"], "reason": err["reason"], "fix": err["fix"],
+                                                  "raw": err["raw"].decode("utf-8", "replace")},
+                                                 ensure_ascii=False) + "\n")
+                    if opts.template == "tokenizer":
+                        kept, budget = jinja.process(batch, self.stats, budget, str(path))
+                    else:
+                        kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget)
+                    for ids, labels in kept:
+                        lengths.append(len(ids))
+                        if ids_file:
+                            ids.tofile(ids_file)
+                            labels.tofile(labels_file)
+                        else:
+                            ids_parts.append(ids)
+                            label_parts.append(labels)
+        finally:
+            if rejects:
+                rejects.close()
+            if ids_file:
+                ids_file.close()
+                labels_file.close()
+        if self.stats.conversations == 0:
+            raise DataError(f"no trainable conversation in {', '.join(map(str, self.paths))}: {self.stats.summary()}",
+                            fix="check the roles (assistant turns are trained), weights and max_seq_len")
+        offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+        if tmp:
+            total = int(offsets[-1])
+            np.save(tmp / "offsets.npy", offsets)
+            np.save(tmp / "ids.npy", np.fromfile(tmp / "ids.bin", dtype=np.int32, count=total))
+            np.save(tmp / "labels.npy", np.fromfile(tmp / "labels.bin", dtype=np.int32, count=total))
+            os.remove(tmp / "ids.bin")
+            os.remove(tmp / "labels.bin")
+            stats = {k: v for k, v in self.stats.__dict__.items()}
+            (tmp / "stats.json").write_text(json.dumps(stats))
+            try:
+                os.replace(tmp, entry)  # atomic publish; a concurrent builder may have won the race
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._load(entry if (entry / "stats.json").is_file() else tmp, keep_stats=True)
+        else:
+            self.ids = np.concatenate(ids_parts)
+            self.labels = np.concatenate(label_parts)
+            self.offsets = offsets
+
+    def _load(self, entry: Path, keep_stats: bool = False) -> None:
+        self.ids = np.load(entry / "ids.npy", mmap_mode="r")
+        self.labels = np.load(entry / "labels.npy", mmap_mode="r")
+        self.offsets = np.load(entry / "offsets.npy")
+        if not keep_stats:
+            saved = json.loads((entry / "stats.json").read_text())
+            self.stats = LoaderStats(**{k: v for k, v in saved.items() if k in LoaderStats.__dataclass_fields__})
+        self.cache_entry = entry
+
+    # ------------------------------------------------------------------------------------ packing
+    def _pack(self) -> None:
+        lengths = np.diff(self.offsets)
+        if self.packing:
+            members, bin_offsets = _native.pack_bfd(lengths.astype(np.uint32), self.options.max_seq_len, self.seed)
+            self.bins = [members[bin_offsets[b]:bin_offsets[b + 1]] for b in range(len(bin_offsets) - 1)]
+        else:
+            self.bins = [np.array([i], dtype=np.uint32) for i in range(len(lengths))]
+        self.stats.bins = len(self.bins)
+        slots = len(self.bins) * self.options.max_seq_len
+        self.stats.packing_efficiency = float(lengths.sum()) / slots if self.packing and slots else 0.0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.bins))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffles the packed sequences deterministically for this (seed, epoch)."""
+        self.epoch = epoch
+        self._order = self._epoch_order()
+
+    # ---------------------------------------------------------------------------------- iteration
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int) -> dict:
+        members = self.bins[int(self._order[index])]
+        ids, labels, positions, seq_lens = [], [], [], []
+        for m in members:
+            a, b = int(self.offsets[m]), int(self.offsets[m + 1])
+            ids.append(self.ids[a:b])
+            lab = np.array(self.labels[a:b], dtype=np.int32)
+            lab[0] = NO_LABEL  # never train a conversation's first token to follow the previous one
+            labels.append(lab)
+            positions.append(np.arange(b - a, dtype=np.int32))
+            seq_lens.append(b - a)
+        return {"input_ids": np.concatenate(ids).astype(np.int32), "labels": np.concatenate(labels),
+                "position_ids": np.concatenate(positions), "seq_lens": np.asarray(seq_lens, dtype=np.int32)}
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def shard(self, rank: int, world_size: int) -> "ShardView":
+        return ShardView(self, rank, world_size)
+
+
+class ShardView:
+    """Rank `rank` of `world_size`: items rank, rank + world_size, ... of the epoch order, cut to the same
+    count on every rank (the few leftover sequences are skipped this epoch and counted in stats)."""
+
+    def __init__(self, dataset: ChatDataset, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if len(dataset) < world_size:
+            raise DataError(f"only {len(dataset)} packed sequences for {world_size} ranks",
+                            fix="add data, lower max_seq_len, or use fewer ranks")
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        dataset.stats.dropped_for_ranks = len(dataset) % world_size
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.world_size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.dataset[index * self.world_size + self.rank]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def stats(self) -> LoaderStats:
+        return self.dataset.stats
+
+
+def _split_position(message: str):
+    head, _, reason = message.partition(": ")
+    line, _, col = head.partition(":")
+    try:
+        return int(line), int(col), reason
+    except ValueError:
+        return None, None, message
