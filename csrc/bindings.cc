@@ -5,7 +5,10 @@
 #include <pybind11/stl.h>
 
 #include "json.h"
+#include "loader.h"
+#include "pack.h"
 #include "tokenizer.h"
+#include "validate.h"
 
 namespace py = pybind11;
 
@@ -13,12 +16,14 @@ namespace py = pybind11;
 // tokenizer and the loader can grow without touching each other's lines.
 static void bind_tokenizer(py::module_& m);
 static void bind_loader(py::module_& m);
+static void bind_tools(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "fastchat-ft native data path: tokenizer, chat templates, labels, packing";
   m.attr("__version__") = FASTCHAT_VERSION;
   bind_tokenizer(m);
   bind_loader(m);
+  bind_tools(m);
 }
 
 // ---------------------------------------------------------------- tokenizer (csrc/tokenizer.*)
@@ -208,4 +213,336 @@ static void bind_loader(py::module_& m) {
         return ToPython::convert(v);
       }, py::arg("text"), py::arg("max_depth") = 512,
       "Parse strict JSON into Python objects (ValueError 'line:column: reason' when invalid).");
+
+  namespace chat = fastchat::chat;
+  namespace loader = fastchat::loader;
+  auto parse_template = [](const std::string& t) {
+    if (t == "chatml") return chat::Template::ChatML;
+    if (t == "llama3") return chat::Template::Llama3;
+    if (t == "llama2") return chat::Template::Llama2;
+    if (t == "mistral") return chat::Template::Mistral;
+    if (t == "alpaca") return chat::Template::Alpaca;
+    throw py::value_error("unknown template '" + t + "' (built-in: chatml, llama3, llama2, mistral, alpaca)");
+  };
+  auto parse_train_on = [](const std::string& t) {
+    if (t == "assistant") return chat::TrainOn::Assistant;
+    if (t == "all") return chat::TrainOn::All;
+    if (t == "last_assistant") return chat::TrainOn::LastAssistant;
+    throw py::value_error("unknown train_on '" + t + "' (assistant, all, last_assistant)");
+  };
+  auto parse_think = [](const std::string& t) {
+    if (t == "keep") return chat::Think::Keep;
+    if (t == "strip_history") return chat::Think::StripHistory;
+    throw py::value_error("unknown think policy '" + t + "' (keep, strip_history)");
+  };
+  auto to_array = [](auto& vec) {
+    using T = typename std::decay_t<decltype(vec)>::value_type;
+    return py::array_t<T>(static_cast<py::ssize_t>(vec.size()), vec.data());
+  };
+  // One processed batch as flat numpy arrays plus per-record counts; errors as a list of dicts.
+  auto batch_to_python = [to_array](std::vector<loader::Result>& results, bool tokenized) {
+    std::vector<uint32_t> lines, control, turn_ends;
+    std::vector<int32_t> train, ids, labels;
+    std::vector<int64_t> control_n, train_n, turn_n, token_n;
+    std::vector<uint32_t> turn_tokens;
+    std::vector<uint8_t> ok, flags;
+    py::list texts, errors;
+    for (size_t i = 0; i < results.size(); ++i) {
+      auto& r = results[i];
+      lines.push_back(r.line);
+      ok.push_back(r.status == loader::kOk);
+      flags.push_back(r.flags);
+      if (r.status != loader::kOk) {
+        py::dict e;
+        e["index"] = i;
+        e["line"] = r.err_line;
+        e["column"] = r.err_column;
+        e["field"] = r.field;
+        e["reason"] = r.reason;
+        e["fix"] = r.fix;
+        e["raw"] = py::bytes(r.raw);
+        errors.append(e);
+        texts.append(py::none());
+        control_n.push_back(0);
+        train_n.push_back(0);
+        turn_n.push_back(0);
+        token_n.push_back(0);
+        continue;
+      }
+      const auto& rd = r.rendered;
+      texts.append(py::str(rd.text));  // also wanted when tokenized: the mask self-check decodes against it
+      for (auto& c : rd.control) { control.push_back(c.first); control.push_back(c.second); }
+      for (auto& sp : rd.train) { train.push_back((int32_t)sp.begin); train.push_back((int32_t)sp.end); train.push_back(sp.message); }
+      turn_ends.insert(turn_ends.end(), rd.turn_ends.begin(), rd.turn_ends.end());
+      control_n.push_back((int64_t)rd.control.size());
+      train_n.push_back((int64_t)rd.train.size());
+      turn_n.push_back((int64_t)rd.turn_ends.size());
+      token_n.push_back((int64_t)r.ids.size());
+      ids.insert(ids.end(), r.ids.begin(), r.ids.end());
+      labels.insert(labels.end(), r.labels.begin(), r.labels.end());
+      turn_tokens.insert(turn_tokens.end(), r.turn_token_ends.begin(), r.turn_token_ends.end());
+    }
+    py::dict out;
+    out["lines"] = to_array(lines);
+    out["ok"] = to_array(ok).attr("astype")("bool");
+    out["texts"] = texts;
+    out["errors"] = errors;
+    out["control"] = to_array(control).attr("reshape")(-1, 2);
+    out["control_counts"] = to_array(control_n);
+    out["train"] = to_array(train).attr("reshape")(-1, 3);
+    out["train_counts"] = to_array(train_n);
+    out["turn_ends"] = to_array(turn_ends);
+    out["turn_counts"] = to_array(turn_n);
+    if (tokenized) {
+      out["ids"] = to_array(ids);
+      out["labels"] = to_array(labels);
+      out["token_counts"] = to_array(token_n);
+      out["turn_token_ends"] = to_array(turn_tokens);
+      out["flags"] = to_array(flags);
+    }
+    return out;
+  };
+
+  auto make_options = [parse_template, parse_train_on, parse_think](
+      const std::string& tmpl, const std::string& train_on, const std::string& think, const std::string& default_system,
+      const std::string& bos, const std::string& eos, int threads, const py::object& tokenizer, bool allow_special) {
+    loader::Options o;
+    o.render.tmpl = parse_template(tmpl);
+    o.render.train_on = parse_train_on(train_on);
+    o.render.think = parse_think(think);
+    o.render.default_system = default_system;
+    o.render.bos = bos;
+    o.render.eos = eos;
+    o.threads = threads;
+    // Cast only when given: the loader must work (render-only) in a build without the native tokenizer.
+    if (!tokenizer.is_none()) o.tokenizer = tokenizer.cast<std::shared_ptr<fastchat::Tokenizer>>();
+    o.allow_special_in_content = allow_special;
+    return o;
+  };
+
+  py::class_<loader::ChatReader>(m, "ChatReader",
+      "Reads a JSONL / JSON-array chat file batch by batch: parse, validate, render (and tokenize + label "
+      "when a native tokenizer is given) on worker threads.")
+      .def(py::init([make_options](const std::string& path, const std::string& tmpl, const std::string& train_on,
+                                   const std::string& think, const std::string& default_system, const std::string& bos,
+                                   const std::string& eos, int threads, size_t batch_records,
+                                   const py::object& tokenizer, bool allow_special) {
+             auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special);
+             try {
+               return new loader::ChatReader(path, std::move(o), batch_records);
+             } catch (const fastchat::jsonl::FileError& e) {
+               throw py::value_error(std::to_string(e.line) + ":" + std::to_string(e.column) + ": " + e.what());
+             }
+           }),
+           py::arg("path"), py::arg("template") = "chatml", py::arg("train_on") = "assistant",
+           py::arg("think") = "keep", py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "",
+           py::arg("threads") = 0, py::arg("batch_records") = 1024, py::arg("tokenizer") = py::none(),
+           py::arg("allow_special") = false)
+      .def("next_batch", [batch_to_python](loader::ChatReader& self) -> py::object {
+             std::vector<loader::Result> results;
+             bool more;
+             {
+               py::gil_scoped_release nogil;
+               more = self.next(results);
+             }
+             if (!more) return py::none();
+             return batch_to_python(results, self.options().tokenizer != nullptr);
+           }, "The next batch as a dict of flat arrays, or None at the end of the file.")
+      .def_property_readonly("bytes_read", &loader::ChatReader::bytes_read);
+
+  m.def("process_records", [make_options, batch_to_python](
+            const std::vector<std::string>& records, const std::string& tmpl, const std::string& train_on,
+            const std::string& think, const std::string& default_system, const std::string& bos, const std::string& eos,
+            int threads, const py::object& tokenizer, bool allow_special) {
+        auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special);
+        std::vector<fastchat::jsonl::RawRecord> raw(records.size());
+        for (size_t i = 0; i < records.size(); ++i) {
+          raw[i].line = static_cast<uint32_t>(i + 1);
+          raw[i].text = records[i];
+        }
+        std::vector<loader::Result> results;
+        {
+          py::gil_scoped_release nogil;
+          loader::process(raw, o, results);
+        }
+        return batch_to_python(results, o.tokenizer != nullptr);
+      }, py::arg("records"), py::arg("template") = "chatml", py::arg("train_on") = "assistant",
+      py::arg("think") = "keep", py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "",
+      py::arg("threads") = 1, py::arg("tokenizer") = py::none(), py::arg("allow_special") = false,
+      "In-memory JSON records (one per item, 'line' = position) processed like ChatReader batches.");
+
+  m.def("label_tokens", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,
+                           py::array_t<uint32_t, py::array::c_style | py::array::forcecast> starts,
+                           py::array_t<uint32_t, py::array::c_style | py::array::forcecast> ends,
+                           py::array_t<int32_t, py::array::c_style | py::array::forcecast> spans) {
+        size_t n = static_cast<size_t>(ids.size());
+        if (static_cast<size_t>(starts.size()) != n || static_cast<size_t>(ends.size()) != n)
+          throw py::value_error("ids, starts and ends must have the same length");
+        if (spans.size() % 3 != 0) throw py::value_error("spans must be (k, 3): begin, end, message");
+        std::vector<chat::Span> sp(static_cast<size_t>(spans.size() / 3));
+        const int32_t* s = spans.data();
+        for (size_t k = 0; k < sp.size(); ++k) sp[k] = chat::Span{(uint32_t)s[3 * k], (uint32_t)s[3 * k + 1], s[3 * k + 2]};
+        py::array_t<int32_t> labels(static_cast<py::ssize_t>(n));
+        uint8_t flags = loader::label_tokens(ids.data(), starts.data(), ends.data(), n, sp, labels.mutable_data());
+        return py::make_tuple(labels, flags);
+      }, py::arg("ids"), py::arg("starts"), py::arg("ends"), py::arg("spans"),
+      "Labels from token byte offsets and trainable spans: (labels with -100, flags: 1 inexact, 2 nothing trainable).");
+  m.def("turn_token_ends", [to_array](py::array_t<uint32_t, py::array::c_style | py::array::forcecast> ends,
+                                      py::array_t<uint32_t, py::array::c_style | py::array::forcecast> turn_ends) {
+        std::vector<uint32_t> te(turn_ends.data(), turn_ends.data() + turn_ends.size()), out;
+        loader::turn_token_ends(ends.data(), static_cast<size_t>(ends.size()), te, out);
+        return to_array(out);
+      }, py::arg("ends"), py::arg("turn_ends"), "Number of tokens that end at or before each turn's byte end.");
+  m.def("pack_bfd", [](py::array_t<uint32_t, py::array::c_style | py::array::forcecast> lengths, uint32_t capacity,
+                       uint64_t seed) {
+        std::vector<uint32_t> lens(lengths.data(), lengths.data() + lengths.size());
+        std::vector<std::vector<uint32_t>> bins;
+        {
+          py::gil_scoped_release nogil;
+          try {
+            bins = fastchat::pack::best_fit_decreasing(lens, capacity, seed);
+          } catch (const std::invalid_argument& e) {
+            py::gil_scoped_acquire gil;
+            throw py::value_error(e.what());
+          }
+        }
+        // Flat (members, bin offsets) arrays: cheap to hand to numpy.
+        std::vector<uint32_t> members;
+        std::vector<int64_t> offsets{0};
+        for (auto& b : bins) {
+          members.insert(members.end(), b.begin(), b.end());
+          offsets.push_back(static_cast<int64_t>(members.size()));
+        }
+        return py::make_tuple(py::array_t<uint32_t>(static_cast<py::ssize_t>(members.size()), members.data()),
+                              py::array_t<int64_t>(static_cast<py::ssize_t>(offsets.size()), offsets.data()));
+      }, py::arg("lengths"), py::arg("capacity"), py::arg("seed") = 0,
+      "Best-fit-decreasing packing: (members, offsets); bin b holds members[offsets[b]:offsets[b+1]].");
+}
+
+// ---------------------------------------------------------------- dataset tools (csrc/validate.*, dedup.*)
+static void bind_tools(py::module_& m) {
+  namespace tools = fastchat::tools;
+  namespace chat = fastchat::chat;
+  // The scanner keeps the tokenizer alive for as long as it may use it.
+  struct PyScanner {
+    std::shared_ptr<fastchat::Tokenizer> tokenizer;
+    std::unique_ptr<tools::Scanner> scanner;
+  };
+  auto file_error = [](const std::string& path, const fastchat::jsonl::FileError& e) {
+    return py::value_error(path + ":" + std::to_string(e.line) + ":" + std::to_string(e.column) + ": " + e.what());
+  };
+  py::class_<PyScanner>(m, "DatasetScanner",
+      "Checks a JSONL / JSON-array chat file batch by batch for validate / analyze / split: every problem with its "
+      "line, plus per-record counts (roles, tokens, trainable tokens) and duplicate links.")
+      .def(py::init([file_error](const std::string& path, const std::string& tmpl, const std::string& train_on,
+                                 const std::string& think, const std::string& default_system, const std::string& bos,
+                                 const std::string& eos, py::object tokenizer,
+                                 uint32_t max_seq_len, std::vector<std::string> special_strings, bool duplicates,
+                                 bool near_duplicates, double near_threshold, int shingle_words, bool count_bigrams,
+                                 bool allow_special_in_content, int threads, size_t batch_records) {
+             tools::Options o;
+             if (tmpl == "chatml") o.render.tmpl = chat::Template::ChatML;
+             else if (tmpl == "llama3") o.render.tmpl = chat::Template::Llama3;
+             else if (tmpl == "llama2") o.render.tmpl = chat::Template::Llama2;
+             else if (tmpl == "mistral") o.render.tmpl = chat::Template::Mistral;
+             else if (tmpl == "alpaca") o.render.tmpl = chat::Template::Alpaca;
+             else throw py::value_error("unknown template '" + tmpl + "' (built-in: chatml, llama3, llama2, mistral, alpaca)");
+             if (train_on == "assistant") o.render.train_on = chat::TrainOn::Assistant;
+             else if (train_on == "all") o.render.train_on = chat::TrainOn::All;
+             else if (train_on == "last_assistant") o.render.train_on = chat::TrainOn::LastAssistant;
+             else throw py::value_error("unknown train_on '" + train_on + "' (assistant, all, last_assistant)");
+             o.render.think = think == "strip_history" ? chat::Think::StripHistory : chat::Think::Keep;
+             o.render.default_system = default_system;
+             o.render.bos = bos;
+             o.render.eos = eos;
+             auto self = std::make_unique<PyScanner>();
+             if (!tokenizer.is_none()) self->tokenizer = tokenizer.cast<std::shared_ptr<fastchat::Tokenizer>>();
+             o.tokenizer = self->tokenizer.get();
+             o.max_seq_len = max_seq_len;
+             o.special_strings = std::move(special_strings);
+             o.duplicates = duplicates;
+             o.near_duplicates = near_duplicates;
+             o.near_threshold = near_threshold;
+             o.shingle_words = std::max(1, shingle_words);
+             o.count_bigrams = count_bigrams;
+             o.allow_special_in_content = allow_special_in_content;
+             o.threads = threads;
+             try {
+               self->scanner = std::make_unique<tools::Scanner>(path, std::move(o), batch_records);
+             } catch (const fastchat::jsonl::FileError& e) {
+               throw file_error(path, e);
+             }
+             return self.release();
+           }),
+           py::arg("path"), py::arg("template") = "chatml", py::arg("train_on") = "assistant", py::arg("think") = "keep",
+           py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "", py::arg("tokenizer") = py::none(), py::arg("max_seq_len") = 0,
+           py::arg("special_strings") = std::vector<std::string>{}, py::arg("duplicates") = true,
+           py::arg("near_duplicates") = true, py::arg("near_threshold") = 0.8, py::arg("shingle_words") = 3,
+           py::arg("count_bigrams") = false, py::arg("allow_special_in_content") = false, py::arg("threads") = 0,
+           py::arg("batch_records") = 4096)
+      .def("next_batch", [](PyScanner& self) -> py::object {
+             std::vector<tools::RecordInfo> out;
+             bool more;
+             {
+               py::gil_scoped_release nogil;
+               more = self.scanner->next(out);
+             }
+             if (!more) return py::none();
+             size_t n = out.size();
+             py::array_t<uint32_t> lines(n), messages(n), bytes(n), tokens(n), trainable(n), kept(n), dup(n), near(n);
+             py::array_t<uint32_t> roles({(py::ssize_t)n, (py::ssize_t)4});
+             py::array_t<float> sim(n);
+             py::array_t<bool> usable(n), error(n);
+             py::list issues;
+             for (size_t i = 0; i < n; ++i) {
+               const tools::RecordInfo& r = out[i];
+               lines.mutable_at(i) = r.line;
+               messages.mutable_at(i) = r.messages;
+               bytes.mutable_at(i) = r.content_bytes;
+               tokens.mutable_at(i) = r.tokens;
+               trainable.mutable_at(i) = r.trainable;
+               kept.mutable_at(i) = r.trainable_kept;
+               dup.mutable_at(i) = r.duplicate_of;
+               near.mutable_at(i) = r.near_duplicate_of;
+               sim.mutable_at(i) = r.near_similarity;
+               usable.mutable_at(i) = r.usable;
+               error.mutable_at(i) = r.has_error;
+               for (int k = 0; k < 4; ++k) roles.mutable_at(i, k) = r.roles[k];
+               for (const auto& is : r.issues)
+                 issues.append(py::make_tuple(i, is.line, is.column, (int)is.severity, is.code, is.field, is.message));
+             }
+             py::dict d;
+             d["lines"] = lines; d["messages"] = messages; d["roles"] = roles; d["content_bytes"] = bytes;
+             d["tokens"] = tokens; d["trainable"] = trainable; d["trainable_kept"] = kept;
+             d["duplicate_of"] = dup; d["near_duplicate_of"] = near; d["near_similarity"] = sim;
+             d["usable"] = usable; d["has_error"] = error; d["issues"] = issues;
+             return d;
+           }, "The next batch as a dict of per-record arrays plus `issues` (index, line, column, severity, code, "
+              "field, message), or None at the end of the file.")
+      .def("groups", [](PyScanner& self) {
+             std::vector<uint32_t> g = self.scanner->groups();
+             return py::array_t<uint32_t>((py::ssize_t)g.size(), g.data());
+           }, "Per record (file order): ordinal of the first record of its duplicate / near-duplicate group.")
+      .def_property_readonly("bytes_read", [](const PyScanner& s) { return s.scanner->bytes_read(); })
+      .def_property_readonly("records", [](const PyScanner& s) { return s.scanner->records(); })
+      .def_property_readonly("distinct_bigrams", [](const PyScanner& s) { return s.scanner->distinct_bigrams(); })
+      .def_property_readonly("total_bigrams", [](const PyScanner& s) { return s.scanner->total_bigrams(); })
+      .def_property_readonly("index_memory_bytes", [](const PyScanner& s) { return s.scanner->index_memory_bytes(); });
+  m.def("minhash_similarity", [](const std::string& a, const std::string& b, int shingle_words) {
+        std::string na, nb;
+        fastchat::dedup::normalize(a, na);
+        fastchat::dedup::normalize(b, nb);
+        fastchat::dedup::Signature sa, sb;
+        fastchat::dedup::minhash(na, shingle_words, sa);
+        fastchat::dedup::minhash(nb, shingle_words, sb);
+        int same = 0;
+        for (int i = 0; i < fastchat::dedup::kNumPerm; ++i) same += sa.v[i] == sb.v[i];
+        return static_cast<double>(same) / fastchat::dedup::kNumPerm;
+      }, py::arg("a"), py::arg("b"), py::arg("shingle_words") = 3,
+      "MinHash estimate of the Jaccard similarity of two texts' word-shingle sets (as the near-duplicate check sees them).");
+  m.def("normalize_for_dedup", [](const std::string& text) {
+        std::string out;
+        fastchat::dedup::normalize(text, out);
+        return out;
+      }, py::arg("text"), "Text as the near-duplicate check sees it (lower-cased, punctuation runs -> one space).");
 }
