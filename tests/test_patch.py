@@ -231,6 +231,22 @@ def test_positional_labels_and_tuple_output():
     torch.testing.assert_close(as_tuple[0], want)
 
 
+def test_gradient_checkpointing_and_generate_still_work():
+    model = tiny_model("qwen3")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    model.eval()
+    want_tokens = model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
+    model.train()
+    fastchat_ft.patch(model)
+    got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert_close_grads(grads, want_grads)
+    model.eval()
+    assert torch.equal(model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False), want_tokens)
+
+
 def test_trainer_sees_the_original_signature():
     """HF Trainer passes num_items_in_batch only to a forward that takes **kwargs; generate() checks names."""
     import inspect
