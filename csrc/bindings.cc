@@ -8,6 +8,7 @@
 #include "pack.h"
 #include "loader.h"
 #include "tokenizer.h"
+#include "validate.h"
 
 namespace py = pybind11;
 
@@ -15,12 +16,14 @@ namespace py = pybind11;
 // tokenizer and the loader can grow without touching each other's lines.
 static void bind_tokenizer(py::module_& m);
 static void bind_loader(py::module_& m);
+static void bind_tools(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "fastchat-ft native data path: tokenizer, chat templates, labels, packing";
   m.attr("__version__") = FASTCHAT_VERSION;
   bind_tokenizer(m);
   bind_loader(m);
+  bind_tools(m);
 }
 
 // ---------------------------------------------------------------- tokenizer (csrc/tokenizer.*)
@@ -414,4 +417,132 @@ static void bind_loader(py::module_& m) {
                               py::array_t<int64_t>(static_cast<py::ssize_t>(offsets.size()), offsets.data()));
       }, py::arg("lengths"), py::arg("capacity"), py::arg("seed") = 0,
       "Best-fit-decreasing packing: (members, offsets); bin b holds members[offsets[b]:offsets[b+1]].");
+}
+
+// ---------------------------------------------------------------- dataset tools (csrc/validate.*, dedup.*)
+static void bind_tools(py::module_& m) {
+  namespace tools = fastchat::tools;
+  namespace chat = fastchat::chat;
+  // The scanner keeps the tokenizer alive for as long as it may use it.
+  struct PyScanner {
+    std::shared_ptr<fastchat::Tokenizer> tokenizer;
+    std::unique_ptr<tools::Scanner> scanner;
+  };
+  auto file_error = [](const std::string& path, const fastchat::jsonl::FileError& e) {
+    return py::value_error(path + ":" + std::to_string(e.line) + ":" + std::to_string(e.column) + ": " + e.what());
+  };
+  py::class_<PyScanner>(m, "DatasetScanner",
+      "Checks a JSONL / JSON-array chat file batch by batch for validate / analyze / split: every problem with its "
+      "line, plus per-record counts (roles, tokens, trainable tokens) and duplicate links.")
+      .def(py::init([file_error](const std::string& path, const std::string& tmpl, const std::string& train_on,
+                                 const std::string& think, const std::string& default_system, const std::string& bos,
+                                 const std::string& eos, py::object tokenizer,
+                                 uint32_t max_seq_len, std::vector<std::string> special_strings, bool duplicates,
+                                 bool near_duplicates, double near_threshold, int shingle_words, bool count_bigrams,
+                                 bool allow_special_in_content, int threads, size_t batch_records) {
+             tools::Options o;
+             if (tmpl == "chatml") o.render.tmpl = chat::Template::ChatML;
+             else if (tmpl == "llama3") o.render.tmpl = chat::Template::Llama3;
+             else if (tmpl == "llama2") o.render.tmpl = chat::Template::Llama2;
+             else if (tmpl == "mistral") o.render.tmpl = chat::Template::Mistral;
+             else if (tmpl == "alpaca") o.render.tmpl = chat::Template::Alpaca;
+             else throw py::value_error("unknown template '" + tmpl + "' (built-in: chatml, llama3, llama2, mistral, alpaca)");
+             if (train_on == "assistant") o.render.train_on = chat::TrainOn::Assistant;
+             else if (train_on == "all") o.render.train_on = chat::TrainOn::All;
+             else if (train_on == "last_assistant") o.render.train_on = chat::TrainOn::LastAssistant;
+             else throw py::value_error("unknown train_on '" + train_on + "' (assistant, all, last_assistant)");
+             o.render.think = think == "strip_history" ? chat::Think::StripHistory : chat::Think::Keep;
+             o.render.default_system = default_system;
+             o.render.bos = bos;
+             o.render.eos = eos;
+             auto self = std::make_unique<PyScanner>();
+             if (!tokenizer.is_none()) self->tokenizer = tokenizer.cast<std::shared_ptr<fastchat::Tokenizer>>();
+             o.tokenizer = self->tokenizer.get();
+             o.max_seq_len = max_seq_len;
+             o.special_strings = std::move(special_strings);
+             o.duplicates = duplicates;
+             o.near_duplicates = near_duplicates;
+             o.near_threshold = near_threshold;
+             o.shingle_words = std::max(1, shingle_words);
+             o.count_bigrams = count_bigrams;
+             o.allow_special_in_content = allow_special_in_content;
+             o.threads = threads;
+             try {
+               self->scanner = std::make_unique<tools::Scanner>(path, std::move(o), batch_records);
+             } catch (const fastchat::jsonl::FileError& e) {
+               throw file_error(path, e);
+             }
+             return self.release();
+           }),
+           py::arg("path"), py::arg("template") = "chatml", py::arg("train_on") = "assistant", py::arg("think") = "keep",
+           py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "", py::arg("tokenizer") = py::none(), py::arg("max_seq_len") = 0,
+           py::arg("special_strings") = std::vector<std::string>{}, py::arg("duplicates") = true,
+           py::arg("near_duplicates") = true, py::arg("near_threshold") = 0.8, py::arg("shingle_words") = 3,
+           py::arg("count_bigrams") = false, py::arg("allow_special_in_content") = false, py::arg("threads") = 0,
+           py::arg("batch_records") = 4096)
+      .def("next_batch", [](PyScanner& self) -> py::object {
+             std::vector<tools::RecordInfo> out;
+             bool more;
+             {
+               py::gil_scoped_release nogil;
+               more = self.scanner->next(out);
+             }
+             if (!more) return py::none();
+             size_t n = out.size();
+             py::array_t<uint32_t> lines(n), messages(n), bytes(n), tokens(n), trainable(n), kept(n), dup(n), near(n);
+             py::array_t<uint32_t> roles({(py::ssize_t)n, (py::ssize_t)4});
+             py::array_t<float> sim(n);
+             py::array_t<bool> usable(n), error(n);
+             py::list issues;
+             for (size_t i = 0; i < n; ++i) {
+               const tools::RecordInfo& r = out[i];
+               lines.mutable_at(i) = r.line;
+               messages.mutable_at(i) = r.messages;
+               bytes.mutable_at(i) = r.content_bytes;
+               tokens.mutable_at(i) = r.tokens;
+               trainable.mutable_at(i) = r.trainable;
+               kept.mutable_at(i) = r.trainable_kept;
+               dup.mutable_at(i) = r.duplicate_of;
+               near.mutable_at(i) = r.near_duplicate_of;
+               sim.mutable_at(i) = r.near_similarity;
+               usable.mutable_at(i) = r.usable;
+               error.mutable_at(i) = r.has_error;
+               for (int k = 0; k < 4; ++k) roles.mutable_at(i, k) = r.roles[k];
+               for (const auto& is : r.issues)
+                 issues.append(py::make_tuple(i, is.line, is.column, (int)is.severity, is.code, is.field, is.message));
+             }
+             py::dict d;
+             d["lines"] = lines; d["messages"] = messages; d["roles"] = roles; d["content_bytes"] = bytes;
+             d["tokens"] = tokens; d["trainable"] = trainable; d["trainable_kept"] = kept;
+             d["duplicate_of"] = dup; d["near_duplicate_of"] = near; d["near_similarity"] = sim;
+             d["usable"] = usable; d["has_error"] = error; d["issues"] = issues;
+             return d;
+           }, "The next batch as a dict of per-record arrays plus `issues` (index, line, column, severity, code, "
+              "field, message), or None at the end of the file.")
+      .def("groups", [](PyScanner& self) {
+             std::vector<uint32_t> g = self.scanner->groups();
+             return py::array_t<uint32_t>((py::ssize_t)g.size(), g.data());
+           }, "Per record (file order): ordinal of the first record of its duplicate / near-duplicate group.")
+      .def_property_readonly("bytes_read", [](const PyScanner& s) { return s.scanner->bytes_read(); })
+      .def_property_readonly("records", [](const PyScanner& s) { return s.scanner->records(); })
+      .def_property_readonly("distinct_bigrams", [](const PyScanner& s) { return s.scanner->distinct_bigrams(); })
+      .def_property_readonly("total_bigrams", [](const PyScanner& s) { return s.scanner->total_bigrams(); })
+      .def_property_readonly("index_memory_bytes", [](const PyScanner& s) { return s.scanner->index_memory_bytes(); });
+  m.def("minhash_similarity", [](const std::string& a, const std::string& b, int shingle_words) {
+        std::string na, nb;
+        fastchat::dedup::normalize(a, na);
+        fastchat::dedup::normalize(b, nb);
+        fastchat::dedup::Signature sa, sb;
+        fastchat::dedup::minhash(na, shingle_words, sa);
+        fastchat::dedup::minhash(nb, shingle_words, sb);
+        int same = 0;
+        for (int i = 0; i < fastchat::dedup::kNumPerm; ++i) same += sa.v[i] == sb.v[i];
+        return static_cast<double>(same) / fastchat::dedup::kNumPerm;
+      }, py::arg("a"), py::arg("b"), py::arg("shingle_words") = 3,
+      "MinHash estimate of the Jaccard similarity of two texts' word-shingle sets (as the near-duplicate check sees them).");
+  m.def("normalize_for_dedup", [](const std::string& text) {
+        std::string out;
+        fastchat::dedup::normalize(text, out);
+        return out;
+      }, py::arg("text"), "Text as the near-duplicate check sees it (lower-cased, punctuation runs -> one space).");
 }

@@ -35,6 +35,9 @@ def _add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="flag conversations longer than this")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--fix", metavar="OUT", help="write a cleaned copy to OUT and the rejects beside it (input untouched)")
+    p.add_argument("--near-threshold", type=float, default=0.8, help="near duplicate: estimated Jaccard of word 3-grams")
+    p.add_argument("--no-near-duplicates", action="store_true", help="skip the MinHash near-duplicate check")
+    p.add_argument("--max-issues", type=int, default=200, help="issues printed (0: all; --json lists all)")
 
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,10 @@ def _add_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--budget", type=int, default=None, help="token budget to check against")
     p.add_argument("--plot", metavar="PNG", help="write a length histogram")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (steps estimate)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (steps estimate)")
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (steps estimate)")
+    p.add_argument("--overlong", choices=["drop", "truncate"], default="drop", help="as training treats over-long conversations")
     p.add_argument("--json", action="store_true")
 
 
@@ -52,6 +59,8 @@ def _add_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="where to write <name>.train.jsonl and <name>.val.jsonl")
+    p.add_argument("--near-threshold", type=float, default=0.8, help="near duplicate: estimated Jaccard of word 3-grams")
+    p.add_argument("--json", action="store_true")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,103 @@
+"""`fastchat-ft split`: a deterministic train/validation split with no exact or near duplicate across it.
+
+Records are grouped first (union-find over exact hashes and verified MinHash/LSH matches, csrc/dedup.*), and
+whole groups are assigned to one side, so near-identical conversations never straddle the split. Records
+with validation errors are left out of both files (and counted).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fastchat_ft.data.validate import _records_raw, iter_batches, open_scanner
+from fastchat_ft.errors import DataError
+
+
+def assign_groups(groups: np.ndarray, usable: np.ndarray, val_ratio: float, seed: int) -> np.ndarray:
+    """Boolean mask (per record) of the validation side: whole groups, in a seeded random order, until the
+    validation side holds round(val_ratio * usable records); groups that would overshoot are skipped."""
+    n_usable = int(usable.sum())
+    target = int(round(val_ratio * n_usable))
+    val = np.zeros(groups.size, dtype=bool)
+    if target == 0 or n_usable == 0:
+        return val
+    roots, inverse, sizes = np.unique(groups[usable], return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(roots.size)
+    chosen = np.zeros(roots.size, dtype=bool)
+    filled = 0
+    for g in order:
+        if filled + sizes[g] <= target:
+            chosen[g] = True
+            filled += int(sizes[g])
+            if filled == target:
+                break
+    val[np.flatnonzero(usable)] = chosen[inverse]
+    return val
+
+
+def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0, out_dir: str | os.PathLike | None = None,
+               near_threshold: float = 0.8, threads: int = 0) -> dict:
+    """Write <name>.train.jsonl and <name>.val.jsonl; returns counts and paths."""
+    if not 0.0 <= val_ratio < 1.0:
+        raise DataError(f"--val-ratio must be in [0, 1), not {val_ratio}", field="val_ratio")
+    src = Path(path)
+    scanner = open_scanner(src, near_threshold=near_threshold, threads=threads)
+    usable_parts = []
+    for batch in iter_batches(scanner):
+        usable_parts.append(~batch["has_error"])
+    usable = np.concatenate(usable_parts) if usable_parts else np.zeros(0, dtype=bool)
+    groups = scanner.groups()
+    val = assign_groups(groups, usable, val_ratio, seed)
+    out = Path(out_dir) if out_dir else src.parent
+    out.mkdir(parents=True, exist_ok=True)
+    stem = src.name
+    for suffix in (".jsonl", ".json"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    train_path, val_path = out / f"{stem}.train.jsonl", out / f"{stem}.val.jsonl"
+    if src.resolve() in (train_path.resolve(), val_path.resolve()):
+        raise DataError("the split would overwrite its input", file=str(src), fix="pass --out-dir")
+    fds = [tempfile.mkstemp(dir=str(out), prefix=f".{p.name}.", suffix=".tmp") for p in (train_path, val_path)]
+    counts = [0, 0]
+    try:
+        with os.fdopen(fds[0][0], "wb") as ft, os.fdopen(fds[1][0], "wb") as fv:
+            for ordinal, (_, raw) in enumerate(_records_raw(src)):
+                if ordinal >= usable.size or not usable[ordinal]:
+                    continue
+                side = int(val[ordinal])
+                (fv if side else ft).write(raw + b"\n")
+                counts[side] += 1
+        os.replace(fds[0][1], train_path)
+        os.replace(fds[1][1], val_path)
+    finally:
+        for _, tmp in fds:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    n_groups = int(np.unique(groups[usable]).size) if usable.any() else 0
+    return {
+        "file": str(src), "seed": seed, "val_ratio": val_ratio,
+        "train": {"path": str(train_path), "records": counts[0]},
+        "val": {"path": str(val_path), "records": counts[1]},
+        "skipped_invalid": int((~usable).sum()),
+        "groups": n_groups,
+        "grouped_records": int(usable.sum()) - n_groups,  # records that joined an earlier record's group
+    }
+
+
+def run_split(args) -> int:
+    result = split_file(args.file, val_ratio=args.val_ratio, seed=args.seed, out_dir=args.out_dir,
+                        near_threshold=getattr(args, "near_threshold", 0.8))
+    if getattr(args, "json", False):
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"train {result['train']['records']:>8}  {result['train']['path']}")
+    print(f"val   {result['val']['records']:>8}  {result['val']['path']}")
+    print(f"{result['groups']} duplicate groups kept whole ({result['grouped_records']} records joined a group); "
+          f"{result['skipped_invalid']} invalid records left out (see `fastchat-ft validate`)")
+    return 0

@@ -1,0 +1,301 @@
+"""`fastchat-ft validate`: every problem of a chat dataset with file:line, severity and reason, and `--fix`.
+
+The per-record checks run natively (csrc/validate.*, on the loader's parser, schema and templates); this
+module owns the scan driver shared with analyze/split, the reporting, and the cleaned copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from fastchat_ft import _native
+from fastchat_ft.errors import DataError, TokenizerError
+
+SEVERITIES = ("info", "warning", "error")
+BUILTIN_TEMPLATES = ("chatml", "llama3", "llama2", "mistral", "alpaca")
+# Control-token text of the built-in templates: flagged in content even without a tokenizer.
+TEMPLATE_CONTROL_STRINGS = (
+    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+    "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "</s>",
+)
+
+
+@dataclass
+class Issue:
+    line: int
+    column: int
+    severity: str
+    code: str
+    field: str
+    message: str
+
+    def format(self, file: str) -> str:
+        where = f"{file}:{self.line}" + (f":{self.column}" if self.column else "")
+        fld = f" {self.field}:" if self.field else ""
+        return f"{where}: {self.severity} [{self.code}]{fld} {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    file: str
+    records: int = 0
+    records_with_errors: int = 0
+    records_with_warnings: int = 0
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    issues: list[Issue] = field(default_factory=list)
+    rejected: dict[int, list[str]] = field(default_factory=dict)  # record ordinal -> reasons (for --fix)
+    tokenizer: str | None = None
+    template: str = "chatml"
+    max_seq_len: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.records_with_errors == 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(f"{i.severity}:{i.code}" for i in self.issues).items()))
+
+    def to_dict(self) -> dict:
+        return {
+            "file": self.file, "ok": self.ok, "records": self.records,
+            "records_with_errors": self.records_with_errors, "records_with_warnings": self.records_with_warnings,
+            "exact_duplicates": self.exact_duplicates, "near_duplicates": self.near_duplicates,
+            "template": self.template, "tokenizer": self.tokenizer, "max_seq_len": self.max_seq_len,
+            "counts": self.counts(), "issues": [i.__dict__ for i in self.issues],
+        }
+
+
+# ------------------------------------------------------------------------------------ shared scan driver
+
+def load_tokenizer(tokenizer):
+    """The loader's view of a tokenizer (path, folder or object), which must be native: token counts and labels
+    then match training exactly."""
+    from fastchat_ft.data.tokenize import LoaderTokenizer
+    tok = LoaderTokenizer.from_any(tokenizer)
+    if tok.native is None:
+        raise TokenizerError("the dataset tools need the native tokenizer, which cannot load this tokenizer.json",
+                             file=str(tok.path), fix="use a tokenizer the native loader supports")
+    return tok
+
+
+def tokenizer_special_strings(path: str | os.PathLike | None) -> list[str]:
+    """Special added tokens of a tokenizer.json (their text must not appear inside content)."""
+    strings = set(TEMPLATE_CONTROL_STRINGS)
+    if path is not None:
+        p = Path(path)
+        p = p / "tokenizer.json" if p.is_dir() else p
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            strings.update(t["content"] for t in data.get("added_tokens", []) if t.get("special") and t.get("content"))
+        except (OSError, ValueError):
+            pass  # the tokenizer loader reports a broken file; here it only narrows a warning
+    # "<s>" alone is too common in HTML/markdown-ish text to flag unless the tokenizer declares it.
+    return sorted(s for s in strings if len(s) >= 3)
+
+
+def resolve_template(name: str, tokenizer_path: str | os.PathLike | None) -> str:
+    """A built-in template name; "tokenizer"/"auto" picks the built-in that matches the tokenizer's own template."""
+    if name in BUILTIN_TEMPLATES:
+        return name
+    if name not in ("tokenizer", "auto"):
+        raise DataError(f"unknown template '{name}'", field="template",
+                        fix=f"use one of {', '.join(BUILTIN_TEMPLATES)} or 'tokenizer'")
+    text = ""
+    if tokenizer_path is not None:
+        folder = Path(tokenizer_path)
+        folder = folder if folder.is_dir() else folder.parent
+        if (folder / "chat_template.jinja").is_file():
+            text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (folder / "tokenizer_config.json").is_file():
+            text = str(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template") or "")
+    for marker, tmpl in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"),
+                         ("[AVAILABLE_TOOLS]", "mistral"), ("<<SYS>>", "llama2"), ("[INST]", "mistral")):
+        if marker in text:
+            return tmpl
+    raise DataError("cannot tell which built-in template matches the tokenizer's chat template",
+                    file=str(tokenizer_path), field="template", fix=f"pass --template ({', '.join(BUILTIN_TEMPLATES)})")
+
+
+def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "chatml", max_seq_len: int | None = None,
+                 special_strings: list[str] | None = None, near_duplicates: bool = True, near_threshold: float = 0.8,
+                 count_bigrams: bool = False, threads: int = 0, batch_records: int = 4096):
+    """The native DatasetScanner over `path` (file errors become DataError)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("no such file", file=str(p), fix="check the path")
+    bos = eos = ""
+    if tokenizer is not None:  # the loader's BOS/EOS choice per template, so counts match training
+        from fastchat_ft.data.encode import ChatOptions
+        kw = ChatOptions(template=template).native_kwargs(tokenizer)
+        bos, eos = kw["bos"], kw["eos"]
+    try:
+        return _native.DatasetScanner(
+            str(p), template=template, bos=bos, eos=eos, tokenizer=None if tokenizer is None else tokenizer.native,
+            max_seq_len=int(max_seq_len or 0), special_strings=special_strings or [],
+            near_duplicates=near_duplicates, near_threshold=near_threshold, count_bigrams=count_bigrams,
+            threads=threads, batch_records=batch_records)
+    except ValueError as e:
+        where, _, reason = str(e).rpartition(": ")
+        parts = where.rsplit(":", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            raise DataError(reason, file=str(p), line=int(parts[1]) or None, column=int(parts[2]) or None,
+                            fix="a .json file must hold one JSON list of records; use .jsonl for one record per line") from None
+        raise DataError(str(e), file=str(p)) from None
+
+
+def iter_batches(scanner) -> Iterator[dict]:
+    while (batch := scanner.next_batch()) is not None:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------ validate
+
+def validate_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, template: str = "chatml",
+                  max_seq_len: int | None = None, near_duplicates: bool = True, near_threshold: float = 0.8,
+                  threads: int = 0) -> ValidationReport:
+    """Check every record of `path`; the report lists each issue and which records --fix would drop."""
+    tmpl = resolve_template(template, tokenizer)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    report = ValidationReport(file=str(path), tokenizer=None if tokenizer is None else str(tokenizer), template=tmpl,
+                              max_seq_len=max_seq_len)
+    scanner = open_scanner(path, tokenizer=tok, template=tmpl, max_seq_len=max_seq_len if tok else None,
+                           special_strings=tokenizer_special_strings(tokenizer), near_duplicates=near_duplicates,
+                           near_threshold=near_threshold, threads=threads)
+    offset = 0
+    for batch in iter_batches(scanner):
+        n = len(batch["lines"])
+        warned = set()
+        for (idx, line, column, severity, code, fld, message) in batch["issues"]:
+            sev = SEVERITIES[severity]
+            report.issues.append(Issue(line, column, sev, code, fld, message))
+            if sev == "error":
+                report.rejected.setdefault(offset + idx, []).append(f"{code}: {message}")
+            elif sev == "warning":
+                warned.add(idx)
+            if code == "duplicate.exact":
+                report.exact_duplicates += 1
+            elif code == "duplicate.near":
+                report.near_duplicates += 1
+            if code.startswith("duplicate."):
+                report.rejected.setdefault(offset + idx, []).append(f"{code}: {message}")
+        errors = batch["has_error"]
+        report.records_with_errors += int(errors.sum())
+        report.records_with_warnings += sum(1 for i in warned if not errors[i])
+        report.records += n
+        offset += n
+    return report
+
+
+def _atomic_write(path: Path, lines: Iterator[bytes]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in lines:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _records_raw(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line, raw record bytes) in the scanner's record order: JSONL lines (blank ones skipped) or array items."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        records = _native.json_loads(path.read_bytes())
+        for rec in records:
+            yield 0, json.dumps(rec, ensure_ascii=False).encode("utf-8")
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, raw.rstrip(b"\r\n")
+
+
+def rejects_path(out: Path) -> Path:
+    return out.with_name(out.name[: -len(out.suffix)] + ".rejects.jsonl" if out.suffix else out.name + ".rejects.jsonl")
+
+
+def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path, Path, int, int]:
+    """Write the kept records to `out` (JSONL) and the dropped ones, with reasons, beside it. Never touches
+    the input. Returns (out, rejects, kept, dropped)."""
+    src, dst = Path(report.file).resolve(), Path(out).resolve()
+    rej = rejects_path(dst)
+    if dst == src or rej == src or (dst.exists() and os.path.samefile(dst, src)):
+        raise DataError("--fix OUT must differ from the input file (the input is never modified)", file=str(out),
+                        fix="write the cleaned copy to a new path, e.g. data.clean.jsonl")
+    kept = dropped = 0
+
+    def split_records():
+        nonlocal kept, dropped
+        for ordinal, (line, raw) in enumerate(_records_raw(src)):
+            reasons = report.rejected.get(ordinal)
+            if reasons is None:
+                kept += 1
+                yield True, raw + b"\n"
+            else:
+                dropped += 1
+                text = raw.decode("utf-8", errors="backslashreplace")
+                entry = {"line": line or None, "record_index": ordinal, "reasons": reasons, "raw": text}
+                yield False, (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+
+    # Both outputs stream through temp files, then land atomically.
+    fd_k, tmp_k = tempfile.mkstemp(dir=str(dst.parent), prefix=f".{dst.name}.", suffix=".tmp")
+    fd_r, tmp_r = tempfile.mkstemp(dir=str(rej.parent), prefix=f".{rej.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd_k, "wb") as fk, os.fdopen(fd_r, "wb") as fr:
+            for keep, chunk in split_records():
+                (fk if keep else fr).write(chunk)
+        os.replace(tmp_k, dst)
+        os.replace(tmp_r, rej)
+    finally:
+        for t in (tmp_k, tmp_r):
+            if os.path.exists(t):
+                os.unlink(t)
+    return dst, rej, kept, dropped
+
+
+def print_report(report: ValidationReport, max_issues: int, out=sys.stdout) -> None:
+    shown = report.issues if max_issues <= 0 else report.issues[:max_issues]
+    for issue in shown:
+        print(issue.format(report.file), file=out)
+    if len(shown) < len(report.issues):
+        print(f"... {len(report.issues) - len(shown)} more issues (use --max-issues 0 or --json to see all)", file=out)
+    status = "OK" if report.ok else "FAILED"
+    print(f"{status}: {report.records} records, {report.records_with_errors} with errors, "
+          f"{report.records_with_warnings} with warnings only; {report.exact_duplicates} exact and "
+          f"{report.near_duplicates} near duplicates", file=out)
+    for key, n in report.counts().items():
+        print(f"  {n:>8}  {key}", file=out)
+
+
+def run_validate(args) -> int:
+    if args.max_seq_len and not args.tokenizer:
+        print("note: --max-seq-len needs --tokenizer to count tokens; lengths are not checked", file=sys.stderr)
+    report = validate_file(args.file, tokenizer=args.tokenizer, template=args.template, max_seq_len=args.max_seq_len,
+                           near_duplicates=not getattr(args, "no_near_duplicates", False),
+                           near_threshold=getattr(args, "near_threshold", 0.8))
+    fixed = None
+    if args.fix:
+        fixed = write_fixed(report, args.fix)
+    if args.json:
+        d = report.to_dict()
+        if fixed:
+            d["fix"] = {"out": str(fixed[0]), "rejects": str(fixed[1]), "kept": fixed[2], "dropped": fixed[3]}
+        json.dump(d, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+    else:
+        print_report(report, getattr(args, "max_issues", 200))
+        if fixed:
+            print(f"wrote {fixed[2]} records to {fixed[0]} and {fixed[3]} rejects (with reasons) to {fixed[1]}")
+    return 0 if report.ok else 1

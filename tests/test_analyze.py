@@ -1,0 +1,136 @@
+"""`fastchat-ft analyze`: every number recomputed independently in Python from the loader's per-conversation
+encoding (encode_chat) on fresh random data: counts, roles, token totals, nearest-rank percentiles, the
+packing estimate (the loader's BFD over the same lengths), steps per epoch, the budget verdict, the diversity
+inputs (distinct bigrams vs an exact count), and the PNG/JSON outputs."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+
+import numpy as np
+import pytest
+
+from fastchat_ft import _native
+from fastchat_ft.cli import main
+from fastchat_ft.data.analyze import analyze_file
+from conftest import shared_path
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu river stone cloud maple ember").split()
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+def make_records(rng, n):
+    recs = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": sentence(rng, 5)}] if rng.random() < 0.4 else []
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            msgs.append({"role": "user", "content": sentence(rng, rng.randint(3, 40))})
+            msgs.append({"role": "assistant", "content": sentence(rng, rng.randint(3, 120))})
+        recs.append({"messages": msgs})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from fastchat_ft.data.tokenize import LoaderTokenizer
+    return LoaderTokenizer.from_any(shared_path("tokenizers", "smollm2"))
+
+
+@pytest.mark.parametrize("seed,overlong", [(5, "drop"), (6, "truncate")])
+def test_numbers_match_a_python_recount(tmp_path, tok, seed, overlong):
+    from fastchat_ft.data import encode_chat
+    rng = random.Random(seed)
+    recs = make_records(rng, 57)
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(9, '{"messages": [')  # an invalid record: counted, left out of every other number
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    lengths, trainable = [], []
+    for r in recs:
+        ids, labels = encode_chat(r["messages"], tok)
+        lengths.append(len(ids))
+        trainable.append(int((labels != -100).sum()))
+    lengths, trainable = np.array(lengths), np.array(trainable)
+    max_seq_len = int(np.percentile(lengths, 80))
+    res = analyze_file(f, tok, max_seq_len=max_seq_len, budget=int(lengths.sum()) // 2, micro_batch_size=2,
+                       gradient_accumulation_steps=3, overlong=overlong)
+    assert res["records"] == 58 and res["invalid_records"] == 1 and res["conversations"] == 57
+    roles = {k: sum(m["role"] == k for r in recs for m in r["messages"]) for k in ("system", "user", "assistant", "tool")}
+    assert res["role_counts"] == roles
+    assert res["turns"]["total"] == sum(len(r["messages"]) for r in recs)
+    n_user = np.array([sum(m["role"] == "user" for m in r["messages"]) for r in recs])
+    assert res["multi_turn_ratio"] == pytest.approx((n_user >= 2).mean())
+    assert res["tokens"]["total"] == lengths.sum() and res["tokens"]["trainable"] == trainable.sum()
+    for q in (50, 90, 95, 99):
+        assert res["lengths"][f"p{q}"] == int(np.percentile(lengths, q, method="inverted_cdf"))
+    assert res["lengths"]["max"] == lengths.max()
+    over = lengths > max_seq_len
+    assert res["lengths"]["over_max_seq_len"] == over.sum()
+    if overlong == "drop":
+        kept = lengths[~over]
+        assert res["tokens"]["trained_trainable"] == trainable[~over].sum()
+    else:
+        kept = np.minimum(lengths, max_seq_len)
+    assert res["tokens"]["trained_total"] == kept.sum()
+    _, offsets = _native.pack_bfd(kept.astype(np.uint32), max_seq_len, 0)
+    bins = len(offsets) - 1
+    p = res["packing"]
+    assert p["packed_sequences"] == bins and p["conversations"] == kept.size
+    assert p["efficiency"] == pytest.approx(kept.sum() / (bins * max_seq_len))
+    assert p["steps_per_epoch"] == math.ceil(bins / 6)
+    assert p["steps_per_epoch_unpacked"] == math.ceil(kept.size / 6)
+    assert res["budget"]["met"] == (kept.sum() >= lengths.sum() // 2)
+
+
+def test_diversity_distinct_bigrams_and_duplicates(tmp_path, tok):
+    rng = random.Random(9)
+    recs = make_records(rng, 200)
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    res = analyze_file(f, tok)
+    # Exact distinct-2 over user/assistant text, normalised as the native side does.
+    grams, total = set(), 0
+    for r in recs:
+        text = " ".join(m["content"] for m in r["messages"] if m["role"] != "system") + " "
+        words = _native.normalize_for_dedup(text).split()
+        pairs = list(zip(words, words[1:])) if len(words) >= 2 else [tuple(words)]
+        grams.update(pairs)
+        total += len(pairs)
+    assert res["diversity"]["distinct_2"] == pytest.approx(len(grams) / total, rel=0.03)  # HLL: ~1% error
+    assert res["diversity"]["duplicate_share"] == 0
+    # The same file with every record twice: half are exact duplicates and the score halves.
+    f2 = tmp_path / "d2.jsonl"
+    f2.write_text("\n".join(json.dumps(r) for r in recs + recs) + "\n")
+    res2 = analyze_file(f2, tok)
+    assert res2["diversity"]["exact_duplicates"] == 200 and res2["diversity"]["duplicate_share"] == 0.5
+    assert res2["diversity"]["score"] == pytest.approx(res["diversity"]["score"] / 2, rel=0.05)
+
+
+def test_budget_verdict(tmp_path, tok):
+    rng = random.Random(2)
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in make_records(rng, 20)) + "\n")
+    total = analyze_file(f, tok)["tokens"]["trained_total"]
+    met = analyze_file(f, tok, budget=total)["budget"]
+    short = analyze_file(f, tok, budget=total * 3)["budget"]
+    assert met["met"] and met["missing_tokens"] == 0
+    assert not short["met"] and short["missing_tokens"] == 2 * total and short["epochs_to_meet"] == pytest.approx(3)
+
+
+def test_cli_json_and_plot(tmp_path, capsys):
+    tok_dir = shared_path("tokenizers", "smollm2")
+    src = shared_path("chat", "fastchat_dummy_conversation_sharegpt.json")
+    png = tmp_path / "len.png"
+    assert main(["analyze", str(src), "--tokenizer", str(tok_dir), "--json", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["conversations"] == 500 and out["role_counts"]["user"] == 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["analyze", str(src), "--tokenizer", str(tok_dir), "--budget", "1000000000"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"budget\s+1000000000 tokens: NOT met", text)
