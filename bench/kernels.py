@@ -269,7 +269,8 @@ def cpu_sanity():
     eager = F.cross_entropy(h @ w.t(), y)
     x = torch.randn(8, 48)
     g = torch.randn(48)
-    norm_err = (rms_norm_reference(x, g, 1e-6) - g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).abs().max()
+    want_norm = g * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    norm_err = (rms_norm_reference(x, g, 1e-6) - want_norm).abs().max()
     a, b = torch.randn(4, 48), torch.randn(24, 4)
     wl = torch.randn(24, 48)
     lora_err = (lora_linear_reference(x, wl, a, b, 0.5) - (x @ wl.t() + 0.5 * x @ a.t() @ b.t())).abs().max()
@@ -310,8 +311,9 @@ def main(argv=None):
     bandwidth = copy_bandwidth_gbs()
     print(f"device {device}; bf16 matmul {tflops:.0f} TFLOPS (8192^3); copy bandwidth {bandwidth:.0f} GB/s")
     print("versions", versions())
-    payload = {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "versions": versions(), "matmul_bf16_tflops": round(tflops, 1), "copy_bandwidth_gbs": round(bandwidth, 1),
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    payload = {"device": device, "date": now, "versions": versions(), "matmul_bf16_tflops": round(tflops, 1),
+               "copy_bandwidth_gbs": round(bandwidth, 1),
                "command": " ".join(["bench/kernels.py"] + (argv if argv is not None else sys.argv[1:]))}
     if "flce" in parts:
         payload["fused_linear_cross_entropy"] = bench_flce(tflops, tokens, use_compile)

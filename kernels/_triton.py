@@ -31,8 +31,32 @@ def use_triton(tensor) -> bool:
     return tensor.device.type == "cpu" and interpret_requested()
 
 
+def autocast_input(x):
+    """Under torch.autocast an activation enters the kernels in the autocast dtype, as it would enter a
+    matmul; the kernels' own torch calls then run with autocast off (see no_autocast)."""
+    import torch
+
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if x.dtype != dtype:
+            return x.to(dtype)
+    return x
+
+
+def no_autocast(device):
+    """Context for an autograd Function body: its matmuls must keep the dtypes the kernels were given."""
+    import torch
+
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
 
 
 class Kernel:
@@ -70,7 +94,9 @@ class Kernel:
 class _Interpreted:
     """Interpreter launch that also works when triton was imported without TRITON_INTERPRET=1. Then triton's
     own @jit library functions (tl.sum, tl.max, tl.zeros, ...) are compiled-only JITFunctions and refuse to be
-    called from Python; for the duration of the launch they are run through the interpreter instead."""
+    called from Python; for the duration of the launch they are run through the interpreter instead. Each such
+    nested call patches triton.language.core for the interpreter and restores it afterwards: triton's own
+    nested-call path never restores, which would leave later real compilations in this process broken."""
 
     def __init__(self, fn):
         from triton.runtime.interpreter import InterpretedFunction
@@ -79,16 +105,24 @@ class _Interpreted:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.interpreter import InterpretedFunction, InterpreterError, _patch_lang
             from triton.runtime.jit import JITFunction
 
-            cache: dict = {}
+            rewritten: dict = {}
 
             def call_interpreted(jit_fn, *a, **k):
-                interp = cache.get(id(jit_fn))  # by id: hashing a JITFunction compiles its cache key
-                if interp is None:
-                    interp = cache[id(jit_fn)] = InterpretedFunction(jit_fn.fn)
-                return interp(*a, **k)
+                fn = rewritten.get(id(jit_fn))  # by id: hashing a JITFunction compiles its cache key
+                if fn is None:
+                    fn = rewritten[id(jit_fn)] = InterpretedFunction(jit_fn.fn).rewrite()
+                scope = _patch_lang(jit_fn.fn)
+                try:
+                    return fn(*a, **k)
+                except InterpreterError:
+                    raise
+                except Exception as exc:
+                    raise InterpreterError(repr(exc)) from exc
+                finally:
+                    scope.restore()
 
             original = JITFunction.__call__
             JITFunction.__call__ = call_interpreted

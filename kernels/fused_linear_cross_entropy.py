@@ -9,13 +9,12 @@ loss, lse and accuracy with an online softmax and overwrites the logits with dLo
 formed in fp32), then dx = g W and dW += g^T x into an fp32 accumulator. Gradients are computed in forward;
 backward scales them by grad_output and casts (one pass).
 """
-import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._triton import kernel, next_power_of_2, tl, use_triton
+from ._triton import autocast_input, cdiv, kernel, next_power_of_2, no_autocast, tl, use_triton
 
 # Largest chunk of logits (bytes) held at once on the Triton path. Big chunks keep the [V, H] fp32 gradient
 # read-modify-write rare (one per chunk); 1 GiB is 4096 tokens at V=128256 in bf16.
@@ -138,13 +137,9 @@ def _scale_cast(src, scale, dtype):
     n = src.numel()
     if n:
         block = 4096
-        _scale_cast_kernel.on(src.device)[(triton_cdiv(n, block),)](
+        _scale_cast_kernel.on(src.device)[(cdiv(n, block),)](
             src, dst, scale.to(torch.float32).reshape(1), n, BLOCK=block, num_warps=8)
     return dst
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 _OUT_DTYPE_MODE: dict = {}
@@ -240,8 +235,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         want_dx, want_dw, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         w = weight if weight.dtype == x.dtype else weight.to(x.dtype)  # autocast: fp32 master, bf16 activations
         b = None if bias is None else (bias if bias.dtype == x.dtype else bias.to(x.dtype))
-        loss_rows, correct, dx, dw32, db32 = _flce_chunks(
-            x, w, b, labels, grad_scale, softcap, z_loss, want_dx, want_dw, want_db, chunk_rows, block_v)
+        with no_autocast(x.device):
+            loss_rows, correct, dx, dw32, db32 = _flce_chunks(
+                x, w, b, labels, grad_scale, softcap, z_loss, want_dx, want_dw, want_db, chunk_rows, block_v)
         loss = loss_rows.sum() * grad_scale
         ctx.save_for_backward(dx, dw32, db32)
         ctx.weight_dtype = weight.dtype
@@ -333,7 +329,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
             z_loss=z_loss, num_items=num_items, return_stats=return_stats, chunk_size=chunk_size)
     _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items)
-    x, y, _idx = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])
+    # under autocast only the activations are cast; the head weight keeps its dtype and gets its gradient
+    # straight from the fp32 accumulator
+    x, y, _idx = _keep_labelled_rows(autocast_input(hidden), labels, ignore_index, weight.shape[0])
     if not x.is_contiguous():
         x = x.contiguous()
     grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import kernel, next_power_of_2, tl, use_triton
+from ._triton import autocast_input, cdiv, kernel, next_power_of_2, no_autocast, tl, use_triton
 
 
 def _gemm_configs():
@@ -111,18 +111,14 @@ def fused_lora_matmul(a, b, s=None, lo=None, scale=1.0, bias=None, blocks: Optio
                 PRECISION=_precision(a.dtype))
     if a.device.type == "cpu" or blocks is not None:  # explicit tiles bypass the autotuner
         tiles = blocks or INTERPRETER_BLOCKS
-        grid = (triton_cdiv(m, tiles["BLOCK_M"]) * triton_cdiv(n, tiles["BLOCK_N"]),)
+        grid = (cdiv(m, tiles["BLOCK_M"]) * cdiv(n, tiles["BLOCK_N"]),)
         fn = _lora_matmul_kernel.on(a.device, tuned=False)
         fn[grid](*launch_args, **meta, **tiles)
     else:
         def grid(meta_):
-            return (triton_cdiv(m, meta_["BLOCK_M"]) * triton_cdiv(n, meta_["BLOCK_N"]),)
+            return (cdiv(m, meta_["BLOCK_M"]) * cdiv(n, meta_["BLOCK_N"]),)
         _lora_matmul_kernel.on(a.device)[grid](*launch_args, **meta)
     return c
-
-
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
 
 
 def _dequantize(weight):
@@ -138,32 +134,52 @@ def _dequantize(weight):
 # ----------------------------------------------------------------------------------------------- autograd
 
 class _LoRALinear(torch.autograd.Function):
+    """x_drop is None without LoRA dropout: then the LoRA input is x itself and backward fuses both dx terms
+    into one GEMM. With dropout the LoRA term's input gradient goes to x_drop (autograd routes it through
+    the dropout mask back to x), so dx from the base GEMM and from the LoRA path are returned apart."""
+
     @staticmethod
-    def forward(ctx, x2d, weight, lora_a, lora_b, scale, bias):
+    def forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias):
+        with no_autocast(x2d.device):
+            return _LoRALinear._forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias)
+
+    @staticmethod
+    def _forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias):
         w = _dequantize(weight).to(x2d.dtype)
-        s = torch.mm(x2d, lora_a.t())  # [M, r], kept for dB
+        lora_in = x2d if x_drop is None else x_drop
+        s = torch.mm(lora_in, lora_a.t())  # [M, r], kept for dB
         y = fused_lora_matmul(x2d, w.t(), s, lora_b.t(), scale, bias)
-        ctx.save_for_backward(x2d, lora_a, lora_b, s)
-        ctx.weight, ctx.scale, ctx.has_bias = weight, scale, bias is not None
+        ctx.save_for_backward(lora_in, lora_a, lora_b, s)
+        ctx.weight, ctx.scale, ctx.has_bias, ctx.dropout = weight, scale, bias is not None, x_drop is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, lora_a, lora_b, s = ctx.saved_tensors
+        with no_autocast(dy.device):
+            return _LoRALinear._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        lora_in, lora_a, lora_b, s = ctx.saved_tensors
         scale = ctx.scale
         dy = dy.contiguous()
         t = torch.mm(dy, lora_b)  # [M, r] = dy B
-        grad_x = grad_a = grad_b = grad_bias = None
+        grad_x = grad_x_drop = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = _dequantize(ctx.weight).to(dy.dtype)  # again, rather than keeping a dense copy alive
-            grad_x = fused_lora_matmul(dy, w, t, lora_a, scale)
-        if ctx.needs_input_grad[2]:
-            grad_a = torch.mm(t.t(), x2d).mul_(scale)
+            if ctx.dropout:
+                grad_x = fused_lora_matmul(dy, w)
+            else:
+                grad_x = fused_lora_matmul(dy, w, t, lora_a, scale)
+        if ctx.dropout and ctx.needs_input_grad[1]:
+            grad_x_drop = torch.mm(t, lora_a).mul_(scale)
         if ctx.needs_input_grad[3]:
+            grad_a = torch.mm(t.t(), lora_in).mul_(scale)
+        if ctx.needs_input_grad[4]:
             grad_b = torch.mm(dy.t(), s).mul_(scale)
-        if ctx.has_bias and ctx.needs_input_grad[5]:
+        if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_bias = dy.sum(0)
-        return grad_x, None, grad_a, grad_b, None, grad_bias
+        return grad_x, grad_x_drop, None, grad_a, grad_b, None, grad_bias
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -189,30 +205,34 @@ def _weight_shape(weight):
     return tuple(weight.shape)
 
 
-def lora_linear(x, weight, lora_a, lora_b, scale, bias=None):
-    """y = x W^T + scale * (x A^T) B^T + bias. x [..., in]; W [out, in] frozen (dense, or a bitsandbytes
-    Params4bit, dequantized on the fly); A [r, in]; B [out, r]. Gradients flow to x, A, B and bias.
-    A, B and W are computed in x's dtype (A/B gradients come back in their own dtype, e.g. fp32 adapters).
+def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0):
+    """y = x W^T + scale * (dropout(x) A^T) B^T + bias. x [..., in]; W [out, in] frozen (dense, or a
+    bitsandbytes Params4bit, dequantized on the fly); A [r, in]; B [out, r]. Gradients flow to x, A, B and
+    bias. dropout is PEFT's lora_dropout on the LoRA input (pass 0.0 in eval). A, B and W are computed in
+    x's dtype (A/B gradients come back in their own dtype, e.g. fp32 adapters).
     CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the fused Triton GEMM, others the torch reference."""
     if not use_triton(x):
-        return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias)
+        return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, dropout)
     _check(x, weight, lora_a, lora_b, bias)
+    x = autocast_input(x)
     x2d = x.reshape(-1, x.shape[-1])
+    x_drop = torch.nn.functional.dropout(x2d, dropout) if dropout > 0 else None
     dtype = x.dtype
     a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)  # differentiable casts, outside the Function
     b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
     bias_ = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
-    y = _LoRALinear.apply(x2d, weight, a, b, float(scale), bias_)
+    y = _LoRALinear.apply(x2d, x_drop, weight, a, b, float(scale), bias_)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------- reference
 
-def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None):
-    """Plain torch: F.linear(x, W, bias) + scale * F.linear(F.linear(x, A), B), in x's dtype."""
+def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0):
+    """Plain torch, as PEFT computes it: F.linear(x, W, bias) + scale * B(A(dropout(x))), in x's dtype."""
     _check(x, weight, lora_a, lora_b, bias)
     dtype = x.dtype
     w = _dequantize(weight).to(dtype)
     base = torch.nn.functional.linear(x, w, None if bias is None else bias.to(dtype))
-    low_rank = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a.to(dtype)), lora_b.to(dtype))
+    lora_in = torch.nn.functional.dropout(x, dropout) if dropout > 0 else x
+    low_rank = torch.nn.functional.linear(torch.nn.functional.linear(lora_in, lora_a.to(dtype)), lora_b.to(dtype))
     return base + scale * low_rank

@@ -17,6 +17,12 @@ HOPPER = GPUTarget("cuda", 90, 32)
 AMPERE = GPUTarget("cuda", 80, 32)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """A private compile cache: no stale or concurrently written entries from other runs on this machine."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+
+
 def compile_for(kernel, target, signature, constexprs, aligned=(), **options):
     """Compile like a launch would after specialisation: `constexprs` include strides equal to 1 and
     `aligned` names the arguments triton would see as multiples of 16."""
@@ -82,3 +88,19 @@ def test_lora_gemm_compiles_to_tensor_core_pipeline(target):
         assert "warp_group_dot" in ttgir  # Hopper wgmma
     else:
         assert "mma" in out.asm["ptx"]
+
+
+def test_compiler_still_works_after_interpreted_launches(monkeypatch):
+    """Interpreted launches (CPU tests) patch triton.language for the interpreter; every patch must be undone,
+    or any later real compilation in the same process (a GPU run after a CPU check) breaks."""
+    import torch
+
+    from fastchat_ft.kernels import fused_linear_cross_entropy, rms_norm
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(3, 40, requires_grad=True)
+    rms_norm(x, torch.ones(40), 1e-6).sum().backward()  # tl.sum inside: a nested library jit call
+    fused_linear_cross_entropy(x, torch.randn(50, 40), torch.tensor([1, -100, 7]), block_size=16).backward()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    test_rms_norm_kernels_compile(gemma=False)
+    test_cross_entropy_row_kernel_compiles(softcap=True, z_loss=True, dtype="bf16")

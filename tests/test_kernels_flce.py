@@ -1,6 +1,7 @@
 """fused_linear_cross_entropy (Triton path under the interpreter, and the chunked torch reference) against an
 unchunked float64 cross-entropy on fresh random inputs: odd sizes, heavy label masking, all-ignored batches,
 mean vs sum + external count (gradient accumulation), softcap, z-loss, token accuracy."""
+import importlib
 import subprocess
 import sys
 
@@ -269,3 +270,52 @@ def test_cuda_matches_float64(dtype):
     ref.backward()
     assert abs(out.loss.item() - ref.item()) <= TOL[dtype][0] * abs(ref.item())
     assert_close_grads((h, w, b), (h64, w64, b64), dtype)
+
+
+def test_autocast_casts_activations_and_keeps_fp32_weight_grads(monkeypatch):
+    """HF Trainer's bf16/fp16 mode: fp32 master weights under torch.autocast. Activations enter in the autocast
+    dtype; the head weight's gradient comes back in fp32 from the fp32 accumulator."""
+    h, w, b, y = make_inputs(torch.float32, vocab=173)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = run("triton", monkeypatch, h, w, y, bias=b)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    ref = float64_loss(h64, w64, y, b64)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= TOL[torch.float16][0] * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), torch.float16)
+    # the fp16 rounding really happened (so autocast was honoured, not ignored)
+    exact = run("triton", monkeypatch, h, w, y, bias=b)
+    assert loss.item() != exact.item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logits_are_only_ever_built_one_chunk_at_a_time(impl, monkeypatch):
+    # the module, not the function of the same name that the package exports
+    flce = importlib.import_module("fastchat_ft.kernels.fused_linear_cross_entropy")
+    seen = []
+    name = "_launch_ce_rows" if impl == "triton" else "_reference_chunk_loss"
+    original = getattr(flce, name)
+
+    def spy(first, *args):
+        seen.append(first.shape)  # the chunk's logits (Triton) or its hidden rows (reference)
+        return original(first, *args)
+
+    monkeypatch.setattr(flce, name, spy)
+    h, w, b, y = make_inputs(torch.float32, tokens=(4, 20), vocab=97, ignore_frac=0.5)
+    run(impl, monkeypatch, h, w, y, bias=b, chunk_size=7).backward()
+    n_valid = int((y != IGNORE).sum())
+    assert seen and max(s[0] for s in seen) <= 7
+    assert sum(s[0] for s in seen) in (n_valid, 2 * n_valid)  # reference recomputes each chunk in backward
+    assert h.grad is not None
+
+
+def test_default_chunking_scales_with_tokens():
+    """A small batch is one chunk (one pass over the [V, H] gradient); big batches use ~1 GiB logit chunks."""
+    from fastchat_ft.kernels.fused_linear_cross_entropy import _default_chunk_rows
+
+    assert _default_chunk_rows(2048, 128256, torch.bfloat16) == 2048
+    assert _default_chunk_rows(16384, 32000, torch.bfloat16) == 16384
+    rows = _default_chunk_rows(16384, 128256, torch.bfloat16)
+    assert rows % 256 == 0 and rows * 128256 * 2 <= 1 << 30 and -(-16384 // rows) == 4

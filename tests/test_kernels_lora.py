@@ -83,6 +83,39 @@ def test_matches_peft_lora_linear(impl, monkeypatch):
     assert (want - base(x)).abs().max() > 1e-2  # the adapter changes the output
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_matches_peft(impl, monkeypatch):
+    """Same RNG state, same mask: PEFT's lora_dropout applies to the LoRA input only."""
+    from peft import LoraConfig, get_peft_model
+
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(41, 23, bias=False))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["proj"]))
+    layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    layer.train()
+    x = torch.randn(3, 11, 41, requires_grad=True)
+    torch.manual_seed(1234)
+    want = layer(x)
+    want.sum().backward()
+    want_grads = (x.grad.clone(), layer.lora_A["default"].weight.grad.clone(),
+                  layer.lora_B["default"].weight.grad.clone())
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_()
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_()
+    x.grad = None
+    torch.manual_seed(1234)
+    y = run(impl, monkeypatch, x, layer.base_layer.weight.detach(), a, b, layer.scaling["default"], None, 0.3)
+    y.sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip((x.grad, a.grad, b.grad), want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # without the mask the answer differs, so the test sees the dropout
+    no_drop = lora_linear_reference(x.detach(), layer.base_layer.weight.detach(), a.detach(), b.detach(),
+                                    layer.scaling["default"])
+    assert (no_drop - want).abs().max() > 1e-3
+
+
 def test_fp32_adapters_on_fp16_activations_get_fp32_grads(monkeypatch):
     x, w, _, _, bias = make(torch.float16)
     a = (torch.randn(5, 45) * 0.2).requires_grad_()
@@ -182,3 +215,18 @@ def test_cuda_bf16_matches_float64():
     y64.backward(dy.double())
     for got, want in ((y, y64.detach()), (x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
         assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_autocast_runs_the_lora_path_in_the_autocast_dtype(monkeypatch):
+    x, w, a, b, bias = make(torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = run("triton", monkeypatch, x, w, a, b, 1.5, bias)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert x.grad.dtype == a.grad.dtype == b.grad.dtype == torch.float32
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    y64 = lora_linear_reference(x64, w.double(), a64, b64, 1.5, bias.double())
+    y64.sum().backward()
+    close(y, y64.detach(), torch.float16)
+    for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        close(got, want, torch.float16)
