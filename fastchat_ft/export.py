@@ -65,7 +65,9 @@ def run_export(args) -> int:
         failed = out.with_name(out.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)
         if stage.exists():
+            stage_abs = stage.resolve()
             stage.rename(failed)
+            stage_paths_relocate(failed, stage_abs)
             print(f"export failed; what was written is kept in {failed} for inspection")
         raise
     stage_abs = stage.resolve()

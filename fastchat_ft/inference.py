@@ -326,12 +326,11 @@ class ChatStream:
                     self.finish_reason = "stop"
                     break
                 self.token_ids.append(next_id)
-                text = self.tokenizer.decode(self.token_ids, skip_special_tokens=False)
-                if not text.endswith("\ufffd"):  # hold back half a UTF-8 character until it completes
-                    self.text = text
-                    if len(text) > emitted:
-                        yield text[emitted:]
-                        emitted = len(text)
+                # a trailing U+FFFD may be half a UTF-8 character that the next token completes: hold it back
+                stable = self.tokenizer.decode(self.token_ids, skip_special_tokens=False).rstrip("\ufffd")
+                if len(stable) > emitted:
+                    yield stable[emitted:]
+                    emitted = len(stable)
                 ids = torch.tensor([[next_id]], device=device)
             else:
                 self.finish_reason = "length"

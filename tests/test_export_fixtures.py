@@ -2,9 +2,10 @@
 template, a tiny random Llama saved with save_pretrained, and a run directory whose LoRA checkpoint is
 written by `peft` itself (so the PEFT layout is the real one, not our idea of it). Nothing is downloaded.
 
-The "stopper" model is random except for one residual channel that every layer leaves alone and that the
-lm_head reads only into <|im_end|>: greedy decoding then ends every turn with <|im_end|>, deterministically,
-which is what a trained chat model does and what the export self-check must confirm.
+The "stopper" model is random except for 32 constant residual channels that every layer leaves alone and
+that the lm_head reads only into <|im_end|>: greedy decoding then ends every turn with <|im_end|>, deterministically,
+which is what a trained chat model does and what the export self-check must confirm. The "chatty" model
+uses the same channels to push <|im_end|> and eos far down, so it never stops (a broken export).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def make_base_model(out_dir: Path, tokenizer, *, stopper: bool = True, seed: int
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=96,
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=96, intermediate_size=96,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-5,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -80,24 +81,31 @@ def make_base_model(out_dir: Path, tokenizer, *, stopper: bool = True, seed: int
     with torch.no_grad():
         for p in model.parameters():  # larger than HF's 0.02 init so logits differ clearly between tokens
             if p.dim() == 2:
-                p.normal_(0, 0.2)
+                p.normal_(0, 0.1)
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if stopper:
-            _make_stopper(model, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+            _steer(model, {im_end: 2.0})
+        else:  # never emits a stop token, however long it runs
+            _steer(model, {im_end: -2.0, tokenizer.eos_token_id: -2.0})
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return model
 
 
-def _make_stopper(model, im_end_id: int) -> None:
-    model.model.embed_tokens.weight[:, 0] = 50.0  # a large constant residual channel...
+STEER = slice(0, 32)  # one whole Q8_0 block of channels, so quantizing the constant part stays exact
+
+
+def _steer(model, token_bias: dict[int, float]) -> None:
+    model.model.embed_tokens.weight[:, STEER] = 0.9  # constant residual channels...
     for layer in model.model.layers:  # ...that no layer reads or writes...
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                      layer.mlp.gate_proj, layer.mlp.up_proj):
-            proj.weight[:, 0] = 0.0
-        layer.self_attn.o_proj.weight[0, :] = 0.0
-        layer.mlp.down_proj.weight[0, :] = 0.0
-    model.lm_head.weight[:, 0] = 0.0  # ...and that only <|im_end|> reads.
-    model.lm_head.weight[im_end_id, 0] = 3.0
+            proj.weight[:, STEER] = 0.0
+        layer.self_attn.o_proj.weight[STEER, :] = 0.0
+        layer.mlp.down_proj.weight[STEER, :] = 0.0
+    model.lm_head.weight[:, STEER] = 0.0  # ...and that only the steered tokens read: a fixed logit bias.
+    for token_id, weight in token_bias.items():
+        model.lm_head.weight[token_id, STEER] = weight
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -120,7 +128,8 @@ def make_lora_checkpoint(ckpt_dir: Path, base_dir: Path, tokenizer, *, seed: int
             n = len(new_tokens)
             base.model.embed_tokens.weight[-n:].normal_(0, 0.2)
             base.lm_head.weight[-n:].normal_(0, 0.2)
-            base.lm_head.weight[-n:, 0] = 0.0  # keep the stopper property
+            base.model.embed_tokens.weight[-n:, STEER] = 0.9
+            base.lm_head.weight[-n:, STEER] = 0.0  # keep the steering property
         extra["modules_to_save"] = ["embed_tokens", "lm_head"]
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0, use_rslora=use_rslora,
                      task_type="CAUSAL_LM", **extra)
@@ -128,11 +137,11 @@ def make_lora_checkpoint(ckpt_dir: Path, base_dir: Path, tokenizer, *, seed: int
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name or "lora_A" in name:
-                p.normal_(0, 0.3)
+                p.normal_(0, 0.1)
                 if "lora_B" in name and ("o_proj" in name or "down_proj" in name):
-                    p[0, :] = 0.0  # the stopper channel stays untouched by the adapter too
-                if "lora_A" in name:
-                    p[:, 0] = 0.0
+                    p[STEER, :] = 0.0  # the steering channels stay untouched by the adapter too
+                if "lora_A" in name and not ("o_proj" in name or "down_proj" in name):
+                    p[:, STEER] = 0.0
     peft_model.save_pretrained(ckpt_dir)
     tokenizer.save_pretrained(ckpt_dir)
     conf_path = ckpt_dir / "adapter_config.json"

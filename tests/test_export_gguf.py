@@ -35,7 +35,7 @@ def test_gguf_read_back_by_transformers(tiny_run, tmp_path, qtype, min_cos):
     assert cos > min_cos
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
     if qtype == "f16":
-        assert (a - b).abs().max() / a.abs().max() < 2e-3
+        assert (a - b).abs().max() / a.abs().max() < 2e-2
     # the tokenizer stored in the GGUF encodes a rendered conversation exactly like the original
     tok = AutoTokenizer.from_pretrained(out)
     gtok = AutoTokenizer.from_pretrained(out, gguf_file=name)

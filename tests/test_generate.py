@@ -31,13 +31,13 @@ def test_one_prompt_streams_hf_greedy_tokens(chatty_run, capsys):
 def test_interactive_keeps_history_and_resets(chatty_run, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("the cat?\nquiet hills?\n/reset\nthe cat?\n/exit\nnever read\n"))
     assert main(["generate", "--model", str(chatty_run["run"]), "--max-new-tokens", "5"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3
+    out = capsys.readouterr().out
     loaded = load_model(chatty_run["run"], device="cpu")
     first = _hf_greedy(loaded, [{"role": "user", "content": "the cat?"}], 5)
     second = _hf_greedy(loaded, [{"role": "user", "content": "the cat?"}, {"role": "assistant", "content": first},
                                  {"role": "user", "content": "quiet hills?"}], 5)
-    assert lines == [first, second, first]  # the third reply starts from a reset history
+    assert out == f"{first}\n{second}\n{first}\n"  # the third reply starts from a reset history
+    assert first != second
 
 
 def test_stops_at_end_of_turn_without_warning(tiny_run, capsys):
