@@ -202,3 +202,11 @@ def test_json_output_and_clean_exit(tmp_path, capsys):
 def test_missing_file_is_a_clear_error(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "nope.jsonl")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_broken_json_array_file_names_line_and_column(tmp_path, capsys):
+    f = tmp_path / "d.json"
+    f.write_text('[\n  {"messages": [{"role": "user", "content": "hi"}]},\n  {"messages": ]\n]\n')
+    assert main(["validate", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert f"{f}:3:16:" in err and "fix:" in err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -142,13 +143,13 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
             max_seq_len=int(max_seq_len or 0), special_strings=special_strings or [],
             near_duplicates=near_duplicates, near_threshold=near_threshold, count_bigrams=count_bigrams,
             threads=threads, batch_records=batch_records)
-    except ValueError as e:
-        where, _, reason = str(e).rpartition(": ")
-        parts = where.rsplit(":", 2)
-        if len(parts) == 3 and parts[1].isdigit():
-            raise DataError(reason, file=str(p), line=int(parts[1]) or None, column=int(parts[2]) or None,
+    except ValueError as e:  # "<path>:<line>:<column>: reason" from the reader
+        msg = str(e)
+        m = re.match(r"(\d+):(\d+): (.*)", msg[len(str(p)) + 1:], re.S) if msg.startswith(f"{p}:") else None
+        if m:
+            raise DataError(m.group(3), file=str(p), line=int(m.group(1)) or None, column=int(m.group(2)) or None,
                             fix="a .json file must hold one JSON list of records; use .jsonl for one record per line") from None
-        raise DataError(str(e), file=str(p)) from None
+        raise DataError(msg, file=str(p)) from None
 
 
 def iter_batches(scanner) -> Iterator[dict]:
