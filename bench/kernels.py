@@ -8,6 +8,7 @@ torch.compile, torch's chunked F.linear_cross_entropy, Liger Kernel and Cut Cros
 
   .venv/bin/python bench/kernels.py                 # everything (a few minutes on an H100)
   .venv/bin/python bench/kernels.py --quick         # one size per model, no torch.compile
+  .venv/bin/python bench/kernels.py --dry-run       # CPU, toy sizes: checks this script, measures nothing
 On a machine without a GPU it says so, runs a tiny CPU sanity check of the references and exits 0.
 """
 import argparse
@@ -19,6 +20,7 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -32,25 +34,48 @@ from fastchat_ft.kernels import (fused_linear_cross_entropy, fused_linear_cross_
 
 HEADS = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "llama2-7b": (4096, 32000)}
 TOKENS = [2048, 4096, 8192, 16384]
+COMPILE_TOKENS = {8192}  # torch.compile recompiles per shape (~1 min each): time it at one size per head
 LORA_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out): attention proj, MLP up, MLP down
 RMS_SHAPES = [(16384, 4096), (16384, 8192)]
 
 
 # ----------------------------------------------------------------------------------------------- timing
 
+# The device and dtype of every benchmark tensor: CUDA bf16, or CPU fp32 for --dry-run (a check of this script
+# at toy sizes, not a measurement).
+DEV, DTYPE = "cuda", torch.bfloat16
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free():
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure(step, warmup=2, iters=7):
     """Median ms of step() over iters (CUDA events) and the peak memory it adds (MB) above what was live."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if DEV == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if DEV != "cuda":
+        return statistics.median(times), 0.0
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -65,22 +90,22 @@ def safe_measure(step, **kw):
         ms, mb = measure(step, **kw)
         return {"ms": round(ms, 3), "peak_mb": round(mb, 1)}
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        _free()
         return {"error": "OOM"}
     except Exception as exc:  # a baseline that cannot run this case is reported, not fatal
-        torch.cuda.empty_cache()
+        _free()
         return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
 
 
-def matmul_tflops(n=8192, dtype=torch.bfloat16):
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+def matmul_tflops(n, dtype):
+    a = torch.randn(n, n, device=DEV, dtype=dtype)
+    b = torch.randn(n, n, device=DEV, dtype=dtype)
     ms, _ = measure(lambda: a @ b, warmup=3, iters=10)
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
-def copy_bandwidth_gbs(nbytes=2 << 30):
-    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16)
+def copy_bandwidth_gbs(nbytes):
+    src = torch.empty(nbytes // 2, device=DEV, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     ms, _ = measure(lambda: dst.copy_(src), warmup=3, iters=10)
     return 2 * nbytes / (ms * 1e-3) / 1e9
@@ -122,16 +147,19 @@ def bench_flce(tflops, tokens, use_compile, masked_frac=0.0, models=None):
         hidden, vocab = HEADS[model]
         for n in tokens:
             torch.manual_seed(0)
-            h = (torch.randn(n, hidden, device="cuda") * 0.5).bfloat16().requires_grad_()
-            w = (torch.randn(vocab, hidden, device="cuda") * hidden ** -0.5).bfloat16().requires_grad_()
-            y = torch.randint(0, vocab, (n,), device="cuda")
+            h = (torch.randn(n, hidden, device=DEV) * 0.5).to(DTYPE).requires_grad_()
+            w = (torch.randn(vocab, hidden, device=DEV) * hidden ** -0.5).to(DTYPE).requires_grad_()
+            y = torch.randint(0, vocab, (n,), device=DEV)
             if masked_frac:
-                y[torch.rand(n, device="cuda") < masked_frac] = -100
+                y[torch.rand(n, device=DEV) < masked_frac] = -100
             bound_ms = 3 * 2 * n * hidden * vocab / (tflops * 1e12) * 1e3
             row = {"model": model, "tokens": n, "hidden": hidden, "vocab": vocab, "masked": masked_frac,
                    "gemm_bound_ms": round(bound_ms, 3), "impls": {}}
             ref_loss = None
             for name, fn in impls.items():
+                if name == "torch_compile" and n not in COMPILE_TOKENS:
+                    continue
+
                 def step(fn=fn):
                     loss = fn(h, w, y)
                     torch.autograd.grad(loss, (h, w))
@@ -145,7 +173,7 @@ def bench_flce(tflops, tokens, use_compile, masked_frac=0.0, models=None):
                     result["x_bound"] = round(result["ms"] / bound_ms, 2)
                 row["impls"][name] = result
             del h, w, y
-            torch.cuda.empty_cache()
+            _free()
             print_flce_row(row)
             rows.append(row)
     return rows
@@ -167,23 +195,25 @@ def print_flce_row(row):
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
 
-def bench_rms_norm(bandwidth):
+def bench_rms_norm(bandwidth, use_compile):
     rows = []
 
     def hf_llama(x, w, eps=1e-6):  # HF LlamaRMSNorm.forward in plain torch ops
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    compiled = torch.compile(hf_llama, dynamic=False)
+    impls = {"ours": lambda x, w: rms_norm(x, w, 1e-6), "hf_eager": hf_llama}
+    if use_compile:
+        impls["torch_compile"] = torch.compile(hf_llama, dynamic=False)
     for n, hidden in RMS_SHAPES:
-        x = torch.randn(n, hidden, device="cuda").bfloat16().requires_grad_()
-        w = (torch.randn(hidden, device="cuda") * 0.1 + 1).bfloat16().requires_grad_()
-        dy = torch.randn(n, hidden, device="cuda").bfloat16()
+        x = torch.randn(n, hidden, device=DEV).to(DTYPE).requires_grad_()
+        w = (torch.randn(hidden, device=DEV) * 0.1 + 1).to(DTYPE).requires_grad_()
+        dy = torch.randn(n, hidden, device=DEV).to(DTYPE)
         row = {"rows": n, "hidden": hidden, "impls": {}}
-        fwd_bytes = 2 * n * hidden * 2
-        full_bytes = 5 * n * hidden * 2  # fwd: read x, write y; bwd: read dy, x, write dx
-        for name, fn in (("ours", lambda x, w: rms_norm(x, w, 1e-6)), ("hf_eager", hf_llama),
-                         ("torch_compile", compiled)):
+        elt = torch.finfo(DTYPE).bits // 8
+        fwd_bytes = 2 * n * hidden * elt
+        full_bytes = 5 * n * hidden * elt  # fwd: read x, write y; bwd: read dy, x, write dx
+        for name, fn in impls.items():
             fwd = safe_measure(lambda fn=fn: fn(x, w))
             full = safe_measure(lambda fn=fn: torch.autograd.grad(fn(x, w), (x, w), dy))
             for r, nbytes in ((fwd, fwd_bytes), (full, full_bytes)):
@@ -191,7 +221,7 @@ def bench_rms_norm(bandwidth):
                     r["gbs"] = round(nbytes / (r["ms"] * 1e-3) / 1e9, 1)
                     r["of_copy_bw"] = round(r["gbs"] / bandwidth, 3)
             row["impls"][name] = {"fwd": fwd, "fwd_bwd": full}
-        print(f"\nRMSNorm {n}x{hidden} bf16 (copy bandwidth {bandwidth:.0f} GB/s)")
+        print(f"\nRMSNorm {n}x{hidden} {DTYPE} (copy bandwidth {bandwidth:.0f} GB/s)")
         for name, r in row["impls"].items():
             cells = []
             for phase in ("fwd", "fwd_bwd"):
@@ -210,11 +240,11 @@ def bench_lora(tokens=8192, rank=16):
     rows = []
     for fan_in, fan_out in LORA_SHAPES:
         torch.manual_seed(0)
-        x = torch.randn(tokens, fan_in, device="cuda").bfloat16().requires_grad_()
-        w = (torch.randn(fan_out, fan_in, device="cuda") * fan_in ** -0.5).bfloat16()
-        a = (torch.randn(rank, fan_in, device="cuda") * 0.01).bfloat16().requires_grad_()
-        b = (torch.randn(fan_out, rank, device="cuda") * 0.01).bfloat16().requires_grad_()
-        dy = torch.randn(tokens, fan_out, device="cuda").bfloat16()
+        x = torch.randn(tokens, fan_in, device=DEV).to(DTYPE).requires_grad_()
+        w = (torch.randn(fan_out, fan_in, device=DEV) * fan_in ** -0.5).to(DTYPE)
+        a = (torch.randn(rank, fan_in, device=DEV) * 0.01).to(DTYPE).requires_grad_()
+        b = (torch.randn(fan_out, rank, device=DEV) * 0.01).to(DTYPE).requires_grad_()
+        dy = torch.randn(tokens, fan_out, device=DEV).to(DTYPE)
         cases = {
             "base_matmul": (lambda: F.linear(x, w), (x,)),
             "ours_fused": (lambda: lora_linear(x, w, a, b, 2.0), (x, a, b)),
@@ -227,7 +257,7 @@ def bench_lora(tokens=8192, rank=16):
                 "fwd_bwd": safe_measure(lambda fwd=fwd, wrt=wrt: torch.autograd.grad(fwd(), wrt, dy)),
             }
         base = row["impls"]["base_matmul"]
-        print(f"\nLoRA r={rank} M={tokens} {fan_in}->{fan_out} bf16")
+        print(f"\nLoRA r={rank} M={tokens} {fan_in}->{fan_out} {DTYPE}")
         for name, r in row["impls"].items():
             cells = []
             for phase in ("fwd", "fwd_bwd"):
@@ -241,7 +271,7 @@ def bench_lora(tokens=8192, rank=16):
             print(f"  {name:14s} " + "   ".join(cells))
         rows.append(row)
         del x, w, a, b, dy
-        torch.cuda.empty_cache()
+        _free()
     return rows
 
 
@@ -293,37 +323,54 @@ def write_json(payload, device):
     return path
 
 
+def dry_run_sizes():
+    """--dry-run: every code path of this script on CPU at toy sizes (numbers meaningless, not written)."""
+    global DEV, DTYPE, TOKENS, COMPILE_TOKENS, LORA_SHAPES, RMS_SHAPES
+    DEV, DTYPE = "cpu", torch.float32
+    for model, (hidden, vocab) in list(HEADS.items()):
+        HEADS[model] = (hidden // 64, vocab // 256)
+    TOKENS, COMPILE_TOKENS = [64, 128], set()
+    LORA_SHAPES, RMS_SHAPES = [(64, 96)], [(128, 64)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one token count (8192), no torch.compile")
     parser.add_argument("--tokens", type=int, nargs="*", help=f"token counts (default {TOKENS})")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--only", choices=["flce", "rms_norm", "lora"], nargs="*", help="run only these parts")
+    parser.add_argument("--dry-run", action="store_true", help="exercise this script on CPU at toy sizes")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        dry_run_sizes()
+    elif not torch.cuda.is_available():
         return cpu_sanity()
     torch.backends.cuda.matmul.allow_tf32 = False
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu-dry-run"
     tokens = args.tokens or ([8192] if args.quick else TOKENS)
-    use_compile = not (args.quick or args.no_compile)
+    use_compile = not (args.quick or args.no_compile or args.dry_run)
     parts = set(args.only or ["flce", "rms_norm", "lora"])
-    tflops = matmul_tflops()
-    bandwidth = copy_bandwidth_gbs()
-    print(f"device {device}; bf16 matmul {tflops:.0f} TFLOPS (8192^3); copy bandwidth {bandwidth:.0f} GB/s")
+    tflops = matmul_tflops(8192 if DEV == "cuda" else 256, DTYPE)
+    bandwidth = copy_bandwidth_gbs(2 << 30 if DEV == "cuda" else 8 << 20)
+    print(f"device {device}; {DTYPE} matmul {tflops:.1f} TFLOPS; copy bandwidth {bandwidth:.0f} GB/s")
     print("versions", versions())
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    payload = {"device": device, "date": now, "versions": versions(), "matmul_bf16_tflops": round(tflops, 1),
+    payload = {"device": device, "date": now, "versions": versions(), "matmul_tflops": round(tflops, 1),
                "copy_bandwidth_gbs": round(bandwidth, 1),
                "command": " ".join(["bench/kernels.py"] + (argv if argv is not None else sys.argv[1:]))}
     if "flce" in parts:
         payload["fused_linear_cross_entropy"] = bench_flce(tflops, tokens, use_compile)
         # SFT batches: half the tokens are prompt (ignored); ours skips those rows entirely
-        payload["fused_linear_cross_entropy_masked"] = bench_flce(tflops, [8192], False, masked_frac=0.5,
+        payload["fused_linear_cross_entropy_masked"] = bench_flce(tflops, [max(tokens)], False, masked_frac=0.5,
                                                                  models=["llama3-8b"])
     if "rms_norm" in parts:
-        payload["rms_norm"] = bench_rms_norm(bandwidth)
+        payload["rms_norm"] = bench_rms_norm(bandwidth, use_compile)
     if "lora" in parts:
-        payload["lora"] = bench_lora()
+        payload["lora"] = bench_lora(tokens=8192 if DEV == "cuda" else 128)
+    if args.dry_run:
+        json.dumps(payload)  # the payload must serialise; a dry run writes nothing
+        print("\ndry run ok (nothing written)")
+        return 0
     path = write_json(payload, device)
     print(f"\nwrote {path.relative_to(ROOT)}")
     return 0
