@@ -56,8 +56,7 @@ def eval_template(args, model: LoadedModel) -> str:
     if run_dir and (run_dir / "training_config.yaml").is_file():
         import yaml
         conf = yaml.safe_load((run_dir / "training_config.yaml").read_text()) or {}
-        if conf.get("chat_template"):
-            return conf["chat_template"]
+        return conf.get("chat_template") or "chatml"  # the training config's default template
     return "tokenizer"
 
 
@@ -78,8 +77,9 @@ def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int
     row is one conversation)."""
     from fastchat_ft.data import ChatDataset
 
+    # cache=False: eval files are small and an eval should not write into the user's cache
     ds = ChatDataset([str(data)], str(tokenizer_dir), template=template, max_seq_len=max_seq_len, packing=False,
-                     seed=0)
+                     seed=0, cache=False)
     rows = [dict(r) for r in ds]
     stats = getattr(ds, "stats", None)
     stats = stats if isinstance(stats, dict) else (vars(stats) if stats is not None and hasattr(stats, "__dict__")
