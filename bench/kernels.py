@@ -248,14 +248,20 @@ def bench_lora(tokens=8192, rank=16):
         cases = {
             "base_matmul": (lambda: F.linear(x, w), (x,)),
             "ours_fused": (lambda: lora_linear(x, w, a, b, 2.0), (x, a, b)),
+            "ours_cublas": (lambda: lora_linear(x, w, a, b, 2.0), (x, a, b)),  # with FASTCHAT_LORA_GEMM=cublas
             "torch_unfused": (lambda: lora_linear_reference(x, w, a, b, 2.0), (x, a, b)),
         }
         row = {"tokens": tokens, "in": fan_in, "out": fan_out, "rank": rank, "impls": {}}
         for name, (fwd, wrt) in cases.items():
-            row["impls"][name] = {
-                "fwd": safe_measure(fwd),
-                "fwd_bwd": safe_measure(lambda fwd=fwd, wrt=wrt: torch.autograd.grad(fwd(), wrt, dy)),
-            }
+            if name == "ours_cublas":
+                os.environ["FASTCHAT_LORA_GEMM"] = "cublas"
+            try:
+                row["impls"][name] = {
+                    "fwd": safe_measure(fwd),
+                    "fwd_bwd": safe_measure(lambda fwd=fwd, wrt=wrt: torch.autograd.grad(fwd(), wrt, dy)),
+                }
+            finally:
+                os.environ.pop("FASTCHAT_LORA_GEMM", None)
         base = row["impls"]["base_matmul"]
         print(f"\nLoRA r={rank} M={tokens} {fan_in}->{fan_out} {DTYPE}")
         for name, r in row["impls"].items():

@@ -6,6 +6,7 @@ Fusion (after LoRAFusion, see ../shared/notes/kernels.md): the rank-r product S 
 GEMM; one Triton GEMM then seeds its fp32 accumulator with scale * S B^T and runs the normal K loop of x W^T,
 so the LoRA path adds no extra pass over y. Backward reuses the same kernel for dx = dy W + scale (dy B) A.
 """
+import os
 from typing import Optional
 
 import torch
@@ -20,8 +21,8 @@ def _gemm_configs():
         return []
     shapes = [  # (BM, BN, BK, stages, warps): the usual Hopper/Ampere bf16 tiles, small ones for skinny M
         (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4), (128, 128, 64, 3, 8),
-        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
-    ]
+        (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+    ]  # kept short: each config is one more compile on first use
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for m, n, k, s, w in shapes]
 
@@ -90,8 +91,26 @@ def _precision(dtype):
     return "tf32"
 
 
+def gemm_backend() -> str:
+    """FASTCHAT_LORA_GEMM=cublas swaps the fused Triton GEMM for cuBLAS + an in-place rank-r addmm (the
+    unfused layout), e.g. where the Triton tiles lose to cuBLAS; bench/kernels.py times both."""
+    backend = os.environ.get("FASTCHAT_LORA_GEMM", "triton").strip().lower()
+    if backend not in ("triton", "cublas"):
+        raise ValueError(f"FASTCHAT_LORA_GEMM must be 'triton' or 'cublas', got {backend!r}")
+    return backend
+
+
+def _composed_lora_matmul(a, b, s, lo, scale, bias):
+    c = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    if s is not None:
+        c.addmm_(s, lo, alpha=scale)
+    return c
+
+
 def fused_lora_matmul(a, b, s=None, lo=None, scale=1.0, bias=None, blocks: Optional[dict] = None):
     """a [M, K] @ b [K, N] + scale * s [M, R] @ lo [R, N] + bias, one Triton GEMM (any strides)."""
+    if gemm_backend() == "cublas":
+        return _composed_lora_matmul(a, b, s, lo, scale, bias)
     m, k = a.shape
     n = b.shape[1]
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)

@@ -147,6 +147,21 @@ def test_fused_gemm_with_transposed_operands_and_ragged_k(monkeypatch):
     torch.testing.assert_close(plain.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
 
 
+def test_cublas_backend_gives_the_same_result(monkeypatch):
+    x, w, a, b, bias = make(torch.float32)
+    y = run("triton", monkeypatch, x, w, a, b, 0.7, bias)
+    grads = torch.autograd.grad(y.sum(), (x, a, b))
+    monkeypatch.setenv("FASTCHAT_LORA_GEMM", "cublas")
+    y2 = run("triton", monkeypatch, x, w, a, b, 0.7, bias)
+    grads2 = torch.autograd.grad(y2.sum(), (x, a, b))
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    for g2, g in zip(grads2, grads):
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("FASTCHAT_LORA_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="FASTCHAT_LORA_GEMM"):
+        run("triton", monkeypatch, x, w, a, b, 0.7, bias)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_trainable_base_weight_is_rejected(impl, monkeypatch):
     x, w, a, b, _ = make(torch.float32)
