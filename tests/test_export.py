@@ -147,3 +147,38 @@ def test_4bit_without_cuda_is_a_clear_error(tiny_run, tmp_path):
     with pytest.raises(FastchatError, match="CUDA"):
         run_export(_args(tiny_run["run"], tmp_path / "q", four_bit=True))
     assert not (tmp_path / "q").exists()
+
+
+def test_export_of_an_engine_lora_checkpoint_matches_the_engine(tmp_path):
+    """The engine's own LoRA (fastchat_ft.model.lora, PEFT layout) through export: the merged folder and the
+    adapter loaded by peft give the engine model's logits."""
+    lora = pytest.importorskip("fastchat_ft.model.lora")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from test_export_fixtures import make_base_model, make_tokenizer
+    tok = make_tokenizer(tmp_path / "tok")
+    make_base_model(tmp_path / "base", tok)
+    engine = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    lora.add_lora(engine, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in engine.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    conf = lora.adapter_config(engine, str(tmp_path / "base"), 8, 16, 0.0, ["q_proj", "v_proj", "up_proj"])
+    lora.save_adapter(engine, run / "final", conf)
+    tok.save_pretrained(run / "final")
+    ids = _ids(len(tok))
+    with torch.no_grad():
+        ref = engine(ids).logits
+    run_export(_args(run, tmp_path / "merged"))
+    run_export(_args(run, tmp_path / "adapter", adapter=True))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                               tmp_path / "adapter").eval()
+        via_peft = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(merged, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(via_peft, ref, atol=1e-4, rtol=1e-4)
