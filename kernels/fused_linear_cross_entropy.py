@@ -285,18 +285,15 @@ def _keep_labelled_rows(hidden, labels, ignore_index, vocab):
     """Flatten and drop rows whose label is ignore_index (they cost nothing after this). One host sync."""
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(device=x.device)
-    keep = y != ignore_index
-    idx = keep.nonzero().squeeze(1)
-    if idx.numel() == y.numel():
-        idx = None
-    else:
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    if idx.numel() != y.numel():  # index_select's backward scatters the gradient back, zeros elsewhere
         x = x.index_select(0, idx)
         y = y.index_select(0, idx)
     if y.numel():
         bad = ((y < 0) | (y >= vocab)).any()
         if bool(bad):
             raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
-    return x, y.to(torch.int64).contiguous(), idx
+    return x, y.to(torch.int64).contiguous()
 
 
 def _grad_scale(n_valid, reduction, num_items, device):
@@ -331,7 +328,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items)
     # under autocast only the activations are cast; the head weight keeps its dtype and gets its gradient
     # straight from the fp32 accumulator
-    x, y, _idx = _keep_labelled_rows(autocast_input(hidden), labels, ignore_index, weight.shape[0])
+    x, y = _keep_labelled_rows(autocast_input(hidden), labels, ignore_index, weight.shape[0])
     if not x.is_contiguous():
         x = x.contiguous()
     grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device)
@@ -366,7 +363,7 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, igno
     fp32 one token chunk at a time under activation checkpointing, so backward also holds one chunk; the
     weight is upcast once, so its gradient accumulates across chunks in fp32 before the final cast."""
     _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items)
-    x, y, _idx = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])
+    x, y = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     weight32 = weight.to(acc_dtype)
     bias32 = None if bias is None else bias.to(acc_dtype)
