@@ -41,7 +41,8 @@ def main():
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
                       callbacks=[losses])
     trainer.train()
-    write_report(args, "hf_trainer", losses.losses, collate([dataset[0], dataset[1]]), handle)
+    sample = collate([dataset[i] for i in range(min(2, len(dataset)))])
+    write_report(args, "hf_trainer", losses.losses, sample, handle)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def main():
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          data_collator=collate, callbacks=[losses])
     trainer.train()
-    write_report(args, "trl_sft", losses.losses, collate([dataset[0], dataset[1]]), handle)
+    sample = collate([dataset[i] for i in range(min(2, len(dataset)))])
+    write_report(args, "trl_sft", losses.losses, sample, handle)
 
 
 if __name__ == "__main__":
