@@ -106,6 +106,8 @@ def test_patched_loss_and_grads_equal_hf(model_type, kernel_calls):
     handle = fastchat_ft.patch(model)
     n_norms = sum(type(m).__name__ == FAMILIES[model_type].norm_class for m in model.modules())
     assert handle.rms_norms == n_norms > 0 and handle.fused_loss and handle.skipped == []
+    assert "model.norm" in handle.replaced and type(model).__name__ in handle.replaced
+    assert len(handle.replaced) == n_norms + 1
 
     got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
     assert got.logits is None  # the [tokens x vocab] logits were never built
@@ -268,6 +270,7 @@ def test_peft_lora_layers_use_the_kernel_and_match_peft(kernel_calls):
     before = forwards(model)
     handle = fastchat_ft.patch(model)
     assert handle.lora_layers == 2 * 3 and handle.fused_loss
+    assert "base_model.model.model.layers.1.mlp.down_proj" in handle.replaced
     got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
     assert kernel_calls["lora_linear"] == 6 and kernel_calls["fused_linear_cross_entropy"] == 1
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)

@@ -56,6 +56,7 @@ class PatchHandle:
     fused_loss: bool = False    # causal-LM forward computes the loss with fused_linear_cross_entropy
     lora_layers: int = 0        # peft LoRA Linear layers now running fastchat_ft.kernels.lora_linear
     skipped: list[str] = field(default_factory=list)   # what was left alone, and why
+    replaced: list[str] = field(default_factory=list)  # qualified names of the modules whose forward is ours
     _model: object = field(default=None, repr=False)
     _saved: list = field(default_factory=list, repr=False)  # (module, forward in its __dict__ before, ours)
     _before: dict = field(default_factory=dict, repr=False)  # id(module) -> (weakref to it, forward before)
@@ -84,16 +85,18 @@ class PatchHandle:
             else:
                 module.forward = before
         self._saved.clear()
+        self.replaced.clear()
         if self._model is not None:
             _ACTIVE.pop(self._model, None)
         self._model = None
 
-    def _install(self, module, new_forward) -> None:
+    def _install(self, name: str, module, new_forward) -> None:
         before = module.__dict__.get("forward", _MISSING)
         bound = types.MethodType(new_forward, module)
         module.forward = bound
         self._saved.append((module, before, bound))
         self._before[id(module)] = (weakref.ref(module), before)
+        self.replaced.append(name or type(module).__name__)
 
     def _call_original(self, module, *args, **kwargs):
         """Run the forward `module` had before patching. A deep copy of a patched model (an EMA or reference
@@ -175,7 +178,7 @@ def _patch_rms_norms(lm, family: Family, handle: PatchHandle) -> None:
         if not hasattr(module, eps_attr) or getattr(module, "weight", None) is None:
             handle.skipped.append(f"{name}: {family.norm_class} without weight/{eps_attr}")
             continue
-        handle._install(module, rms_norm_forward)
+        handle._install(name, module, rms_norm_forward)
         handle.rms_norms += 1
     if handle.rms_norms == 0:
         handle.skipped.append(f"rms_norm: no {family.norm_class} module found")
@@ -209,7 +212,7 @@ def _patch_loss(lm, family: Family, handle: PatchHandle) -> None:
             return handle._call_original(self, **kwargs)
         return _forward_with_fused_loss(self, head, family, kwargs)
 
-    handle._install(lm, fused_loss_forward)
+    handle._install("", lm, fused_loss_forward)
     handle.fused_loss = True
 
 
@@ -280,7 +283,7 @@ def _patch_lora(model, handle: PatchHandle) -> None:
             handle.skipped.append(f"{name}: {type(module).__name__} over {type(module.base_layer).__name__} "
                                   "(only dense nn.Linear bases use the kernel)")
             continue
-        handle._install(module, lora_forward)
+        handle._install(name, module, lora_forward)
         handle.lora_layers += 1
 
 
