@@ -66,28 +66,32 @@ def test_rms_norm_kernels_compile(gemma):
                 dict(common, WANT_DW=True), aligned=("dy_ptr", "x_ptr", "dx_ptr"), num_warps=8)
 
 
-@pytest.mark.parametrize("target", [HOPPER, AMPERE], ids=["sm90", "sm80"])
-def test_lora_gemm_compiles_to_tensor_core_pipeline(target):
-    signature = {n: "*bf16" for n in ("a_ptr", "b_ptr", "s_ptr", "l_ptr", "bias_ptr", "c_ptr")}
+@pytest.mark.parametrize("target,dtype,has_lora", [(HOPPER, "bf16", True), (AMPERE, "bf16", True),
+                                                   (HOPPER, "fp32", False)], ids=["sm90", "sm80", "sm90-fp32"])
+def test_lora_gemm_compiles_to_tensor_core_pipeline(target, dtype, has_lora):
+    signature = {n: f"*{dtype}" for n in ("a_ptr", "b_ptr", "s_ptr", "l_ptr", "bias_ptr", "c_ptr")}
     signature.update({n: "i32" for n in ("M", "N", "K", "R", "M_BUCKET", "stride_am", "stride_ak", "stride_bk",
                                          "stride_bn", "stride_sm", "stride_sr", "stride_lr", "stride_ln",
                                          "stride_cm", "stride_cn")})
     signature["scale"] = "fp32"
     signature.update({n: "" for n in ("HAS_LORA", "HAS_BIAS", "BLOCK_R", "PRECISION", "BLOCK_M", "BLOCK_N",
                                       "BLOCK_K", "GROUP_M")})
-    # forward layout: x row-major (stride_ak = 1), W^T read as [K, N] with stride_bk = 1
-    constexprs = {"HAS_LORA": True, "HAS_BIAS": True, "BLOCK_R": 16, "PRECISION": "tf32", "BLOCK_M": 128,
-                  "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1,
-                  "stride_sr": 1, "stride_lr": 1}
+    # forward layout: x row-major (stride_ak = 1), W^T read as [K, N] with stride_bk = 1; fp32 without
+    # allow_tf32 asks for exact ("ieee") products
+    constexprs = {"HAS_LORA": has_lora, "HAS_BIAS": True, "BLOCK_R": 16,
+                  "PRECISION": "tf32" if dtype != "fp32" else "ieee", "BLOCK_M": 128, "BLOCK_N": 128,
+                  "BLOCK_K": 64 if dtype != "fp32" else 32, "GROUP_M": 8, "stride_ak": 1, "stride_bk": 1,
+                  "stride_cn": 1, "stride_sr": 1, "stride_lr": 1}
     aligned = ("a_ptr", "b_ptr", "s_ptr", "l_ptr", "bias_ptr", "c_ptr", "stride_am", "stride_bn", "stride_sm",
                "stride_ln", "stride_cm", "K", "N")
     out = compile_for(_lora_matmul_kernel, target, signature, constexprs, aligned, num_warps=4, num_stages=4)
     ttgir = out.asm["ttgir"]
     assert "async_copy_global_to_local" in ttgir  # K loop is software-pipelined
-    if target.arch == 90:
-        assert "warp_group_dot" in ttgir  # Hopper wgmma
-    else:
-        assert "mma" in out.asm["ptx"]
+    if dtype == "bf16":
+        if target.arch == 90:
+            assert "warp_group_dot" in ttgir  # Hopper wgmma
+        else:
+            assert "mma" in out.asm["ptx"]
 
 
 def test_compiler_still_works_after_interpreted_launches(monkeypatch):

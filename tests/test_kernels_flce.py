@@ -319,3 +319,17 @@ def test_default_chunking_scales_with_tokens():
     assert _default_chunk_rows(16384, 32000, torch.bfloat16) == 16384
     rows = _default_chunk_rows(16384, 128256, torch.bfloat16)
     assert rows % 256 == 0 and rows * 128256 * 2 <= 1 << 30 and -(-16384 // rows) == 4
+
+
+def test_bf16_plumbing_under_the_interpreter(monkeypatch):
+    """bf16 end to end on the Triton path (the interpreter casts to bf16 by truncation, so tolerances allow a few
+    bf16 ulps; the GPU test below holds bf16 to the stated tolerances with round-to-nearest)."""
+    h, w, b, y = make_inputs(torch.bfloat16, vocab=211, ignore_frac=0.5)
+    loss = run("triton", monkeypatch, h, w, y, bias=b, chunk_size=8, softcap=20.0)
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == b.grad.dtype == torch.bfloat16
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    ref = float64_loss(h64, w64, y, b64, softcap=20.0)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= TOL[torch.bfloat16][0] * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), torch.bfloat16)
