@@ -191,7 +191,10 @@ def test_packed_row_equals_its_documents_run_alone(model_type):
 def test_triton_kernels_through_the_patch_under_the_interpreter(monkeypatch, kernel_calls):
     """The same parity with the Triton kernels themselves (run by the interpreter on CPU), not their references."""
     pytest.importorskip("triton")
+    peft = pytest.importorskip("peft")
     model = tiny_model("gemma2")  # offset RMSNorm, softcap and tied embeddings in one model
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                       init_lora_weights=False))
     ids, labels = batch(rows=2, length=9)
     want, want_grads = loss_and_grads(model, input_ids=ids, labels=labels)
     fastchat_ft.patch(model)
@@ -200,6 +203,7 @@ def test_triton_kernels_through_the_patch_under_the_interpreter(monkeypatch, ker
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
     assert_close_grads(grads, want_grads, rtol=1e-3, atol=1e-4)
     assert kernel_calls["fused_linear_cross_entropy"] == 1 and kernel_calls["rms_norm"] > 0
+    assert kernel_calls["lora_linear"] == 4
 
 
 def test_eval_mode_and_unlabelled_calls_run_the_original_forward(kernel_calls):
