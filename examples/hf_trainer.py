@@ -7,7 +7,7 @@ restarting per conversation and assistant-only labels; fastchat_ft.patch swaps i
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import fastchat_ft
-from common import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
+from example_setup import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
 from fastchat_ft.data.collate import collate
 
 

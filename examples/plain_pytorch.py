@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fastchat_ft
-from common import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
+from example_setup import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
 from fastchat_ft.data.collate import collate
 
 MODEL_INPUTS = ("input_ids", "labels", "position_ids")  # no attention_mask: HF masks per document from these

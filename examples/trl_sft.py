@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 import fastchat_ft
-from common import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
+from example_setup import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
 from fastchat_ft.data.collate import collate
 
 

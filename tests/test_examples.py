@@ -90,9 +90,9 @@ def test_trl_example_trains_on_the_same_labels_as_hf_trainer(chat_file, tmp_path
     pytest.importorskip("trl")
     # 5 steps of 1 x 2 rows stay inside the first epoch (about 20 packed rows); past it ChatDataset.set_epoch
     # reshuffles under HF Trainer while TRL's `datasets` copy does not, so the rows would differ
-    common = ("--data", str(chat_file), "--steps", "5", "--batch-size", "1")
-    trl = run_example("trl_sft", tmp_path, *common)
-    hf = run_example("hf_trainer", tmp_path, *common)
+    same = ("--data", str(chat_file), "--steps", "5", "--batch-size", "1")
+    trl = run_example("trl_sft", tmp_path, *same)
+    hf = run_example("hf_trainer", tmp_path, *same)
     assert_learns(trl, 5)
     assert trl["losses"] == pytest.approx(hf["losses"], rel=1e-4)
 
@@ -102,13 +102,13 @@ def test_trl_example_trains_on_the_same_labels_as_hf_trainer(chat_file, tmp_path
 def _pieces(chat_file, tmp_path, **overrides):
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import common
+        import example_setup as setup
     finally:
         sys.path.remove(str(EXAMPLES))
     args = type("Args", (), dict(model=None, data=str(chat_file), template="chatml", max_seq_len=128, seed=0,
                                  lora=0, **overrides))()
-    tokenizer, model = common.load_tokenizer_and_model(args)
-    return tokenizer, model, common.chat_dataset(args, tokenizer)
+    tokenizer, model = setup.load_tokenizer_and_model(args)
+    return tokenizer, model, setup.chat_dataset(args, tokenizer)
 
 
 def _spy_forward(model, seen: list):
