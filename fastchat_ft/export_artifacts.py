@@ -128,6 +128,35 @@ def dataset_stats(convs: list[list[dict]], tokenizer=None) -> dict:
     return stats
 
 
+def analyze_split(path: Path, tokenizer_dir: Path, tokenizer, config: dict) -> dict:
+    """`fastchat-ft analyze`'s statistics of one split with the training template and tokenizer; the small
+    Python count above when the analyzer cannot run (e.g. a template it does not know)."""
+    try:
+        from fastchat_ft.data.analyze import analyze_file
+        return analyze_file(path, str(tokenizer_dir), template=config.get("chat_template") or "chatml",
+                            max_seq_len=int(config.get("sequence_len") or 2048))
+    except Exception as e:  # noqa: BLE001 - statistics must not stop an export; the fallback says why
+        stats = dataset_stats(read_conversations(path), tokenizer)
+        stats["analyze_error"] = f"{type(e).__name__}: {e}"
+        return stats
+
+
+def split_summary(d: dict) -> dict:
+    """The few numbers the card and notes show, from analyze's dict or from dataset_stats'."""
+    if "conversations" in d:  # analyze_file
+        tok, div = d.get("tokens", {}), d.get("diversity", {})
+        return {"examples": d["conversations"], "multi_turn_ratio": d.get("multi_turn_ratio", 0.0),
+                "tokens": tok.get("total"), "trainable_tokens": tok.get("trainable"),
+                "tokens_mean": round(tok.get("mean_per_conversation", 0.0), 1),
+                "tokens_max": d.get("lengths", {}).get("max"), "distinct_2": div.get("distinct_2", 0.0),
+                "duplicates": div.get("exact_duplicates", 0) + div.get("near_duplicates", 0),
+                "invalid_records": d.get("invalid_records", 0)}
+    return {"examples": d.get("examples", 0), "multi_turn_ratio": d.get("multi_turn_ratio", 0.0),
+            "tokens": d.get("tokens"), "trainable_tokens": None, "tokens_mean": d.get("tokens_per_example_mean"),
+            "tokens_max": d.get("tokens_per_example_max"), "distinct_2": d.get("distinct_2", 0.0),
+            "duplicates": None, "invalid_records": None}
+
+
 def read_metrics(run_dir: Path | None) -> list[dict]:
     path = run_dir / "metrics.jsonl" if run_dir else None
     if not path or not path.is_file():
@@ -188,7 +217,9 @@ def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = No
     info["splits"] = _write_splits(splits, out)
     if splits:
         info["files"].append("data/")
-    info["dataset_info"] = {name: dataset_stats(read_conversations(path), tokenizer) for name, path in splits.items()}
+    info["config"] = _read_yaml(run_dir / "training_config.yaml") if run_dir else {}
+    info["dataset_info"] = {name: analyze_split(path, source.tokenizer_dir, tokenizer, info["config"])
+                            for name, path in splits.items()}
     info["dataset_info"]["validate"] = _validate_summary(run_dir)
     (out / "dataset_info.json").write_text(json.dumps(info["dataset_info"], indent=2) + "\n")
     info["files"].append("dataset_info.json")
@@ -196,7 +227,6 @@ def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = No
     info["losses"] = loss_before_after(metrics)
     if metrics and not (out / "loss_curve.png").exists() and _plot_loss(metrics, out / "loss_curve.png"):
         info["files"].append("loss_curve.png")
-    info["config"] = _read_yaml(run_dir / "training_config.yaml") if run_dir else {}
     val = splits.get("val") or splits.get("train")
     info["check_prompts"] = prompts_from(read_conversations(val, limit=50), 3) if val else []
     notes = Path(notes_file).read_text() if notes_file else None
@@ -294,14 +324,18 @@ def generation_notes(user_notes: str | None, info: dict) -> str:
         lines += ["_No notes were given (`fastchat-ft export --notes FILE` adds them here)._", ""]
     lines += ["## Measured statistics", ""]
     ds = info.get("dataset_info", {})
-    for name in SPLIT_NAMES:
-        if name in ds and ds[name].get("examples"):
-            s = ds[name]
-            lines.append(f"- **{name}**: {s['examples']} examples, multi-turn ratio {s['multi_turn_ratio']:.1%}, "
-                         f"{s.get('tokens', 'n/a')} tokens, distinct answers {s['distinct_answer_ratio']:.1%}, "
-                         f"distinct-2 {s['distinct_2']:.3f}")
-    if "train" in ds and "val" in ds and ds["train"].get("examples") and ds["val"].get("examples"):
-        n_tr, n_va = ds["train"]["examples"], ds["val"]["examples"]
+    sums = {name: split_summary(ds[name]) for name in SPLIT_NAMES if name in ds}
+    for name, s in sums.items():
+        if s["examples"]:
+            extra = f", {s['trainable_tokens']} trainable" if s["trainable_tokens"] is not None else ""
+            dups = f", {s['duplicates']} duplicates" if s["duplicates"] is not None else ""
+            lines.append(f"- **{name}**: {s['examples']} conversations, multi-turn ratio {s['multi_turn_ratio']:.1%}, "
+                         f"{s['tokens'] if s['tokens'] is not None else 'n/a'} tokens{extra}, "
+                         f"distinct-2 {s['distinct_2']:.3f}{dups}")
+            if s["invalid_records"]:
+                lines.append(f"  - {s['invalid_records']} invalid records in this file were left out of training")
+    if sums.get("train", {}).get("examples") and sums.get("val", {}).get("examples"):
+        n_tr, n_va = sums["train"]["examples"], sums["val"]["examples"]
         lines.append(f"- split: {n_tr} train / {n_va} validation ({n_va / (n_tr + n_va):.1%} held out)")
     removed = ds.get("validate") or {}
     lines.append("- removed by validation: " + (", ".join(f"{k} = {v}" for k, v in removed.items())

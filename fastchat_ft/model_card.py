@@ -74,16 +74,20 @@ def _usage(mode: str, summary: dict) -> list[str]:
 
 
 def _data_section(artifacts: dict) -> list[str]:
+    from fastchat_ft.export_artifacts import split_summary
+
     ds = artifacts.get("dataset_info") or {}
-    rows = [(n, s) for n, s in ds.items() if n in ("train", "val") and s.get("examples")]
+    rows = [(n, split_summary(d)) for n, d in ds.items() if n in ("train", "val")]
+    rows = [(n, s) for n, s in rows if s["examples"]]
     if not rows:
         return ["## Data", "", "No training splits were found in the run directory.", ""]
-    lines = ["## Data", "", "| split | examples | tokens | tokens/example (mean, max) | multi-turn | distinct-2 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["## Data", "", "| split | conversations | tokens | trainable tokens | tokens/conversation (mean, max) "
+             "| multi-turn | distinct-2 |", "|---|---|---|---|---|---|---|"]
+    na = lambda v: "n/a" if v is None else v  # noqa: E731
     for name, s in rows:
-        lines.append(f"| {name} | {s['examples']} | {s.get('tokens', 'n/a')} | "
-                     f"{s.get('tokens_per_example_mean', 'n/a')}, {s.get('tokens_per_example_max', 'n/a')} | "
-                     f"{s['multi_turn_ratio']:.1%} | {s['distinct_2']:.3f} |")
+        lines.append(f"| {name} | {s['examples']} | {na(s['tokens'])} | {na(s['trainable_tokens'])} | "
+                     f"{na(s['tokens_mean'])}, {na(s['tokens_max'])} | {s['multi_turn_ratio']:.1%} | "
+                     f"{s['distinct_2']:.3f} |")
     lines += ["", "How the data was made: see `generation_notes.md`; statistics in `dataset_info.json`.", ""]
     return lines
 

@@ -55,10 +55,15 @@ def test_merged_export_writes_artifacts_and_card(tiny_run, merged_export):
                  "training_logs/metrics.jsonl"):
         assert (merged_export / name).is_file(), name
     info = json.loads((merged_export / "dataset_info.json").read_text())
-    assert info["train"]["examples"] == len(tiny_run["train"]) and info["val"]["examples"] == len(tiny_run["val"])
+    assert "analyze_error" not in info["train"]  # the numbers come from `fastchat-ft analyze`
+    assert info["train"]["conversations"] == len(tiny_run["train"])
+    assert info["val"]["conversations"] == len(tiny_run["val"])
     multi = sum(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in tiny_run["train"])
-    assert info["train"]["multi_turn_ratio"] == round(multi / len(tiny_run["train"]), 4)
-    assert info["train"]["tokens"] > info["train"]["examples"] * 10
+    assert info["train"]["multi_turn_ratio"] == pytest.approx(multi / len(tiny_run["train"]))
+    tok = tiny_run["tokenizer"]
+    n_tokens = sum(len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)
+                       ["input_ids"]) for r in tiny_run["train"])
+    assert info["train"]["tokens"]["total"] == n_tokens
     notes = (merged_export / "generation_notes.md").read_text()
     assert "written by hand for the weather bot" in notes and "6.0000 before training, 2.9000 after" in notes
     card = (merged_export / "README.md").read_text()
@@ -182,3 +187,15 @@ def test_export_of_an_engine_lora_checkpoint_matches_the_engine(tmp_path):
         via_peft = peft_model(input_ids=ids).logits
     torch.testing.assert_close(merged, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(via_peft, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_dataset_info_falls_back_when_analyze_cannot_run(tiny_run):
+    from fastchat_ft.export_artifacts import analyze_split, split_summary
+    path = tiny_run["run"] / "data" / "train.jsonl"
+    d = analyze_split(path, tiny_run["run"] / "final", tiny_run["tokenizer"], {"chat_template": "no-such-template"})
+    assert "analyze_error" in d
+    s = split_summary(d)
+    assert s["examples"] == len(tiny_run["train"]) and s["tokens"] > 0
+    good = split_summary(analyze_split(path, tiny_run["run"] / "final", tiny_run["tokenizer"], {}))
+    assert good["examples"] == s["examples"] and good["tokens"] == s["tokens"]  # both count template tokens
+    assert good["multi_turn_ratio"] == pytest.approx(s["multi_turn_ratio"], abs=1e-4)
