@@ -74,6 +74,10 @@ def test_plain_pytorch_example(chat_file, tmp_path):
     report = run_example("plain_pytorch", tmp_path, "--data", str(chat_file), "--steps", "8")
     assert_learns(report, 8)
     assert "loss -> fused_linear_cross_entropy" in report["patched"]
+    # the same 8 optimizer steps on HF's own code (no patch): the same loss curve
+    plain = run_example("plain_pytorch", tmp_path, "--data", str(chat_file), "--steps", "8", "--no-patch")
+    assert plain["patched"] is None
+    assert report["losses"] == pytest.approx(plain["losses"], rel=1e-4)
 
 
 def test_hf_trainer_example_with_peft_lora(chat_file, tmp_path):
