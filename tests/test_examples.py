@@ -30,6 +30,7 @@ except ImportError:
 def chat_file(tmp_path, monkeypatch):
     """~80 short conversations (some multi-turn) in OpenAI messages form; the loader's cache goes to tmp_path."""
     cache = tmp_path / "cache"
+    # pre-created: ChatDataset (as landed) makes its temp build folder before creating the cache folder
     (cache / "data").mkdir(parents=True)
     monkeypatch.setenv("FASTCHAT_FT_CACHE", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
