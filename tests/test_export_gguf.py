@@ -1,6 +1,5 @@
 """export --gguf: the file is read back by transformers' own GGUF loader (the reference) with logits close to
 the merged model's, the tokenizer it describes encodes like the original, and it stops on the end-of-turn token."""
-import json
 from argparse import Namespace
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from fastchat_ft.errors import ModelError
 from fastchat_ft.export import run_export
 from fastchat_ft.export_gguf import _rotary_permute, write_gguf
-from fastchat_ft.inference import chat_prompt_ids, load_model
+from fastchat_ft.inference import load_model
 from test_export_fixtures import tiny_run  # noqa: F401 (fixture)
 
 
