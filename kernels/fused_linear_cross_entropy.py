@@ -36,8 +36,9 @@ class CrossEntropyStats(NamedTuple):
 @kernel
 def _ce_rows_kernel(
     logits_ptr, logits_stride, labels_ptr, loss_ptr, correct_ptr, grad_scale_ptr,
-    n_cols, softcap, z_loss,
-    HAS_SOFTCAP: tl.constexpr, HAS_Z_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    n_cols, softcap, z_loss, smoothing,
+    HAS_SOFTCAP: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # One program per row; int64 row offset because rows * V passes 2^31 at realistic sizes.
     row = tl.program_id(0).to(tl.int64)
@@ -47,6 +48,7 @@ def _ce_rows_kernel(
     cap = tl.cast(softcap, tl.float32)
     inv_cap = 1.0 / cap
     zl = tl.cast(z_loss, tl.float32)
+    ls = tl.cast(smoothing, tl.float32)
     offs = tl.arange(0, BLOCK_V)
 
     # Pass 1: online max / sum-exp, and the label's logit taken from the same computed values as the max so
@@ -56,6 +58,7 @@ def _ce_rows_kernel(
     d = tl.zeros([], tl.float32)
     d_other = tl.zeros([], tl.float32)
     x_label = tl.zeros([], tl.float32)
+    x_sum = tl.zeros([], tl.float32)  # for label smoothing's uniform term
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offs
         mask = cols < n_cols
@@ -72,11 +75,16 @@ def _ce_rows_kernel(
         d_other = d_other * alpha + tl.sum(tl.where(is_label, 0.0, e), 0)
         m = m_new
         x_label += tl.sum(tl.where(is_label, x, 0.0), 0)
+        if HAS_SMOOTHING:
+            x_sum += tl.sum(tl.where(mask, x, 0.0), 0)
     # Keep lse split as m + log_d: near p_y -> 1 the gradient p_y - 1 is ~log_d, which m + log_d rounded at
     # the magnitude of m (fp32 spacing ~2e-6 at 16) would lose.
     log_d = tl.log(d)
     lse = m + log_d
     loss = (m - x_label) + log_d
+    if HAS_SMOOTHING:
+        # (1 - ls) * (lse - x_y) + ls * (lse - mean(x)), as torch's cross_entropy(label_smoothing=ls)
+        loss = (1.0 - ls) * loss + ls * (lse - x_sum / n_cols)
     if HAS_Z_LOSS:
         loss += zl * lse * lse
     tl.store(loss_ptr + row, loss)
@@ -85,13 +93,19 @@ def _ce_rows_kernel(
     if WRITE_GRAD:
         # Pass 2: dLoss/dlogit = p * (1 + 2 z lse) - onehot, times the softcap derivative, times the
         # reduction scale, all in fp32 and rounded once at the store (the target term never sees bf16;
-        # at the label it is -d_other/d + 2 z lse p_y, which equals p_y (1 + 2 z lse) - 1).
+        # at the label it is -d_other/d + 2 z lse p_y, which equals p_y (1 + 2 z lse) - 1; label smoothing
+        # subtracts ls/V everywhere and adds ls back at the label).
         scale = tl.load(grad_scale_ptr).to(tl.float32)
         p_factor = 1.0
         if HAS_Z_LOSS:
             p_factor = 1.0 + 2.0 * zl * lse
         p_label = tl.exp((x_label - m) - log_d)
         g_label = -d_other / d + (p_factor - 1.0) * p_label
+        uniform = 0.0
+        if HAS_SMOOTHING:
+            # targets (1 - ls) onehot + ls / V: every column loses ls / V, the label gets ls back
+            uniform = ls / n_cols
+            g_label += ls
         for start in range(0, n_cols, BLOCK_V):
             cols = start + offs
             mask = cols < n_cols
@@ -99,8 +113,8 @@ def _ce_rows_kernel(
             if HAS_SOFTCAP:
                 t = 1.0 - 2.0 / (tl.exp(2.0 * x * inv_cap) + 1.0)
                 x = cap * t
-            g = tl.exp((x - m) - log_d) * p_factor
-            g = tl.where(cols == label, g_label, g)
+            g = tl.exp((x - m) - log_d) * p_factor - uniform
+            g = tl.where(cols == label, g_label - uniform, g)
             if HAS_SOFTCAP:
                 g = g * (1.0 - t * t)
             tl.store(row_ptr + cols, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
@@ -119,14 +133,16 @@ def _scale_cast_kernel(src_ptr, dst_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------- launchers
 
-def _launch_ce_rows(logits, labels, loss_out, correct_out, grad_scale, softcap, z_loss, write_grad, block_v):
+def _launch_ce_rows(logits, labels, loss_out, correct_out, grad_scale, softcap, z_loss, write_grad, block_v,
+                    label_smoothing=0.0):
     n_rows, n_cols = logits.shape
     if block_v is None:
         block_v = min(8192, next_power_of_2(n_cols))
     _ce_rows_kernel.on(logits.device)[(n_rows,)](
         logits, logits.stride(0), labels, loss_out, correct_out, grad_scale,
-        n_cols, float(softcap or 1.0), float(z_loss),
-        HAS_SOFTCAP=softcap is not None, HAS_Z_LOSS=z_loss != 0.0, WRITE_GRAD=write_grad, BLOCK_V=block_v,
+        n_cols, float(softcap or 1.0), float(z_loss), float(label_smoothing),
+        HAS_SOFTCAP=softcap is not None, HAS_Z_LOSS=z_loss != 0.0, HAS_SMOOTHING=label_smoothing != 0.0,
+        WRITE_GRAD=write_grad, BLOCK_V=block_v,
         num_warps=16 if block_v >= 4096 else 8,
     )
 
@@ -194,8 +210,8 @@ def _default_chunk_rows(n_rows, n_cols, dtype):
     return max(1, min(n_rows, rows))
 
 
-def _flce_chunks(x, weight, bias, labels, grad_scale, softcap, z_loss, want_dx, want_dw, want_db, chunk_rows,
-                 block_v):
+def _flce_chunks(x, weight, bias, labels, grad_scale, softcap, z_loss, label_smoothing, want_dx, want_dw, want_db,
+                 chunk_rows, block_v):
     """Loss per row, correctness per row and (if asked) dx, fp32 dW, fp32 db for the kept rows `x`."""
     n, _ = x.shape
     vocab = weight.shape[0]
@@ -216,7 +232,7 @@ def _flce_chunks(x, weight, bias, labels, grad_scale, softcap, z_loss, want_dx, 
         xc = x[start:end]
         logits = torch.addmm(bias, xc, weight.t()) if bias is not None else torch.mm(xc, weight.t())
         _launch_ce_rows(logits, labels[start:end], loss_rows[start:end], correct[start:end], grad_scale,
-                        softcap, z_loss, write_grad, block_v)
+                        softcap, z_loss, write_grad, block_v, label_smoothing)
         if want_dx:
             torch.mm(logits, weight, out=dx[start:end])
         if want_dw:
@@ -231,13 +247,14 @@ def _flce_chunks(x, weight, bias, labels, grad_scale, softcap, z_loss, want_dx, 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, grad_scale, softcap, z_loss, chunk_rows, block_v):
+    def forward(ctx, x, weight, bias, labels, grad_scale, softcap, z_loss, label_smoothing, chunk_rows, block_v):
         want_dx, want_dw, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         w = weight if weight.dtype == x.dtype else weight.to(x.dtype)  # autocast: fp32 master, bf16 activations
         b = None if bias is None else (bias if bias.dtype == x.dtype else bias.to(x.dtype))
         with no_autocast(x.device):
             loss_rows, correct, dx, dw32, db32 = _flce_chunks(
-                x, w, b, labels, grad_scale, softcap, z_loss, want_dx, want_dw, want_db, chunk_rows, block_v)
+                x, w, b, labels, grad_scale, softcap, z_loss, label_smoothing, want_dx, want_dw, want_db,
+                chunk_rows, block_v)
         loss = loss_rows.sum() * grad_scale
         ctx.save_for_backward(dx, dw32, db32)
         ctx.weight_dtype = weight.dtype
@@ -257,12 +274,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_w = _scale_cast(dw32, g, ctx.weight_dtype)
         if db32 is not None:
             grad_b = (db32 * g).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------- public API
 
-def _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items):
+def _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items, label_smoothing):
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"hidden [..., {hidden.shape[-1]}] does not match weight {tuple(weight.shape)} "
                          "(expected weight [vocab, hidden])")
@@ -279,6 +296,8 @@ def _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_item
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     if z_loss < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
 def _keep_labelled_rows(hidden, labels, ignore_index, vocab):
@@ -308,15 +327,17 @@ def _grad_scale(n_valid, reduction, num_items, device):
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean",
-                               softcap=None, z_loss=0.0, num_items=None, return_stats=False, chunk_size=None,
-                               block_size=None):
+                               softcap=None, z_loss=0.0, num_items=None, return_stats=False, label_smoothing=0.0,
+                               chunk_size=None, block_size=None):
     """Cross-entropy of softmax(hidden @ weight.T + bias) against labels, without the full logits.
 
     hidden [..., H]; weight [V, H]; labels [...] (already shifted), ignore_index rows skipped; bias [V] or None.
     reduction='mean' averages over labelled tokens; reduction='sum' sums, and with num_items (int or 0-d tensor:
     the labelled-token count over the whole accumulated batch) returns sum / num_items, which is the correct
     loss for gradient accumulation. softcap=c applies c*tanh(logit/c) first (Gemma-2). z_loss=s adds
-    s * logsumexp^2 per token. All tokens ignored: loss 0, zero grads. The loss is an fp32 scalar.
+    s * logsumexp^2 per token. label_smoothing=e mixes the target with the uniform distribution as torch's
+    cross_entropy(label_smoothing=e) and HF's label_smoothing_factor do. All tokens ignored: loss 0, zero grads.
+    The loss is an fp32 scalar.
     return_stats=True returns CrossEntropyStats(loss, n_valid, n_correct) instead of the loss.
     chunk_size: tokens per chunk (default: a memory budget); block_size: vocab block of the Triton row kernel.
     CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the Triton path, others the torch reference.
@@ -324,8 +345,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     if not use_triton(hidden):
         return fused_linear_cross_entropy_reference(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-            z_loss=z_loss, num_items=num_items, return_stats=return_stats, chunk_size=chunk_size)
-    _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items)
+            z_loss=z_loss, num_items=num_items, return_stats=return_stats, label_smoothing=label_smoothing,
+            chunk_size=chunk_size)
+    _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items, label_smoothing)
     # under autocast only the activations are cast; the head weight keeps its dtype and gets its gradient
     # straight from the fp32 accumulator
     x, y = _keep_labelled_rows(autocast_input(hidden), labels, ignore_index, weight.shape[0])
@@ -333,7 +355,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
         x = x.contiguous()
     grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device)
     loss, n_correct = _FusedLinearCrossEntropy.apply(
-        x, weight, bias, y, grad_scale, softcap, float(z_loss), chunk_size, block_size)
+        x, weight, bias, y, grad_scale, softcap, float(z_loss), float(label_smoothing), chunk_size, block_size)
     if not return_stats:
         return loss
     return CrossEntropyStats(loss, torch.tensor(y.numel(), device=x.device), n_correct)
@@ -341,7 +363,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
 
 # ----------------------------------------------------------------------------------------------- reference
 
-def _reference_chunk_loss(x, weight32, bias32, labels, softcap, z_loss):
+def _reference_chunk_loss(x, weight32, bias32, labels, softcap, z_loss, label_smoothing):
     logits = x.to(weight32.dtype) @ weight32.t()
     if bias32 is not None:
         logits = logits + bias32
@@ -350,6 +372,8 @@ def _reference_chunk_loss(x, weight32, bias32, labels, softcap, z_loss):
     lse = torch.logsumexp(logits, dim=-1)
     label_logit = logits.gather(1, labels[:, None]).squeeze(1)
     loss = lse - label_logit
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - logits.mean(dim=-1))
     if z_loss:
         loss = loss + z_loss * lse * lse
     correct = (label_logit >= logits.max(dim=-1).values).sum()
@@ -358,11 +382,11 @@ def _reference_chunk_loss(x, weight32, bias32, labels, softcap, z_loss):
 
 def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, ignore_index=-100,
                                          reduction="mean", softcap=None, z_loss=0.0, num_items=None,
-                                         return_stats=False, chunk_size=None):
+                                         return_stats=False, label_smoothing=0.0, chunk_size=None):
     """Plain torch, same API and semantics as fused_linear_cross_entropy; the CPU path. Logits are computed in
     fp32 one token chunk at a time under activation checkpointing, so backward also holds one chunk; the
     weight is upcast once, so its gradient accumulates across chunks in fp32 before the final cast."""
-    _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items)
+    _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items, label_smoothing)
     x, y = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     weight32 = weight.to(acc_dtype)
@@ -374,7 +398,8 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, igno
     total = torch.zeros((), dtype=acc_dtype, device=x.device)
     n_correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for start in range(0, y.numel(), chunk):
-        args = (x[start:start + chunk], weight32, bias32, y[start:start + chunk], softcap, float(z_loss))
+        args = (x[start:start + chunk], weight32, bias32, y[start:start + chunk], softcap, float(z_loss),
+                float(label_smoothing))
         if needs_grad:
             loss_sum, correct = checkpoint(_reference_chunk_loss, *args, use_reentrant=False)
         else:

@@ -41,9 +41,11 @@ def compile_for(kernel, target, signature, constexprs, aligned=(), **options):
 def test_cross_entropy_row_kernel_compiles(softcap, z_loss, dtype):
     signature = {"logits_ptr": f"*{dtype}", "logits_stride": "i64", "labels_ptr": "*i64", "loss_ptr": "*fp32",
                  "correct_ptr": "*i32", "grad_scale_ptr": "*fp32", "n_cols": "i32", "softcap": "fp32",
-                 "z_loss": "fp32", "HAS_SOFTCAP": "", "HAS_Z_LOSS": "", "WRITE_GRAD": "", "BLOCK_V": ""}
+                 "z_loss": "fp32", "smoothing": "fp32", "HAS_SOFTCAP": "", "HAS_Z_LOSS": "", "HAS_SMOOTHING": "",
+                 "WRITE_GRAD": "", "BLOCK_V": ""}
     out = compile_for(_ce_rows_kernel, HOPPER, signature,
-                      {"HAS_SOFTCAP": softcap, "HAS_Z_LOSS": z_loss, "WRITE_GRAD": True, "BLOCK_V": 8192},
+                      {"HAS_SOFTCAP": softcap, "HAS_Z_LOSS": z_loss, "HAS_SMOOTHING": softcap, "WRITE_GRAD": True,
+                       "BLOCK_V": 8192},
                       aligned=("logits_ptr", "logits_stride", "n_cols"), num_warps=16)
     assert "st.global" in out.asm["ptx"]
     compile_for(_scale_cast_kernel, HOPPER,

@@ -39,8 +39,9 @@ def run(impl, monkeypatch, *args, **kwargs):
     return fused_linear_cross_entropy_reference(*args, **kwargs)
 
 
-def float64_loss(hidden, weight, labels, bias=None, reduction="mean", softcap=None, z_loss=0.0, num_items=None):
-    """Unchunked float64 reference: full logits, torch's own log-softmax."""
+def float64_loss(hidden, weight, labels, bias=None, reduction="mean", softcap=None, z_loss=0.0, num_items=None,
+                 label_smoothing=0.0):
+    """Unchunked float64 reference: full logits, torch's own logsumexp."""
     logits = hidden.reshape(-1, hidden.shape[-1]).double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()
@@ -49,7 +50,9 @@ def float64_loss(hidden, weight, labels, bias=None, reduction="mean", softcap=No
     y = labels.reshape(-1)
     keep = y != IGNORE
     lse = torch.logsumexp(logits[keep], -1)
-    per_token = lse - logits[keep].gather(1, y[keep][:, None]).squeeze(1) + z_loss * lse * lse
+    nll = lse - logits[keep].gather(1, y[keep][:, None]).squeeze(1)
+    smooth = lse - logits[keep].mean(-1)
+    per_token = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse * lse
     total = per_token.sum()
     if reduction == "mean":
         return total / max(int(keep.sum()), 1)
@@ -111,6 +114,29 @@ def test_softcap_and_z_loss_grads(impl, monkeypatch):
     ref.backward()
     plain = float64_loss(h64.detach(), w64.detach(), y, b64.detach())
     assert abs(ref.item() - plain.item()) > 1e-2, "softcap/z-loss must change the loss for this test to mean anything"
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_label_smoothing_matches_torch_cross_entropy(impl, monkeypatch):
+    h, w, b, y = make_inputs(torch.float32, tokens=(2, 21), vocab=163, ignore_frac=0.4)
+    loss = run(impl, monkeypatch, h, w, y, bias=b, label_smoothing=0.1, chunk_size=9)
+    loss.backward()
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    logits = h64.reshape(-1, h64.shape[-1]) @ w64.t() + b64
+    ref = torch.nn.functional.cross_entropy(logits, y.reshape(-1), ignore_index=IGNORE, label_smoothing=0.1)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), torch.float32)
+    # with softcap and z-loss as well, against the float64 formula
+    for t in (h, w, b):
+        t.grad = None
+    loss = run(impl, monkeypatch, h, w, y, bias=b, label_smoothing=0.2, softcap=4.0, z_loss=1e-3, chunk_size=9)
+    loss.backward()
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    ref = float64_loss(h64, w64, y, b64, softcap=4.0, z_loss=1e-3, label_smoothing=0.2)
+    ref.backward()
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     assert_close_grads((h, w, b), (h64, w64, b64), torch.float32)
 
@@ -225,6 +251,8 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         fused_linear_cross_entropy_reference(h, w, y.clamp(max=1), num_items=3)
     with pytest.raises(ValueError, match="reduction"):
         fused_linear_cross_entropy_reference(h, w, y.clamp(max=1), reduction="none")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fused_linear_cross_entropy_reference(h, w, y.clamp(max=1), label_smoothing=1.5)
     with pytest.raises(ValueError, match="does not match weight"):
         fused_linear_cross_entropy_reference(h, w[:, :-1], y.clamp(max=1))
 
