@@ -5,9 +5,10 @@ TRITON_INTERPRET=1. Importing is cheap (torch, plus triton when installed; nothi
 launched until a kernel is first called) and works without triton.
 
     fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean",
-                               softcap=None, z_loss=0.0, num_items=None, return_stats=False) -> loss
+                               softcap=None, z_loss=0.0, num_items=None, return_stats=False,
+                               label_smoothing=0.0) -> loss, or CrossEntropyStats(loss, n_valid, n_correct)
     rms_norm(x, weight, eps, offset=0.0, casting=None) -> y
-    lora_linear(x, weight, lora_a, lora_b, scale, bias=None) -> y
+    lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0) -> y
 """
 # Eager on purpose: each function shares its module's name, and a lazy import would let the submodule
 # shadow the function on the package (`from fastchat_ft.kernels import rms_norm` returning a module).
