@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 from fastchat_ft.errors import FastchatError
 from fastchat_ft.inference import ChatStream, LoadedModel, load_model, resolve_model
@@ -80,7 +79,7 @@ class ChatServer(ThreadingHTTPServer):
     def __init__(self, address, loaded: LoadedModel, default_max_tokens: int = 512):
         super().__init__(address, ChatHandler)
         self.loaded = loaded
-        self.model_name = Path(str(loaded.source.path)).name or "model"
+        self.model_name = (loaded.source.run_dir or loaded.source.path).name or "model"
         self.default_max_tokens = default_max_tokens
         self.lock = threading.Lock()  # one generation at a time: a CPU/GPU model is not shared usefully
 
