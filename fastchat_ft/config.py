@@ -1,0 +1,259 @@
+"""The training config: one dataclass with Axolotl's key names, YAML load/save, `KEY=VALUE` overrides and
+validation that names the bad key and suggests a fix. It does not load models or data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastchat_ft.errors import ConfigError
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_CONFIG = ASSETS / "default.yaml"
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TEMPLATES = ("chatml", "llama3", "llama2", "mistral", "alpaca", "tokenizer")
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    base_model: str | None = None          # local HF folder; None = the default SmolLM2-135M-Instruct (converted once)
+    trust_remote_code: bool = False        # run code shipped inside the model folder: only for folders you trust
+    # --- data ---
+    datasets: list = field(default_factory=list)       # [{path, type: chat_template, chat_template: chatml}]
+    test_datasets: list = field(default_factory=list)  # held-out files; otherwise val_set_size splits datasets
+    val_set_size: float = 0.0              # fraction (<1) or count (>=1) of conversations held out for validation
+    chat_template: str = "chatml"          # chatml | llama3 | llama2 | mistral | alpaca | tokenizer (model's Jinja)
+    sequence_len: int = 2048               # tokens per packed row; longer conversations follow excess_length_strategy
+    sample_packing: bool = True            # pack conversations into rows; attention never crosses conversations
+    excess_length_strategy: str = "drop"   # drop | truncate (at a turn boundary)
+    train_on_inputs: bool = False          # True: also learn the prompt tokens (rarely what you want for chat)
+    # --- adapter ---
+    adapter: str | None = "lora"           # lora | qlora (CUDA + bitsandbytes) | null (full fine-tuning)
+    lora_r: int = 16                       # rank: 8-64 covers most chat tuning; memory grows linearly
+    lora_alpha: int = 32                   # scale = alpha / r; alpha = 2r is the common choice
+    lora_dropout: float = 0.0              # 0 keeps the fused LoRA kernel path; 0.05 is Axolotl's usual value
+    lora_target_modules: list = field(default_factory=lambda: list(ALL_LINEAR))  # module names to adapt
+    # --- optimisation ---
+    learning_rate: float | None = None     # None = 2e-4 with an adapter, 2e-5 for full fine-tuning
+    num_epochs: float = 3                  # passes over the training data
+    max_steps: int | None = None           # stop after this many optimizer steps (overrides num_epochs)
+    micro_batch_size: int = 2              # rows per forward pass
+    gradient_accumulation_steps: int = 8   # micro-batches per optimizer step (effective batch 16 rows)
+    loss_normalization: str = "token"      # token: every label token weighs the same in the global batch; sequence: every conversation does
+    optimizer: str = "adamw"               # AdamW (fused kernel on CUDA)
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "cosine"           # cosine | linear | constant (all after warmup)
+    warmup_ratio: float = 0.1              # share of the steps spent warming up linearly from 0
+    max_grad_norm: float = 1.0             # clip the global gradient norm; 0 turns clipping off
+    seed: int = 42
+    # --- speed and memory ---
+    bf16: str | bool = "auto"              # auto: bf16 autocast on a GPU that supports it, fp32 on CPU
+    gradient_checkpointing: bool = False   # recompute activations in backward: ~30% slower, far less memory
+    torch_compile: bool = False            # compile the decoder layers (slow first steps, faster after)
+    # --- evaluation, logging, checkpoints ---
+    output_dir: str = "runs/fastchat-ft"
+    logging_steps: int = 1
+    eval_steps: int | None = None          # evaluate every N optimizer steps; None = evals_per_epoch
+    evals_per_epoch: int = 2
+    sample_prompts: int = 2                # validation prompts whose generations go to samples.jsonl
+    sample_max_new_tokens: int = 64
+    save_steps: int | None = None          # checkpoint every N steps; None = at each evaluation
+    save_total_limit: int = 2              # keep the last K checkpoints
+    dry_run_steps: int = 3                 # timed steps in --dry-run
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return float(self.learning_rate)
+        return 2e-4 if self.adapter else 2e-5
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+CHOICES = {
+    "adapter": ("lora", "qlora", None),
+    "chat_template": TEMPLATES,
+    "excess_length_strategy": ("drop", "truncate"),
+    "loss_normalization": ("token", "sequence"),
+    "optimizer": ("adamw", "adamw_torch", "adamw_torch_fused"),
+    "lr_scheduler": ("cosine", "linear", "constant"),
+    "bf16": ("auto", True, False),
+}
+POSITIVE = ("sequence_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
+            "num_epochs", "logging_steps", "evals_per_epoch", "save_total_limit", "dry_run_steps")
+
+
+def _suggest(name: str, choices) -> str | None:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+def _check_type(key: str, value: Any, source: str | None) -> Any:
+    """Coerce ints to floats where a float is expected; reject anything else of the wrong type."""
+    hint = _HINTS[key]
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if float in allowed and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if t is type(None):
+            continue
+        if origin is int and isinstance(value, bool):
+            continue
+        if isinstance(value, origin):
+            return value
+    names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"expected {names}, got {value!r}", file=source, field=key,
+                      fix=f"set {key} to a {names} value")
+
+
+def _check_datasets(key: str, entries: list, source: str | None) -> list:
+    out = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"entry {i} must be a mapping with a 'path'", file=source, field=key,
+                              fix=f"write {key}: [{{path: data.jsonl, type: chat_template}}]")
+        for k in entry:
+            if k not in ("path", "type", "chat_template", "split"):
+                hint = _suggest(k, ("path", "type", "chat_template"))
+                raise ConfigError(f"unknown key '{k}' in entry {i}", file=source, field=key,
+                                  fix=f"did you mean '{hint}'?" if hint else "allowed: path, type, chat_template")
+        if not isinstance(entry.get("path"), str):
+            raise ConfigError(f"entry {i} needs a 'path'", file=source, field=key,
+                              fix=f"write {key}: [{{path: data.jsonl, type: chat_template}}]")
+        kind = entry.get("type", "chat_template")
+        if kind not in ("chat_template", "chatml"):
+            raise ConfigError(f"dataset type '{kind}' is not supported", file=source, field=key,
+                              fix="use type: chat_template (ChatML/OpenAI messages or ShareGPT records)")
+        template = entry.get("chat_template")
+        if template is not None and template not in TEMPLATES:
+            hint = _suggest(template, TEMPLATES)
+            raise ConfigError(f"unknown chat_template '{template}' in entry {i}", file=source, field=key,
+                              fix=f"did you mean '{hint}'?" if hint else f"one of {', '.join(TEMPLATES)}")
+        out.append(dict(entry, type="chat_template"))
+    return out
+
+
+def validate(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
+    """Check every value; raise ConfigError naming the first bad key and how to fix it."""
+    for key in FIELDS:
+        value = getattr(cfg, key)
+        value = _check_type(key, value, source)
+        setattr(cfg, key, value)
+        if key in CHOICES and value not in CHOICES[key]:
+            hint = _suggest(value, [c for c in CHOICES[key] if c is not None])
+            shown = ", ".join("null" if c is None else str(c) for c in CHOICES[key])
+            raise ConfigError(f"'{value}' is not one of: {shown}", file=source, field=key,
+                              fix=f"did you mean '{hint}'?" if hint else f"use one of: {shown}")
+        if key in POSITIVE and value <= 0:
+            raise ConfigError(f"must be > 0, got {value}", file=source, field=key, fix=f"set {key} to a positive value")
+    for key in ("learning_rate", "lora_dropout", "warmup_ratio", "val_set_size", "weight_decay", "max_grad_norm"):
+        value = getattr(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"must be >= 0, got {value}", file=source, field=key, fix=f"set {key} to 0 or more")
+    if not cfg.lora_dropout < 1 or not cfg.warmup_ratio < 1:
+        bad = "lora_dropout" if not cfg.lora_dropout < 1 else "warmup_ratio"
+        raise ConfigError(f"must be < 1, got {getattr(cfg, bad)}", file=source, field=bad, fix="use a fraction such as 0.1")
+    for key in ("max_steps", "eval_steps", "save_steps"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"must be a positive step count or null, got {value}", file=source, field=key,
+                              fix=f"remove {key} or set it to a positive integer")
+    if not all(isinstance(m, str) for m in cfg.lora_target_modules) or not cfg.lora_target_modules:
+        raise ConfigError("must be a non-empty list of module names", file=source, field="lora_target_modules",
+                          fix=f"e.g. {ALL_LINEAR}")
+    cfg.datasets = _check_datasets("datasets", cfg.datasets, source)
+    cfg.test_datasets = _check_datasets("test_datasets", cfg.test_datasets, source)
+    return cfg
+
+
+def from_dict(data: dict, source: str | None = None) -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a mapping of keys to values", file=source,
+                          fix="write one `key: value` per line (see fastchat_ft/assets/default.yaml)")
+    for key in data:
+        if key not in FIELDS:
+            hint = _suggest(key, FIELDS)
+            raise ConfigError(f"unknown key '{key}'", file=source, field=str(key),
+                              fix=f"did you mean '{hint}'?" if hint else "see fastchat_ft/assets/default.yaml for the keys")
+    return validate(TrainConfig(**data), source)
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (the bundled demo when path is None), apply KEY=VALUE overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError("config file not found", file=str(path), fix="pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(path),
+                          line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
+                          fix="check indentation and quoting on that line") from None
+    if isinstance(data, dict):
+        data = _resolve_relative_paths(data, path.parent)
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data, str(path))
+
+
+def _resolve_relative_paths(data: dict, base: Path) -> dict:
+    """Dataset paths in a YAML file are relative to that file, so a config works from any directory."""
+    for key in ("datasets", "test_datasets"):
+        entries = data.get(key)
+        if isinstance(entries, list):
+            data[key] = [dict(e, path=str((base / e["path"]).resolve()))
+                         if isinstance(e, dict) and isinstance(e.get("path"), str) and not os.path.isabs(e["path"])
+                         else e for e in entries]
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--set key=value`: the value is parsed as YAML, so numbers, booleans, null and lists work."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE", field="--set", fix="e.g. --set learning_rate=1e-4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        data[key] = value
+    return data
+
+
+def save(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (tmp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,174 @@
+"""Checkpoints: written atomically (tmp dir + rename), last K kept, loaded back for an exact resume
+(weights, optimizer, scheduler, RNG, data position), and the Ctrl-C / SIGTERM stop flag.
+Everything read back uses safetensors or torch.load(weights_only=True): a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastchat_ft.errors import ConfigError
+from fastchat_ft.model import lora as lora_mod
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0                 # optimizer steps done
+    epoch: int = 0                # data position: epoch ...
+    batch_in_epoch: int = 0       # ... and optimizer step inside it; resume jumps here, no replay
+    tokens_seen: int = 0          # non-padding tokens fed to the model
+    best_val_loss: float | None = None
+    config_hash: str = ""
+
+
+def save_model_files(folder: Path, model, model_info: dict, tokenizer_dir: Path) -> None:
+    """The servable part: PEFT adapter or full weights, plus the tokenizer with its chat template."""
+    if model_info["adapter"]:
+        lora_mod.save_adapter(model, folder, model_info["adapter_config"], model_info.get("extra_modules"))
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, folder / name)
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, model, model_info: dict, tokenizer_dir: Path,
+                    optimizer, scheduler, keep: int, name: str | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN (or `name` directly under run_dir) atomically; prune to the last `keep`."""
+    parent = run_dir if name else run_dir / "checkpoints"
+    final = parent / (name or f"step-{state.step:06d}")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    try:
+        save_model_files(tmp, model, model_info, tokenizer_dir)
+        (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        if final.exists():  # a re-save of the same step (e.g. stop right after a scheduled save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not name:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path:
+    """--resume (latest in run_dir) or --resume PATH (a checkpoint folder)."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise ConfigError("not a checkpoint folder (no trainer_state.json)", file=str(path), field="--resume",
+                              fix=f"pass one of {run_dir}/checkpoints/step-NNNNNN, or --resume alone for the latest")
+        return path
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise ConfigError(f"no checkpoint to resume in {run_dir}/checkpoints", field="--resume",
+                          fix="check output_dir, or start without --resume")
+    return found[-1]
+
+
+def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, config_hash: str) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG; return the state holding the data position."""
+    state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    if state.config_hash and state.config_hash != config_hash:
+        print(f"warning: {path} was written with a different config; resuming with the current one")
+    if model_info["adapter"]:
+        lora_mod.load_adapter(model, path)
+        extra = model_info.get("extra_modules") or {}
+        if extra:
+            from safetensors.torch import load_file
+            tensors = load_file(str(path / lora_mod.ADAPTER_WEIGHTS))
+            with torch.no_grad():
+                for mod_name, module in extra.items():
+                    module.weight.copy_(tensors[f"{lora_mod.PEFT_PREFIX}{mod_name}.weight"])
+    else:
+        _load_full_weights(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return state
+
+
+def _load_full_weights(model, path: Path) -> None:
+    """model.safetensors, or the shards named by model.safetensors.index.json (tied weights are absent)."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(str(path / name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k} if model.get_output_embeddings() is not None else set()
+    if unexpected or set(missing) - tied:
+        raise ConfigError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}", file=str(path), field="--resume",
+                          fix="resume with the same base_model and adapter settings the run started with")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM set a flag; the loop finishes the step, saves and exits. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: the user really wants out now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing this step, saving a checkpoint, then exiting "
+              "(press Ctrl-C again to abort without saving)")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker): no handler
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

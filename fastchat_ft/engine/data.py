@@ -1,0 +1,141 @@
+"""The engine's side of the data: packed rows from `fastchat_ft.data.ChatDataset`, the held-out split, and
+which rows form each optimizer step. The order is a pure function of (seed, epoch, step), so a resume
+jumps straight to its position without replaying batches. Tokenizing and packing live in fastchat_ft.data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastchat_ft.data.collate import collate
+from fastchat_ft.errors import ConfigError, DataError
+
+
+@dataclass
+class RunData:
+    train: object                    # indexable packed rows: dicts of 1-D arrays input_ids, labels, position_ids, seq_lens
+    val: object
+    train_files: list[Path] = field(default_factory=list)
+    val_files: list[Path] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def row_tokens(row: dict) -> int:
+    lens = row.get("seq_lens")
+    return int(np.sum(lens)) if lens is not None else int(len(row["input_ids"]))
+
+
+def row_label_tokens(row: dict) -> int:
+    return int((np.asarray(row["labels"]) != -100).sum())
+
+
+class Rows:
+    """A subset of a dataset's packed rows by index, without copying them (the dataset is memory-mapped)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[self.indices[i]]
+
+
+def pack_files(paths: list[Path], tokenizer_dir: Path, cfg) -> tuple[object, dict]:
+    """Tokenize, mask and pack files with the native loader (cached on disk); rows are indexable."""
+    from fastchat_ft.data import ChatDataset
+    from fastchat_ft.data.dataset import default_cache_dir
+
+    default_cache_dir().mkdir(parents=True, exist_ok=True)  # the loader expects its cache folder to exist
+    ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), template=cfg.chat_template,
+                     max_seq_len=cfg.sequence_len, packing=cfg.sample_packing, seed=cfg.seed,
+                     train_on="all" if cfg.train_on_inputs else "assistant", overlong=cfg.excess_length_strategy)
+    stats = ds.stats
+    return ds, {k: v for k, v in vars(stats).items() if isinstance(v, (int, float))}
+
+
+def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
+    """Training rows and validation rows (test_datasets, else a val_set_size share of the packed rows)."""
+    train_files = [Path(d["path"]) for d in cfg.datasets]
+    val_files = [Path(d["path"]) for d in cfg.test_datasets]
+    if not train_files:
+        raise ConfigError("no training data", field="datasets", fix="add datasets: [{path: your.jsonl}] or pass --data FILE")
+    for p in train_files + val_files:
+        if not p.is_file():
+            raise DataError("dataset file not found", file=str(p), fix="check the path (relative paths are relative to the config file)")
+    train, stats = pack_files(train_files, tokenizer_dir, cfg)
+    val = pack_files(val_files, tokenizer_dir, cfg)[0] if val_files else []
+    if not val_files and cfg.val_set_size > 0:
+        # rows hold whole conversations, so holding out rows never splits a conversation
+        n_val = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
+        order = np.random.default_rng(cfg.seed).permutation(len(train))
+        val, train = Rows(train, sorted(order[:n_val])), Rows(train, sorted(order[n_val:]))
+    if len(train) == 0 or stats.get("trainable_tokens", 1) == 0:
+        raise DataError("no trainable tokens in the training data", file=str(train_files[0]),
+                        fix="check the roles (assistant turns are what is learned) with `fastchat-ft validate`")
+    return RunData(train, val, train_files, val_files, stats)
+
+
+def steps_per_epoch(n_rows: int, micro_batch_size: int, accum: int) -> int:
+    return math.ceil(math.ceil(n_rows / micro_batch_size) / accum)
+
+
+def step_rows(n_rows: int, micro_batch_size: int, accum: int, seed: int, epoch: int, step_in_epoch: int) -> list[list[int]]:
+    """Row indices of each micro-batch of one optimizer step. The global batch of a step is the same set
+    of rows for any micro_batch_size x accum with the same product (the accumulation-equivalence tests)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    per_step = micro_batch_size * accum
+    chunk = order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]
+    return [chunk[i:i + micro_batch_size].tolist() for i in range(0, len(chunk), micro_batch_size)]
+
+
+def micro_batches(rows, indices: list[list[int]]) -> list[dict]:
+    out = []
+    for idx in indices:
+        batch = collate([rows[i] for i in idx])
+        batch["row_ids"] = idx
+        sources = [s for i in idx for s in (rows[i].get("sources") or [])]
+        if sources:
+            batch["sources"] = sources
+        out.append(batch)
+    return out
+
+
+def eval_batches(rows, micro_batch_size: int):
+    for i in range(0, len(rows), micro_batch_size):
+        yield collate([rows[j] for j in range(i, min(i + micro_batch_size, len(rows)))])
+
+
+def sample_prompts(files: list[Path], n: int) -> list[list[dict]]:
+    """The first n conversations of the validation files, cut before their last assistant turn."""
+    prompts = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if len(prompts) >= n:
+                    return prompts
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    messages = json.loads(line).get("messages") or []
+                except (ValueError, AttributeError):
+                    continue
+                last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+                if last:
+                    prompts.append({"messages": messages[:last], "reference": messages[last].get("content", "")})
+    return prompts
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,94 @@
+"""What a run reports: the progress bar (loss, lr, non-padding tokens/s, ETA), metrics.jsonl,
+samples.jsonl, TensorBoard events when tensorboard is installed, and the loss-curve PNG at the end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, show_bar: bool = True):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.records: list[dict] = []
+        if start_step and self.path.is_file():  # resume: keep history up to the checkpoint, drop the rest
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("step", 0) <= start_step:
+                    self.records.append(rec)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not show_bar, file=sys.stderr)
+        self.tb = _tensorboard(self.run_dir / "training_logs")
+
+    def log(self, record: dict, advance: int = 0) -> None:
+        # strict JSON has no NaN/inf: a skipped bad batch logs loss null (and skipped: true from the loop)
+        record = {k: ((round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v) for k, v in record.items()}
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, record["step"])
+        if advance:
+            self.bar.update(advance)
+        shown = {k: record[k] for k in ("loss", "lr", "tokens_per_s", "val_loss") if record.get(k) is not None}
+        if shown:
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr) if not self.bar.disable else print(text, file=sys.stderr)
+
+    def close(self) -> Path | None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        return plot_loss_curve(self.records, self.run_dir / "loss_curve.png")
+
+
+def append_samples(run_dir: Path, step: int, samples: list[dict]) -> None:
+    with (Path(run_dir) / "samples.jsonl").open("a") as f:
+        for s in samples:
+            f.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional (the `plots` extra)
+        return None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def plot_loss_curve(records: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / label token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,222 @@
+"""`fastchat-ft train`: setup (data, model, loss, optimizer, schedule, resume state, in that order) and the
+training loop. Checkpoint files, metrics, validation and diagnostics live in their own modules here.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastchat_ft import config as config_mod
+from fastchat_ft.engine import checkpoint as ckpt
+from fastchat_ft.engine import data as data_mod
+from fastchat_ft.engine import diagnostics as diag
+from fastchat_ft.engine.loss import backward_step, to_device
+from fastchat_ft.engine.metrics import MetricsLogger, append_samples
+from fastchat_ft.engine.rundir import generate_samples, write_run_files
+from fastchat_ft.engine.schedule import build_scheduler
+from fastchat_ft.engine.validation import evaluate
+from fastchat_ft.errors import ModelError
+from fastchat_ft.model import load as load_mod
+from fastchat_ft.model import lora as lora_mod
+
+
+def run_train(args) -> int:
+    cfg = config_mod.load(args.config, args.set)
+    if args.base_model:
+        cfg.base_model = args.base_model
+    if args.data:
+        cfg.datasets = [{"path": str(Path(p).resolve()), "type": "chat_template"} for p in args.data]
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    config_mod.validate(cfg)
+    if args.nproc and args.nproc > 1:
+        raise ModelError("multi-process training is not built yet", field="--nproc", fix="run without --nproc")
+    train(cfg, dry_run=args.dry_run, resume=args.resume, skip_bad_batches=args.skip_bad_batches)
+    return 0
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    model: torch.nn.Module
+    model_info: dict
+    tokenizer: object            # HF tokenizer, for sample generations
+    tokenizer_dir: Path
+    data: data_mod.RunData
+
+
+def pick_device(cfg) -> tuple[torch.device, torch.dtype | None]:
+    if torch.cuda.is_available():
+        bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and torch.cuda.is_bf16_supported())
+        return torch.device("cuda"), torch.bfloat16 if bf16 else None
+    return torch.device("cpu"), None  # CPU: fp32 (bf16 matmuls are slower than fp32 on most CPUs)
+
+
+def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
+    device, amp_dtype = pick_device(cfg)
+    base_dir = load_mod.resolve_base_model(cfg.base_model)
+    tokenizer = load_mod.load_hf_tokenizer(base_dir, cfg.trust_remote_code)
+    # the tokenizer is settled first: the data is tokenized with it and the embeddings are sized to it
+    tokenizer_dir, new_ids = load_mod.extend_tokenizer(tokenizer, cfg.chat_template, base_dir, run_dir / "tokenizer")
+    data = data or data_mod.build_run_data(cfg, tokenizer_dir)
+
+    quant = lora_mod.quantize_config() if cfg.adapter == "qlora" else None
+    # frozen base weights may live in bf16 on GPU; trained weights stay fp32 (the optimizer's master copy)
+    dtype = torch.bfloat16 if (cfg.adapter and amp_dtype is not None) else torch.float32
+    model = load_mod.load_model(base_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quant)
+    load_mod.resize_for_tokenizer(model, tokenizer)
+    if quant is None:
+        model.to(device)
+    info = {"adapter": cfg.adapter, "base_dir": base_dir}
+    if cfg.adapter:
+        lora_mod.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        info["extra_modules"] = load_mod.train_new_rows_only(model, new_ids)
+        info["adapter_config"] = lora_mod.adapter_config(model, base_dir, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                                         cfg.lora_target_modules, list(info["extra_modules"]) or None)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.torch_compile:
+        for layer in model.base_model.layers:
+            layer.compile()
+    model.train()
+    return Setup(device, amp_dtype, model, info, tokenizer, tokenizer_dir, data)
+
+
+def build_optimizer(cfg, model) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # no decay on norms, biases and embeddings (whose frozen rows must not move)
+            (no_decay if p.ndim < 2 or "embed" in name or "lm_head" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.resolved_learning_rate(),
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=fused or None)
+
+
+def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_batches: bool = False,
+          data: data_mod.RunData | None = None, show_bar: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or with dry_run, check and estimate) one training run described by `cfg`. `data` injects
+    packed rows (tests, other tools); `stop_after` ends early after that many steps, as a Ctrl-C would."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    s = build(cfg, run_dir, data)
+    model, mode, rows = s.model, cfg.loss_normalization, s.data.train
+    optimizer = build_optimizer(cfg, model)
+    steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
+    scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
+    state = ckpt.TrainState(config_hash=cfg.config_hash())
+    if resume:
+        path = ckpt.resolve_resume(run_dir, resume)
+        state = ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler, cfg.config_hash())
+        print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    if dry_run:
+        from fastchat_ft.engine.dryrun import report
+        return report(cfg, s, optimizer, total_steps, steps_epoch)
+
+    eval_every = cfg.eval_steps or max(1, steps_epoch // cfg.evals_per_epoch)
+    save_every = cfg.save_steps or eval_every
+    amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    write_run_files(run_dir, cfg, s, resumed=bool(resume))
+    log = MetricsLogger(run_dir, total_steps, state.step, show_bar)
+    prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
+    val_history = [r["val_loss"] for r in log.records if "val_loss" in r]
+    if state.step == 0:
+        val_history.append(_evaluate(cfg, s, log, state, prompts))
+    losses, waits, busy, tokens_run = [], 0.0, 0.0, 0
+    stop_reason = None
+
+    with ckpt.StopFlag() as stop:
+        while state.step < total_steps:
+            t0 = time.perf_counter()
+            idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                                     cfg.seed, state.epoch, state.batch_in_epoch)
+            batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, idx)]
+            t_data = time.perf_counter() - t0
+            step_loss, _ = backward_step(model, batches, mode, amp)
+            grad_norm = float("nan")
+            if math.isfinite(step_loss):
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                optimizer.step()
+            else:  # raises unless --skip-bad-batches; a skipped batch still counts as a step of the schedule
+                log.message(diag.bad_loss(state.step + 1, step_loss, batches, skip_bad_batches))
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens = sum(data_mod.row_tokens(rows[i]) for m in idx for i in m)
+            _advance(state, steps_epoch, tokens)
+            waits, busy, tokens_run = waits + t_data, busy + time.perf_counter() - t0, tokens_run + tokens
+            losses.append(step_loss)
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                log.log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / steps_epoch, 4),
+                         "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                         "tokens_per_s": tokens_run / busy, **({} if math.isfinite(step_loss) else {"skipped": True})},
+                        advance=cfg.logging_steps)
+            if state.step % eval_every == 0 or state.step == total_steps:
+                val_history.append(_evaluate(cfg, s, log, state, prompts))
+                warning = diag.overfitting([v for v in val_history if v is not None])
+                if warning:
+                    log.message("warning: " + warning)
+            if stop_after and state.step >= stop_after:
+                stop.requested = stop.requested or "stop_after"
+            if state.step % save_every == 0 or stop.requested:
+                ckpt.save_checkpoint(run_dir, state, model, s.model_info, s.tokenizer_dir, optimizer, scheduler,
+                                     cfg.save_total_limit)
+            if stop.requested:
+                stop_reason = stop.requested
+                break
+
+    if stop_reason is None:
+        ckpt.save_checkpoint(run_dir, state, model, s.model_info, s.tokenizer_dir, optimizer, scheduler,
+                             cfg.save_total_limit, name="final")
+    log.close()
+    return _finish(cfg, s, run_dir, log, losses, waits, busy, tokens_run, stop_reason)
+
+
+def _advance(state: ckpt.TrainState, steps_epoch: int, tokens: int) -> None:
+    state.step += 1
+    state.tokens_seen += tokens
+    state.batch_in_epoch += 1
+    if state.batch_in_epoch >= steps_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def _evaluate(cfg, s: Setup, log: MetricsLogger, state: ckpt.TrainState, prompts: list) -> float | None:
+    """Validation metrics (and sample generations) at this step, logged to metrics.jsonl / samples.jsonl."""
+    if not s.data.val:
+        return None
+    result = evaluate(s.model, data_mod.eval_batches(s.data.val, cfg.micro_batch_size), s.device, s.amp_dtype)
+    if state.best_val_loss is None or result.loss < state.best_val_loss:
+        state.best_val_loss = result.loss
+    log.log({"step": state.step, **result.as_metrics()})
+    log.message(f"step {state.step}: val_loss {result.loss:.4f}  val_ppl {result.ppl:.2f}  "
+                f"val_token_acc {result.token_acc:.3f}")
+    if prompts:
+        append_samples(log.run_dir, state.step, generate_samples(s, prompts, cfg.sample_max_new_tokens))
+    return result.loss
+
+
+def _finish(cfg, s: Setup, run_dir: Path, log: MetricsLogger, losses, waits, busy, tokens_run, stop_reason) -> dict:
+    from fastchat_ft.engine.rundir import finish_report
+    n_params = sum(p.numel() for p in s.model.parameters())
+    n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+    device_name = torch.cuda.get_device_name() if s.device.type == "cuda" else "CPU"
+    summary = {
+        "run_dir": str(run_dir), "steps": len(losses), "stopped": stop_reason,
+        "tokens_per_s": tokens_run / busy if busy else 0.0, "train_losses": losses,
+        "throughput": diag.throughput_report(busy, waits, tokens_run, n_params, n_train, device_name),
+        "underfitting": diag.underfitting(losses),
+        "val": [r for r in log.records if "val_loss" in r],
+    }
+    finish_report(run_dir, summary)
+    return summary

@@ -1,0 +1,143 @@
+"""Our LoRA: a wrapper module on chosen linear layers (fused `lora_linear` kernel), QLoRA base weights,
+and save/load in PEFT's layout and key names so `peft` (and vLLM) load our adapters unchanged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastchat_ft.errors import ModelError
+from fastchat_ft.kernels import lora_linear
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(dropout(x))). Attribute names (base_layer, lora_A, lora_B) give
+    PEFT's state-dict keys. B starts at zero so the wrapped model starts equal to the base model."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: int, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)  # LoRA trains A and B only; the kernel relies on it
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        weight = getattr(base, "weight", None)
+        device = weight.device if weight is not None else None
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = float(dropout)  # PEFT's lora_dropout: on the LoRA input only
+        self.quantized = type(base) is not nn.Linear  # bitsandbytes Linear4bit subclasses nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LoRA weights stay fp32 (the optimizer's master copy); the matmuls run in the autocast dtype if any
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.lora_A.weight.dtype
+        a, b = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype)
+        dropout = self.dropout if self.training else 0.0
+        if self.quantized or dropout:  # 4-bit base, or dropout on the LoRA input only: two separate paths
+            base = self.base_layer(x)
+            lora_in = nn.functional.dropout(x, dropout) if dropout else x
+            lora = nn.functional.linear(nn.functional.linear(lora_in.to(dtype), a), b)
+            return base + self.scale * lora.to(base.dtype)
+        bias = self.base_layer.bias
+        return lora_linear(x.to(dtype), self.base_layer.weight.to(dtype), a, b, self.scale,
+                           None if bias is None else bias.to(dtype))
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        return self.base_layer.weight + self.scale * (self.lora_B.weight @ self.lora_A.weight).to(self.base_layer.weight.dtype)
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(last == t or re.fullmatch(t, name) for t in targets)
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> list[str]:
+    """Freeze the model and wrap every linear layer named in target_modules; return the wrapped paths."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lm_head = model.get_output_embeddings()
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if module is lm_head or not _matches(name, target_modules) or not hasattr(module, "in_features"):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoraLinear(module, r, alpha, dropout))
+        wrapped.append(name)
+    if not wrapped:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ModelError(f"no module matches lora_target_modules={target_modules}", field="lora_target_modules",
+                         fix=f"this model's linear layers are: {', '.join(names)}")
+    return wrapped
+
+
+def lora_state_dict(model: nn.Module, extra_modules: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
+    """LoRA weights under PEFT's key names; extra_modules (resized embeddings) saved whole, modules_to_save style."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach().contiguous()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach().contiguous()
+    for name, module in (extra_modules or {}).items():
+        out[f"{PEFT_PREFIX}{name}.weight"] = module.weight.detach().contiguous()
+    return out
+
+
+def adapter_config(model: nn.Module, base_path: str, r: int, alpha: int, dropout: float,
+                   target_modules: list[str], modules_to_save: list[str] | None = None) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path),
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(set(target_modules)), "modules_to_save": modules_to_save or None,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, folder: Path, config: dict, extra_modules: dict[str, nn.Module] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to(torch.float32).cpu() for k, v in lora_state_dict(model, extra_modules).items()}
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def load_adapter(model: nn.Module, folder: Path) -> None:
+    """Load PEFT-layout LoRA weights into a model that already has our LoraLinear wrappers."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
+    own = {f"{PEFT_PREFIX}{n}": p for n, p in model.named_parameters()}
+    missing = [k for k in tensors if k not in own]
+    if missing:
+        raise ModelError(f"adapter has weights this model lacks: {missing[:3]}", file=str(folder),
+                         fix="load the adapter onto the base model and target modules it was trained with")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
+def quantize_config():
+    """QLoRA's base weights: bitsandbytes nf4 with double quantisation, bf16 compute."""
+    if not torch.cuda.is_available():
+        raise ModelError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels)", field="adapter",
+                         fix="use adapter: lora on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError("QLoRA needs bitsandbytes", field="adapter",
+                         fix="pip install 'fastchat-ft[qlora]' (or pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)

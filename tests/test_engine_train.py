@@ -1,0 +1,119 @@
+"""The train loop on a tiny random Llama with synthetic packed rows: the run directory contract, resume
+giving exactly the uninterrupted run, NaN handling, and the dry run's estimates."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import shared_path
+from fastchat_ft import config
+from fastchat_ft.engine import train as train_mod
+from fastchat_ft.engine.data import RunData
+from fastchat_ft.engine.diagnostics import TrainingDiverged
+from fastchat_ft.model.tiny import build_tiny_model, random_packed_rows
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), shared_path("tokenizers", "smollm2"))
+
+
+def make_cfg(tiny_dir, out, **kw):
+    base = {"base_model": str(tiny_dir), "datasets": [{"path": "unused.jsonl"}], "output_dir": str(out),
+            "micro_batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 6, "learning_rate": 5e-3,
+            "eval_steps": 3, "save_steps": 3, "sample_prompts": 0, "lora_r": 4, "lora_alpha": 8, "seed": 5}
+    base.update(kw)
+    return config.from_dict(base)
+
+
+def make_data(tmp_path, n_rows=10):
+    val_file = tmp_path / "val.jsonl"
+    val_file.write_text(json.dumps({"messages": [{"role": "user", "content": "Say hi."},
+                                                 {"role": "assistant", "content": "Hi."}]}) + "\n")
+    return RunData(random_packed_rows(n_rows, 2000, seed=1), random_packed_rows(3, 2000, seed=2),
+                   [val_file], [val_file])
+
+
+def test_run_directory_follows_the_contract(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train_mod.train(make_cfg(tiny_dir, out, sample_prompts=1, sample_max_new_tokens=4),
+                              data=make_data(tmp_path), show_bar=False)
+    for name in ("training_config.yaml", "run_manifest.json", "metrics.jsonl", "samples.jsonl", "loss_curve.png",
+                 "data/train.jsonl", "data/splits.json", "final/adapter_model.safetensors", "final/trainer_state.json"):
+        assert (out / name).is_file(), name
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000003", "step-000006"]
+    ck = out / "checkpoints" / "step-000006"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "optimizer.pt",
+                 "scheduler.pt", "rng.pt", "tokenizer.json", "tokenizer_config.json"):
+        assert (ck / name).is_file(), name
+    keys = load_file(str(ck / "adapter_model.safetensors")).keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    conf = json.loads((ck / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(tiny_dir.resolve()) and conf["r"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all({"val_ppl", "val_token_acc"} <= r.keys() for r in evals)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in steps)
+    assert summary["train_losses"][-1] < summary["train_losses"][0]
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    assert manifest["versions"]["torch"] and manifest["data"]["train"][0]["sha256"] and manifest["end_time"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {0, 3, 6} and all("output" in s for s in samples)
+    assert config.load(out / "training_config.yaml").lora_r == 4
+
+
+@pytest.mark.parametrize("adapter", ["lora", None])
+def test_resume_gives_the_uninterrupted_run(tiny_dir, tmp_path, adapter):
+    # 10 rows / (2 x 2) = 3 steps per epoch: the resume point (step 4) is inside the second epoch;
+    # lora_dropout makes the result depend on the restored RNG state too
+    kw = dict(adapter=adapter, lora_dropout=0.1, max_steps=7, save_steps=2, eval_steps=100)
+    data = make_data(tmp_path)
+    full = train_mod.train(make_cfg(tiny_dir, tmp_path / "a", **kw), data=data, show_bar=False)
+    part = train_mod.train(make_cfg(tiny_dir, tmp_path / "b", **kw), data=data, show_bar=False, stop_after=4)
+    assert part["stopped"] and not (tmp_path / "b" / "final").exists()
+    rest = train_mod.train(make_cfg(tiny_dir, tmp_path / "b", **kw), data=data, show_bar=False, resume="latest")
+    assert part["train_losses"] + rest["train_losses"] == full["train_losses"]
+    weights = "adapter_model.safetensors" if adapter else "model.safetensors"
+    a, b = load_file(str(tmp_path / "a" / "final" / weights)), load_file(str(tmp_path / "b" / "final" / weights))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 8))
+
+
+def test_nan_loss_stops_with_the_step_or_is_skipped(tiny_dir, tmp_path, monkeypatch):
+    real = train_mod.backward_step
+    calls = {"n": 0}
+
+    def flaky(model, batches, mode, amp):
+        calls["n"] += 1
+        loss, n = real(model, batches, mode, amp)
+        return (float("nan"), n) if calls["n"] == 2 else (loss, n)
+
+    monkeypatch.setattr(train_mod, "backward_step", flaky)
+    with pytest.raises(TrainingDiverged, match="step 2.*packed rows"):
+        train_mod.train(make_cfg(tiny_dir, tmp_path / "x"), data=make_data(tmp_path), show_bar=False)
+    calls["n"] = 0
+    summary = train_mod.train(make_cfg(tiny_dir, tmp_path / "y"), data=make_data(tmp_path), show_bar=False,
+                              skip_bad_batches=True)
+    assert summary["steps"] == 6
+    records = [json.loads(x) for x in (tmp_path / "y" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("skipped")] == [2]
+
+
+def test_dry_run_estimates_and_trains_nothing(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "dry"
+    result = train_mod.train(make_cfg(tiny_dir, out, dry_run_steps=2), data=make_data(tmp_path), dry_run=True)
+    text = capsys.readouterr().out
+    assert result["dry_run"] and result["steps"] == 6 and result["sec_per_step"] > 0
+    assert result["peak_memory_gb"] > 0 and result["trainable_params"] > 0
+    for words in ("trainable parameters", "packed rows", "s/step", "memory", "first packed rows"):
+        assert words in text
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
