@@ -78,8 +78,12 @@ def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int
     from fastchat_ft.data import ChatDataset
 
     # cache=False: eval files are small and an eval should not write into the user's cache
-    ds = ChatDataset([str(data)], str(tokenizer_dir), template=template, max_seq_len=max_seq_len, packing=False,
-                     seed=0, cache=False)
+    try:
+        ds = ChatDataset([str(data)], str(tokenizer_dir), template=template, max_seq_len=max_seq_len,
+                         packing=False, seed=0, cache=False)
+    except ImportError as e:  # a template whose renderer is not available in this install
+        raise DataError(f"cannot render template {template!r} here ({e})", field="--template",
+                        fix="pass --template with a built-in template: chatml, llama3, llama2, mistral, alpaca") from None
     rows = [dict(r) for r in ds]
     stats = getattr(ds, "stats", None)
     stats = stats if isinstance(stats, dict) else (vars(stats) if stats is not None and hasattr(stats, "__dict__")
