@@ -81,6 +81,7 @@ class Bpe {
   BpeScratch& scratch() const;
 
  private:
+  void compute(std::string_view piece, BpeScratch& scratch) const;
   void encode_uncached(std::string_view piece, std::vector<int32_t>& ids, std::vector<uint32_t>& spans,
                        BpeScratch& scratch) const;
   int32_t byte_symbol_[256];
