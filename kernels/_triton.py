@@ -23,8 +23,11 @@ def interpret_requested() -> bool:
 
 
 def use_triton(tensor) -> bool:
-    """Whether a call on `tensor` runs the Triton kernels (True) or the torch reference (False)."""
-    if not HAS_TRITON:
+    """Whether a call on `tensor` runs the Triton kernels (True) or the torch reference (False). The kernels
+    take fp16/bf16/fp32; float64 (reference checks) always runs the torch reference."""
+    import torch
+
+    if not HAS_TRITON or tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if tensor.is_cuda:
         return True

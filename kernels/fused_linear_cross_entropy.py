@@ -315,14 +315,14 @@ def _keep_labelled_rows(hidden, labels, ignore_index, vocab):
     return x, y.to(torch.int64).contiguous()
 
 
-def _grad_scale(n_valid, reduction, num_items, device):
-    """1/denominator as an fp32 0-d tensor: n_valid for 'mean', num_items for 'sum' with an external count,
+def _grad_scale(n_valid, reduction, num_items, device, dtype=torch.float32):
+    """1/denominator as a 0-d tensor: n_valid for 'mean', num_items for 'sum' with an external count,
     1 for a plain sum. A zero denominator gives scale 0 (loss 0, grads 0), never NaN."""
     if reduction == "mean":
-        return torch.tensor(1.0 / max(n_valid, 1), dtype=torch.float32, device=device)
+        return torch.tensor(1.0 / max(n_valid, 1), dtype=dtype, device=device)
     if num_items is None:
-        return torch.ones((), dtype=torch.float32, device=device)
-    count = torch.as_tensor(num_items, dtype=torch.float32, device=device).reshape(())
+        return torch.ones((), dtype=dtype, device=device)
+    count = torch.as_tensor(num_items, dtype=dtype, device=device).reshape(())
     return torch.where(count > 0, 1.0 / count.clamp_min(1e-30), torch.zeros_like(count))
 
 
@@ -391,7 +391,7 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, igno
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     weight32 = weight.to(acc_dtype)
     bias32 = None if bias is None else bias.to(acc_dtype)
-    grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device).to(acc_dtype)
+    grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device, acc_dtype)
     chunk = chunk_size or REFERENCE_CHUNK_TOKENS
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                               or (bias is not None and bias.requires_grad))

@@ -361,3 +361,11 @@ def test_bf16_plumbing_under_the_interpreter(monkeypatch):
     ref.backward()
     assert abs(loss.item() - ref.item()) <= TOL[torch.bfloat16][0] * abs(ref.item())
     assert_close_grads((h, w, b), (h64, w64, b64), torch.bfloat16)
+
+
+def test_float64_inputs_take_the_reference_path(monkeypatch):
+    h, w, b, y = make_inputs(torch.float64, vocab=90)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    loss = fused_linear_cross_entropy(h, w, y, bias=b)
+    assert loss.dtype == torch.float64  # the reference accumulates in float64 for float64 inputs
+    torch.testing.assert_close(loss, float64_loss(h, w, y, b), rtol=1e-12, atol=1e-12)
