@@ -293,19 +293,20 @@ static void bind_loader(py::module_& m) {
     out["train_counts"] = to_array(train_n);
     out["turn_ends"] = to_array(turn_ends);
     out["turn_counts"] = to_array(turn_n);
+    out["flags"] = to_array(flags);
     if (tokenized) {
       out["ids"] = to_array(ids);
       out["labels"] = to_array(labels);
       out["token_counts"] = to_array(token_n);
       out["turn_token_ends"] = to_array(turn_tokens);
-      out["flags"] = to_array(flags);
     }
     return out;
   };
 
   auto make_options = [parse_template, parse_train_on, parse_think](
       const std::string& tmpl, const std::string& train_on, const std::string& think, const std::string& default_system,
-      const std::string& bos, const std::string& eos, int threads, const py::object& tokenizer, bool allow_special) {
+      const std::string& bos, const std::string& eos, int threads, const py::object& tokenizer, bool allow_special,
+      size_t max_text_bytes, bool truncate_overlong) {
     loader::Options o;
     o.render.tmpl = parse_template(tmpl);
     o.render.train_on = parse_train_on(train_on);
@@ -317,6 +318,8 @@ static void bind_loader(py::module_& m) {
     // Cast only when given: the loader must work (render-only) in a build without the native tokenizer.
     if (!tokenizer.is_none()) o.tokenizer = tokenizer.cast<std::shared_ptr<fastchat::Tokenizer>>();
     o.allow_special_in_content = allow_special;
+    o.max_text_bytes = max_text_bytes;
+    o.truncate_overlong = truncate_overlong;
     return o;
   };
 
@@ -326,8 +329,10 @@ static void bind_loader(py::module_& m) {
       .def(py::init([make_options](const std::string& path, const std::string& tmpl, const std::string& train_on,
                                    const std::string& think, const std::string& default_system, const std::string& bos,
                                    const std::string& eos, int threads, size_t batch_records,
-                                   const py::object& tokenizer, bool allow_special) {
-             auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special);
+                                   const py::object& tokenizer, bool allow_special, size_t max_text_bytes,
+                                   bool truncate_overlong) {
+             auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special,
+                                   max_text_bytes, truncate_overlong);
              try {
                return new loader::ChatReader(path, std::move(o), batch_records);
              } catch (const fastchat::jsonl::FileError& e) {
@@ -337,7 +342,7 @@ static void bind_loader(py::module_& m) {
            py::arg("path"), py::arg("template") = "chatml", py::arg("train_on") = "assistant",
            py::arg("think") = "keep", py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "",
            py::arg("threads") = 0, py::arg("batch_records") = 1024, py::arg("tokenizer") = py::none(),
-           py::arg("allow_special") = false)
+           py::arg("allow_special") = false, py::arg("max_text_bytes") = 0, py::arg("truncate_overlong") = false)
       .def("next_batch", [batch_to_python](loader::ChatReader& self) -> py::object {
              std::vector<loader::Result> results;
              bool more;
@@ -353,8 +358,9 @@ static void bind_loader(py::module_& m) {
   m.def("process_records", [make_options, batch_to_python](
             const std::vector<std::string>& records, const std::string& tmpl, const std::string& train_on,
             const std::string& think, const std::string& default_system, const std::string& bos, const std::string& eos,
-            int threads, const py::object& tokenizer, bool allow_special) {
-        auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special);
+            int threads, const py::object& tokenizer, bool allow_special, size_t max_text_bytes, bool truncate_overlong) {
+        auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special,
+                              max_text_bytes, truncate_overlong);
         std::vector<fastchat::jsonl::RawRecord> raw(records.size());
         for (size_t i = 0; i < records.size(); ++i) {
           raw[i].line = static_cast<uint32_t>(i + 1);
@@ -369,6 +375,7 @@ static void bind_loader(py::module_& m) {
       }, py::arg("records"), py::arg("template") = "chatml", py::arg("train_on") = "assistant",
       py::arg("think") = "keep", py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "",
       py::arg("threads") = 1, py::arg("tokenizer") = py::none(), py::arg("allow_special") = false,
+      py::arg("max_text_bytes") = 0, py::arg("truncate_overlong") = false,
       "In-memory JSON records (one per item, 'line' = position) processed like ChatReader batches.");
 
   m.def("label_tokens", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,

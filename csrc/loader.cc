@@ -46,6 +46,23 @@ void turn_token_ends(const uint32_t* ends, size_t n, const std::vector<uint32_t>
 
 namespace {
 
+// Cuts an over-long rendering at the last turn end within max_text_bytes; false when truncation is off or
+// no turn fits.
+bool shrink(Result& res, const Options& opt) {
+  if (!opt.truncate_overlong) return false;
+  chat::Rendered& r = res.rendered;
+  uint32_t cut = 0;
+  for (uint32_t t : r.turn_ends)
+    if (t <= opt.max_text_bytes) cut = t;
+  if (cut == 0) return false;
+  r.text.resize(cut);
+  while (!r.turn_ends.empty() && r.turn_ends.back() > cut) r.turn_ends.pop_back();
+  while (!r.control.empty() && r.control.back().second > cut) r.control.pop_back();
+  while (!r.train.empty() && r.train.back().begin >= cut) r.train.pop_back();
+  if (!r.train.empty() && r.train.back().end > cut) r.train.back().end = cut;
+  return true;
+}
+
 void process_one(jsonl::RawRecord& rec, const Options& opt, chat::Conversation& conv, Encoding& enc,
                  std::vector<std::pair<uint32_t, uint32_t>>& controls, Result& res) {
   res = Result();
@@ -70,6 +87,11 @@ void process_one(jsonl::RawRecord& rec, const Options& opt, chat::Conversation& 
   }
   if (res.status == kError) {
     res.raw = std::move(rec.text);
+    return;
+  }
+  if (opt.max_text_bytes && res.rendered.text.size() > opt.max_text_bytes && !shrink(res, opt)) {
+    res.flags = kOverlong;
+    res.rendered.clear();  // nothing of it will be used; do not hand 100 MB back to Python
     return;
   }
   if (!opt.tokenizer) return;

@@ -17,7 +17,7 @@ namespace fastchat::loader {
 enum Status : uint8_t { kOk = 0, kError = 1 };
 
 // Label bits per conversation.
-enum Flags : uint8_t { kInexact = 1, kNoTrainable = 2 };
+enum Flags : uint8_t { kInexact = 1, kNoTrainable = 2, kOverlong = 4 };
 
 struct Result {
   uint32_t line = 0;
@@ -38,6 +38,10 @@ struct Options {
   int threads = 0;                 // <= 0: all cores
   std::shared_ptr<const Tokenizer> tokenizer;  // null: render only (the Python side tokenizes)
   bool allow_special_in_content = false;  // HF behaviour: special-token text in content becomes control tokens
+  // Text longer than this many bytes certainly exceeds max_seq_len tokens (max_seq_len x the longest token):
+  // it is cut at the last turn end that fits (truncate_overlong) or flagged kOverlong, before tokenizing.
+  size_t max_text_bytes = 0;  // 0: no limit
+  bool truncate_overlong = false;
 };
 
 // Processes `records` in parallel into `results` (same order, resized to match).

@@ -88,9 +88,6 @@ class ChatDataset:
     def _build(self, entry: Path | None) -> None:
         opts, tok = self.options, self.tokenizer
         kwargs = opts.native_kwargs(tok)
-        if opts.template == "tokenizer":
-            from fastchat_ft.data.jinja import JinjaBatchEncoder
-            jinja = JinjaBatchEncoder(tok, opts)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent)) if entry else None
         if entry:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +99,6 @@ class ChatDataset:
         try:
             for path in self.paths:
                 native_kwargs = dict(kwargs)
-                if opts.template == "tokenizer":
-                    native_kwargs["template"] = "chatml"  # parse + validate only; Jinja renders below
-                    native_kwargs.pop("tokenizer", None)
                 try:
                     reader = _native.ChatReader(str(path), threads=self.threads, **native_kwargs)
                 except ValueError as e:  # "line:column: reason" for a broken JSON array file
@@ -123,10 +117,7 @@ class ChatDataset:
                                                   "field": err["field"], "reason": err["reason"], "fix": err["fix"],
                                                   "raw": err["raw"].decode("utf-8", "replace")},
                                                  ensure_ascii=False) + "\n")
-                    if opts.template == "tokenizer":
-                        kept, budget = jinja.process(batch, self.stats, budget, str(path))
-                    else:
-                        kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget)
+                    kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget)
                     for ids, labels in kept:
                         lengths.append(len(ids))
                         if ids_file:

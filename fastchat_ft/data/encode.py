@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fastchat_ft import _native
-from fastchat_ft.errors import DataError
+from fastchat_ft.errors import DataError, NotBuiltYet
 from fastchat_ft.data.tokenize import LoaderTokenizer
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "llama2", "mistral", "alpaca")
@@ -33,11 +33,13 @@ class ChatOptions:
             raise ValueError(f"overlong must be 'drop' or 'truncate', not {self.overlong!r}")
         if self.think not in ("keep", "strip_history"):
             raise ValueError(f"think must be 'keep' or 'strip_history', not {self.think!r}")
-        if self.template not in BUILTIN_TEMPLATES + ("tokenizer",):
-            raise ValueError(f"unknown template {self.template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}, "
-                             "or 'tokenizer' for the model's own chat_template")
+        if self.template == "tokenizer":
+            raise NotBuiltYet("template='tokenizer' (the model's own Jinja chat_template) has not landed yet",
+                              fix=f"use a built-in template: {', '.join(BUILTIN_TEMPLATES)}")
+        if self.template not in BUILTIN_TEMPLATES:
+            raise ValueError(f"unknown template {self.template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}")
 
-    def native_kwargs(self, tok: LoaderTokenizer) -> dict:
+    def native_kwargs(self, tok: LoaderTokenizer, limit_length: bool = True) -> dict:
         """Arguments for _native.ChatReader / process_records; BOS/EOS strings come from the tokenizer."""
         bos = eos = ""
         if self.template in ("llama2", "mistral", "llama3") and tok.bos_token:
@@ -47,6 +49,9 @@ class ChatOptions:
         kwargs = dict(template=self.template, train_on=self.train_on, think=self.think,
                       default_system=self.system_prompt, bos=bos, eos=eos,
                       allow_special=self.allow_special_in_content)
+        if limit_length:  # text that cannot fit is cut (truncate) or dropped before it is tokenized
+            kwargs["max_text_bytes"] = self.max_seq_len * tok.max_token_bytes
+            kwargs["truncate_overlong"] = self.overlong == "truncate"
         if tok.native is not None:  # the C++ side tokenizes and labels; otherwise it only renders
             kwargs["tokenizer"] = tok.native
         return kwargs
@@ -92,12 +97,13 @@ def encode_batch(batch: dict, tok: LoaderTokenizer, opts: ChatOptions):
     tc = np.concatenate([[0], np.cumsum(batch["train_counts"])])
     uc = np.concatenate([[0], np.cumsum(batch["turn_counts"])])
     out = []
-    if "ids" in batch:  # tokenized natively
+    if "ids" in batch:  # tokenized natively (over-long ones come back with no tokens and flag 4)
         kc = np.concatenate([[0], np.cumsum(batch["token_counts"])])
         for i in ok:
             out.append((batch["ids"][kc[i]:kc[i + 1]], batch["labels"][kc[i]:kc[i + 1]],
                         batch["turn_token_ends"][uc[i]:uc[i + 1]], int(batch["flags"][i])))
         return out
+    ok = [i for i in ok if not batch["flags"][i] & 4]  # certainly over-long: not worth tokenizing
     texts = [batch["texts"][i] for i in ok]
     controls = [batch["control"][cc[i]:cc[i + 1]] for i in ok]
     encs = tok.encode_rendered_hf(texts, controls, opts.allow_special_in_content)
@@ -110,6 +116,9 @@ def encode_batch(batch: dict, tok: LoaderTokenizer, opts: ChatOptions):
 
 def finalize(ids, labels, turn_token_ends, flags, opts: ChatOptions, stats: LoaderStats):
     """Applies the over-length policy and the nothing-to-train rule; returns (ids, labels) or None (dropped)."""
+    if flags & 4:
+        stats.dropped_overlong += 1
+        return None
     if flags & 2 or not (labels != NO_LABEL).any():
         stats.dropped_no_trainable += 1
         return None
@@ -117,9 +126,15 @@ def finalize(ids, labels, turn_token_ends, flags, opts: ChatOptions, stats: Load
         if opts.overlong == "drop":
             stats.dropped_overlong += 1
             return None
-        fits = [int(t) for t in turn_token_ends if 0 < t <= opts.max_seq_len]
-        cut = max(fits) if fits else 0
-        if cut == 0 or not (labels[:cut] != NO_LABEL).any():
+        # Keep whole turns up to the end of the last turn that fits and still trains something: trailing
+        # untrained turns (a user question with its answer cut off) are not worth their tokens.
+        fits = sorted({int(t) for t in turn_token_ends if 0 < t <= opts.max_seq_len})
+        cut = 0
+        for k in range(len(fits) - 1, -1, -1):
+            if (labels[(fits[k - 1] if k else 0):fits[k]] != NO_LABEL).any():
+                cut = fits[k]
+                break
+        if cut == 0:
             stats.dropped_overlong += 1
             return None
         ids, labels = ids[:cut], labels[:cut]
@@ -156,9 +171,16 @@ def process_batch(batch: dict, tok: LoaderTokenizer, opts: ChatOptions, stats: L
     kept = []
     ok = np.flatnonzero(batch["ok"])
     tc = np.concatenate([[0], np.cumsum(batch["train_counts"])])
-    for i, (ids, labels, tte, flags) in zip(ok, encode_batch(batch, tok, opts)):
+    encoded = encode_batch(batch, tok, opts)
+    if "ids" not in batch:  # HF path: over-long records were not encoded; count them here
+        for i in ok:
+            if batch["flags"][i] & 4:
+                stats.records += 1
+                stats.dropped_overlong += 1
+        ok = [i for i in ok if not batch["flags"][i] & 4]
+    for i, (ids, labels, tte, flags) in zip(ok, encoded):
         stats.records += 1
-        if check_budget > 0 and not flags & 1 and batch["texts"][i] is not None:
+        if check_budget > 0 and not flags & 5 and batch["texts"][i] is not None:
             check_budget -= 1
             stats.self_checked += 1
             problem = self_check(ids, labels, batch["texts"][i], batch["train"][tc[i]:tc[i + 1]], tok)
@@ -192,10 +214,7 @@ def encode_chat(messages, tokenizer, template: str = "chatml", tools=None, **opt
     record = {"messages": messages}
     if tools:
         record["tools"] = tools
-    if template == "tokenizer":
-        from fastchat_ft.data.jinja import encode_with_chat_template
-        return encode_with_chat_template(record, tok, opts)
-    kwargs = opts.native_kwargs(tok)
+    kwargs = opts.native_kwargs(tok, limit_length=False)
     batch = _native.process_records([json.dumps(record, ensure_ascii=False)], threads=1, **kwargs)
     if batch["errors"]:
         raise record_error(batch["errors"][0], None)

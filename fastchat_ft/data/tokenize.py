@@ -140,6 +140,20 @@ class LoaderTokenizer:
             return self.native.decode(np.asarray(ids, dtype=np.int32), skip_special_tokens)
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    @property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token covers (token strings as stored, e.g. byte-level 'Ġ'
+        counted as 2 bytes, overestimate, which keeps the bound safe)."""
+        if "max_bytes" not in self._pieces:
+            if self.hf is not None:
+                longest = max(len(t.encode("utf-8")) for t in self.hf.get_vocab(with_added_tokens=True))
+            else:
+                n = self.native.vocab_size
+                n = n() if callable(n) else n
+                longest = max(len(self.native.id_to_token(i).encode("utf-8")) for i in range(n))
+            self._pieces["max_bytes"] = longest + 8  # slack for normalizer-added prefixes
+        return self._pieces["max_bytes"]
+
     # ----------------------------------------------------------------------------- HF encode path
     def _added(self) -> dict:
         if "added" not in self._pieces:
