@@ -1,7 +1,6 @@
 """The train loop on a tiny random Llama with synthetic packed rows: the run directory contract, resume
 giving exactly the uninterrupted run, NaN handling, and the dry run's estimates."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -81,6 +81,9 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
         info["adapter_config"] = lora_mod.adapter_config(model, base_dir, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                          cfg.lora_target_modules, list(info["extra_modules"]) or None)
     model.to(device)
+    if device.type == "cuda":  # Triton RMSNorm; the fused CE and LoRA kernels are already ours
+        from fastchat_ft.model.patch import patch
+        patch(model, rms_norm=True, loss=False, lora=False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.torch_compile:
@@ -124,21 +127,13 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
         from fastchat_ft.engine.dryrun import report
         return report(cfg, s, optimizer, total_steps, steps_epoch)
 
-    eval_every = cfg.eval_steps or max(1, steps_epoch // cfg.evals_per_epoch)
-    save_every = cfg.save_steps or eval_every
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
-    write_run_files(run_dir, cfg, s, resumed=bool(resume))
-    log = MetricsLogger(run_dir, total_steps, state.step, show_bar)
-    prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
-    val_history = [r["val_loss"] for r in log.records if "val_loss" in r]
-    if state.step == 0:
-        val_history.append(_evaluate(cfg, s, log, state, prompts))
-    losses, waits, busy, tokens_run = [], 0.0, 0.0, 0
-    stop_reason = None
+    clip = cfg.max_grad_norm or float("inf")
+    report = Reporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar, bool(resume))
 
-    with ckpt.StopFlag() as stop:
-        while state.step < total_steps:
+    with ckpt.StopFlag() as stop, _oom_advice(cfg):
+        while state.step < total_steps and not stop.requested:
             t0 = time.perf_counter()
             idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
                                      cfg.seed, state.epoch, state.batch_in_epoch)
@@ -147,40 +142,103 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             step_loss, _ = backward_step(model, batches, mode, amp)
             grad_norm = float("nan")
             if math.isfinite(step_loss):
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 optimizer.step()
             else:  # raises unless --skip-bad-batches; a skipped batch still counts as a step of the schedule
-                log.message(diag.bad_loss(state.step + 1, step_loss, batches, skip_bad_batches))
+                report.message(diag.bad_loss(state.step + 1, step_loss, batches, skip_bad_batches))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens = sum(data_mod.row_tokens(rows[i]) for m in idx for i in m)
-            _advance(state, steps_epoch, tokens)
-            waits, busy, tokens_run = waits + t_data, busy + time.perf_counter() - t0, tokens_run + tokens
-            losses.append(step_loss)
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-                log.log({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch / steps_epoch, 4),
-                         "loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                         "tokens_per_s": tokens_run / busy, **({} if math.isfinite(step_loss) else {"skipped": True})},
-                        advance=cfg.logging_steps)
-            if state.step % eval_every == 0 or state.step == total_steps:
-                val_history.append(_evaluate(cfg, s, log, state, prompts))
-                warning = diag.overfitting([v for v in val_history if v is not None])
-                if warning:
-                    log.message("warning: " + warning)
+            _advance(state, steps_epoch, sum(data_mod.row_tokens(rows[i]) for m in idx for i in m))
             if stop_after and state.step >= stop_after:
                 stop.requested = stop.requested or "stop_after"
-            if state.step % save_every == 0 or stop.requested:
-                ckpt.save_checkpoint(run_dir, state, model, s.model_info, s.tokenizer_dir, optimizer, scheduler,
-                                     cfg.save_total_limit)
-            if stop.requested:
-                stop_reason = stop.requested
-                break
+            report.after_step(step_loss, grad_norm, t_data, time.perf_counter() - t0, stop.requested)
+    return report.finish(stop.requested)
 
-    if stop_reason is None:
-        ckpt.save_checkpoint(run_dir, state, model, s.model_info, s.tokenizer_dir, optimizer, scheduler,
-                             cfg.save_total_limit, name="final")
-    log.close()
-    return _finish(cfg, s, run_dir, log, losses, waits, busy, tokens_run, stop_reason)
+
+@contextlib.contextmanager
+def _oom_advice(cfg):
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise ModelError(diag.oom_advice(cfg, None)) from None
+
+
+class Reporter:
+    """Everything the loop does between steps besides training: log, evaluate + sample, checkpoint, finish."""
+
+    def __init__(self, cfg, s: Setup, run_dir: Path, state, optimizer, scheduler, total_steps, steps_epoch,
+                 show_bar: bool, resumed: bool):
+        self.cfg, self.s, self.run_dir, self.state = cfg, s, run_dir, state
+        self.optimizer, self.scheduler, self.steps_epoch, self.total_steps = optimizer, scheduler, steps_epoch, total_steps
+        self.eval_every = cfg.eval_steps or max(1, steps_epoch // cfg.evals_per_epoch)
+        self.save_every = cfg.save_steps or self.eval_every
+        write_run_files(run_dir, cfg, s, resumed=resumed)
+        self.log = MetricsLogger(run_dir, total_steps, state.step, show_bar)
+        self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
+        self.val_history = [r["val_loss"] for r in self.log.records if "val_loss" in r]
+        self.losses, self.waits, self.busy, self.tokens = [], 0.0, 0.0, 0
+        self._tokens_at_start = state.tokens_seen
+        if state.step == 0:
+            self.evaluate()
+
+    def message(self, text: str) -> None:
+        self.log.message(text)
+
+    def after_step(self, loss: float, grad_norm: float, t_data: float, t_step: float, stopping) -> None:
+        st, cfg = self.state, self.cfg
+        self.losses.append(loss)
+        self.waits, self.busy = self.waits + t_data, self.busy + t_step
+        self.tokens = st.tokens_seen - self._tokens_at_start
+        last = st.step == self.total_steps
+        if st.step % cfg.logging_steps == 0 or last:
+            self.log.log({"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / self.steps_epoch, 4),
+                          "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "tokens_per_s": self.tokens / self.busy, **({} if math.isfinite(loss) else {"skipped": True})},
+                         advance=cfg.logging_steps)
+        if st.step % self.eval_every == 0 or last:
+            self.evaluate()
+            warning = diag.overfitting([v for v in self.val_history if v is not None])
+            if warning:
+                self.message("warning: " + warning)
+        if st.step % self.save_every == 0 or stopping:
+            ckpt.save_checkpoint(self.run_dir, st, self.s.model, self.s.model_info, self.s.tokenizer_dir,
+                                 self.optimizer, self.scheduler, cfg.save_total_limit)
+
+    def evaluate(self) -> None:
+        """Validation metrics (and sample generations) at this step, into metrics.jsonl / samples.jsonl."""
+        s, st = self.s, self.state
+        if not len(s.data.val):
+            return
+        result = evaluate(s.model, data_mod.eval_batches(s.data.val, self.cfg.micro_batch_size), s.device, s.amp_dtype)
+        if st.best_val_loss is None or result.loss < st.best_val_loss:
+            st.best_val_loss = result.loss
+        self.val_history.append(result.loss)
+        self.log.log({"step": st.step, **result.as_metrics()})
+        self.message(f"step {st.step}: val_loss {result.loss:.4f}  val_ppl {result.ppl:.2f}  "
+                     f"val_token_acc {result.token_acc:.3f}")
+        if self.prompts:
+            append_samples(self.run_dir, st.step, generate_samples(s, self.prompts, self.cfg.sample_max_new_tokens))
+
+    def finish(self, stopped) -> dict:
+        from fastchat_ft.engine.rundir import finish_report
+
+        s = self.s
+        if not stopped:
+            ckpt.save_checkpoint(self.run_dir, self.state, s.model, s.model_info, s.tokenizer_dir, self.optimizer,
+                                 self.scheduler, self.cfg.save_total_limit, name="final")
+        self.log.close()
+        n_params = sum(p.numel() for p in s.model.parameters())
+        n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+        device_name = torch.cuda.get_device_name() if s.device.type == "cuda" else "CPU"
+        summary = {
+            "run_dir": str(self.run_dir), "steps": len(self.losses), "stopped": stopped,
+            "tokens_per_s": self.tokens / self.busy if self.busy else 0.0, "train_losses": self.losses,
+            "throughput": diag.throughput_report(self.busy, self.waits, self.tokens, n_params, n_train, device_name),
+            "underfitting": diag.underfitting(self.losses),
+            "val": [r for r in self.log.records if "val_loss" in r],
+        }
+        finish_report(self.run_dir, summary)
+        return summary
 
 
 def _advance(state: ckpt.TrainState, steps_epoch: int, tokens: int) -> None:
@@ -189,34 +247,3 @@ def _advance(state: ckpt.TrainState, steps_epoch: int, tokens: int) -> None:
     state.batch_in_epoch += 1
     if state.batch_in_epoch >= steps_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-
-def _evaluate(cfg, s: Setup, log: MetricsLogger, state: ckpt.TrainState, prompts: list) -> float | None:
-    """Validation metrics (and sample generations) at this step, logged to metrics.jsonl / samples.jsonl."""
-    if not s.data.val:
-        return None
-    result = evaluate(s.model, data_mod.eval_batches(s.data.val, cfg.micro_batch_size), s.device, s.amp_dtype)
-    if state.best_val_loss is None or result.loss < state.best_val_loss:
-        state.best_val_loss = result.loss
-    log.log({"step": state.step, **result.as_metrics()})
-    log.message(f"step {state.step}: val_loss {result.loss:.4f}  val_ppl {result.ppl:.2f}  "
-                f"val_token_acc {result.token_acc:.3f}")
-    if prompts:
-        append_samples(log.run_dir, state.step, generate_samples(s, prompts, cfg.sample_max_new_tokens))
-    return result.loss
-
-
-def _finish(cfg, s: Setup, run_dir: Path, log: MetricsLogger, losses, waits, busy, tokens_run, stop_reason) -> dict:
-    from fastchat_ft.engine.rundir import finish_report
-    n_params = sum(p.numel() for p in s.model.parameters())
-    n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
-    device_name = torch.cuda.get_device_name() if s.device.type == "cuda" else "CPU"
-    summary = {
-        "run_dir": str(run_dir), "steps": len(losses), "stopped": stop_reason,
-        "tokens_per_s": tokens_run / busy if busy else 0.0, "train_losses": losses,
-        "throughput": diag.throughput_report(busy, waits, tokens_run, n_params, n_train, device_name),
-        "underfitting": diag.underfitting(losses),
-        "val": [r for r in log.records if "val_loss" in r],
-    }
-    finish_report(run_dir, summary)
-    return summary
