@@ -246,7 +246,7 @@ static void bind_loader(py::module_& m) {
     std::vector<int64_t> control_n, train_n, turn_n, token_n;
     std::vector<uint32_t> turn_tokens;
     std::vector<uint8_t> ok, flags;
-    py::list texts, errors;
+    py::list texts, errors, raws;
     for (size_t i = 0; i < results.size(); ++i) {
       auto& r = results[i];
       lines.push_back(r.line);
@@ -263,6 +263,7 @@ static void bind_loader(py::module_& m) {
         e["raw"] = py::bytes(r.raw);
         errors.append(e);
         texts.append(py::none());
+        raws.append(py::none());
         control_n.push_back(0);
         train_n.push_back(0);
         turn_n.push_back(0);
@@ -270,6 +271,7 @@ static void bind_loader(py::module_& m) {
         continue;
       }
       const auto& rd = r.rendered;
+      raws.append(py::bytes(r.raw));
       texts.append(py::str(rd.text));  // also wanted when tokenized: the mask self-check decodes against it
       for (auto& c : rd.control) { control.push_back(c.first); control.push_back(c.second); }
       for (auto& sp : rd.train) { train.push_back((int32_t)sp.begin); train.push_back((int32_t)sp.end); train.push_back(sp.message); }
@@ -286,6 +288,7 @@ static void bind_loader(py::module_& m) {
     out["lines"] = to_array(lines);
     out["ok"] = to_array(ok).attr("astype")("bool");
     out["texts"] = texts;
+    out["records"] = raws;  // valid records' JSON when keep_raw, else empty bytes
     out["errors"] = errors;
     out["control"] = to_array(control).attr("reshape")(-1, 2);
     out["control_counts"] = to_array(control_n);
@@ -306,7 +309,7 @@ static void bind_loader(py::module_& m) {
   auto make_options = [parse_template, parse_train_on, parse_think](
       const std::string& tmpl, const std::string& train_on, const std::string& think, const std::string& default_system,
       const std::string& bos, const std::string& eos, int threads, const py::object& tokenizer, bool allow_special,
-      size_t max_text_bytes, bool truncate_overlong) {
+      size_t max_text_bytes, bool truncate_overlong, bool keep_raw) {
     loader::Options o;
     o.render.tmpl = parse_template(tmpl);
     o.render.train_on = parse_train_on(train_on);
@@ -320,6 +323,7 @@ static void bind_loader(py::module_& m) {
     o.allow_special_in_content = allow_special;
     o.max_text_bytes = max_text_bytes;
     o.truncate_overlong = truncate_overlong;
+    o.keep_raw = keep_raw;
     return o;
   };
 
@@ -330,9 +334,9 @@ static void bind_loader(py::module_& m) {
                                    const std::string& think, const std::string& default_system, const std::string& bos,
                                    const std::string& eos, int threads, size_t batch_records,
                                    const py::object& tokenizer, bool allow_special, size_t max_text_bytes,
-                                   bool truncate_overlong) {
+                                   bool truncate_overlong, bool keep_raw) {
              auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special,
-                                   max_text_bytes, truncate_overlong);
+                                   max_text_bytes, truncate_overlong, keep_raw);
              try {
                return new loader::ChatReader(path, std::move(o), batch_records);
              } catch (const fastchat::jsonl::FileError& e) {
@@ -342,7 +346,8 @@ static void bind_loader(py::module_& m) {
            py::arg("path"), py::arg("template") = "chatml", py::arg("train_on") = "assistant",
            py::arg("think") = "keep", py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "",
            py::arg("threads") = 0, py::arg("batch_records") = 1024, py::arg("tokenizer") = py::none(),
-           py::arg("allow_special") = false, py::arg("max_text_bytes") = 0, py::arg("truncate_overlong") = false)
+           py::arg("allow_special") = false, py::arg("max_text_bytes") = 0, py::arg("truncate_overlong") = false,
+           py::arg("keep_raw") = false)
       .def("next_batch", [batch_to_python](loader::ChatReader& self) -> py::object {
              std::vector<loader::Result> results;
              bool more;
@@ -358,9 +363,10 @@ static void bind_loader(py::module_& m) {
   m.def("process_records", [make_options, batch_to_python](
             const std::vector<std::string>& records, const std::string& tmpl, const std::string& train_on,
             const std::string& think, const std::string& default_system, const std::string& bos, const std::string& eos,
-            int threads, const py::object& tokenizer, bool allow_special, size_t max_text_bytes, bool truncate_overlong) {
+            int threads, const py::object& tokenizer, bool allow_special, size_t max_text_bytes, bool truncate_overlong,
+            bool keep_raw) {
         auto o = make_options(tmpl, train_on, think, default_system, bos, eos, threads, tokenizer, allow_special,
-                              max_text_bytes, truncate_overlong);
+                              max_text_bytes, truncate_overlong, keep_raw);
         std::vector<fastchat::jsonl::RawRecord> raw(records.size());
         for (size_t i = 0; i < records.size(); ++i) {
           raw[i].line = static_cast<uint32_t>(i + 1);
@@ -375,7 +381,7 @@ static void bind_loader(py::module_& m) {
       }, py::arg("records"), py::arg("template") = "chatml", py::arg("train_on") = "assistant",
       py::arg("think") = "keep", py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "",
       py::arg("threads") = 1, py::arg("tokenizer") = py::none(), py::arg("allow_special") = false,
-      py::arg("max_text_bytes") = 0, py::arg("truncate_overlong") = false,
+      py::arg("max_text_bytes") = 0, py::arg("truncate_overlong") = false, py::arg("keep_raw") = false,
       "In-memory JSON records (one per item, 'line' = position) processed like ChatReader batches.");
 
   m.def("label_tokens", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,

@@ -70,6 +70,11 @@ void process_one(jsonl::RawRecord& rec, const Options& opt, chat::Conversation& 
   try {
     json::Value value = rec.parsed ? std::move(rec.value) : json::parse(rec.text, rec.line);
     chat::read_record(std::move(value), conv);
+    if (opt.keep_raw) {
+      if (rec.parsed) chat::dump_json(conv.record, res.raw);
+      else res.raw = rec.text;
+      return;  // the caller renders it itself
+    }
     chat::render(conv, opt.render, res.rendered);
   } catch (const json::ParseError& e) {
     res.status = kError;

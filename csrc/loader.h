@@ -42,6 +42,7 @@ struct Options {
   // it is cut at the last turn end that fits (truncate_overlong) or flagged kOverlong, before tokenizing.
   size_t max_text_bytes = 0;  // 0: no limit
   bool truncate_overlong = false;
+  bool keep_raw = false;  // hand each valid record's JSON back too (the Jinja path renders it in Python)
 };
 
 // Processes `records` in parallel into `results` (same order, resized to match).

@@ -88,6 +88,10 @@ class ChatDataset:
     def _build(self, entry: Path | None) -> None:
         opts, tok = self.options, self.tokenizer
         kwargs = opts.native_kwargs(tok)
+        jinja = None
+        if opts.template == "tokenizer":
+            from fastchat_ft.data.jinja import JinjaBatchEncoder
+            jinja = JinjaBatchEncoder(tok, opts)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent)) if entry else None
         if entry:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,17 @@ class ChatDataset:
         labels_file = open(tmp / "labels.bin", "wb") if tmp else None
         rejects = None
         budget = self.self_check_budget
+
+        def reject(path, line, column, field, reason, fix, raw):
+            nonlocal rejects
+            self.stats.errors += 1
+            self.stats.records += 1
+            if rejects is None:
+                rejects = open(self.rejects_path, "w", encoding="utf-8")
+            rejects.write(json.dumps({"file": str(path), "line": line, "column": column, "field": field,
+                                      "reason": reason, "fix": fix, "raw": raw.decode("utf-8", "replace")},
+                                     ensure_ascii=False) + "\n")
+
         try:
             for path in self.paths:
                 native_kwargs = dict(kwargs)
@@ -109,15 +124,13 @@ class ChatDataset:
                     for err in batch["errors"]:
                         if self.on_error == "raise":
                             raise record_error(err, str(path))
-                        self.stats.errors += 1
-                        self.stats.records += 1
-                        if rejects is None:
-                            rejects = open(self.rejects_path, "w", encoding="utf-8")
-                        rejects.write(json.dumps({"file": str(path), "line": err["line"], "column": err["column"],
-                                                  "field": err["field"], "reason": err["reason"], "fix": err["fix"],
-                                                  "raw": err["raw"].decode("utf-8", "replace")},
-                                                 ensure_ascii=False) + "\n")
-                    kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget)
+                        reject(path, err["line"], err["column"], err["field"], err["reason"], err["fix"], err["raw"])
+                    if jinja is not None:
+                        kept, budget = jinja.process(
+                            batch, self.stats, budget, str(path), self.on_error,
+                            lambda line, e, raw, path=path: reject(path, line, None, e.field, e.reason, e.fix, raw))
+                    else:
+                        kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget)
                     for ids, labels in kept:
                         lengths.append(len(ids))
                         if ids_file:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fastchat_ft import _native
-from fastchat_ft.errors import DataError, NotBuiltYet
+from fastchat_ft.errors import DataError
 from fastchat_ft.data.tokenize import LoaderTokenizer
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "llama2", "mistral", "alpaca")
@@ -33,11 +33,9 @@ class ChatOptions:
             raise ValueError(f"overlong must be 'drop' or 'truncate', not {self.overlong!r}")
         if self.think not in ("keep", "strip_history"):
             raise ValueError(f"think must be 'keep' or 'strip_history', not {self.think!r}")
-        if self.template == "tokenizer":
-            raise NotBuiltYet("template='tokenizer' (the model's own Jinja chat_template) has not landed yet",
-                              fix=f"use a built-in template: {', '.join(BUILTIN_TEMPLATES)}")
-        if self.template not in BUILTIN_TEMPLATES:
-            raise ValueError(f"unknown template {self.template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}")
+        if self.template not in BUILTIN_TEMPLATES + ("tokenizer",):
+            raise ValueError(f"unknown template {self.template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}, "
+                             "or 'tokenizer' for the model's own chat_template")
 
     def native_kwargs(self, tok: LoaderTokenizer, limit_length: bool = True) -> dict:
         """Arguments for _native.ChatReader / process_records; BOS/EOS strings come from the tokenizer."""
@@ -46,6 +44,8 @@ class ChatOptions:
             bos = tok.bos_token
         if self.template in ("llama2", "mistral", "alpaca") and tok.eos_token:
             eos = tok.eos_token
+        if self.template == "tokenizer":  # natively: parse + validate only; jinja.py renders in Python
+            return dict(template="chatml", keep_raw=True)
         kwargs = dict(template=self.template, train_on=self.train_on, think=self.think,
                       default_system=self.system_prompt, bos=bos, eos=eos,
                       allow_special=self.allow_special_in_content)
@@ -214,6 +214,9 @@ def encode_chat(messages, tokenizer, template: str = "chatml", tools=None, **opt
     record = {"messages": messages}
     if tools:
         record["tools"] = tools
+    if template == "tokenizer":
+        from fastchat_ft.data.jinja import encode_with_chat_template
+        return encode_with_chat_template(record, tok, opts)
     kwargs = opts.native_kwargs(tok, limit_length=False)
     batch = _native.process_records([json.dumps(record, ensure_ascii=False)], threads=1, **kwargs)
     if batch["errors"]:
