@@ -183,10 +183,12 @@ DupIndex::Match DupIndex::add(uint64_t exact_hash, const Signature& sig, bool ne
   uint32_t id = static_cast<uint32_t>(parent_.size());
   parent_.push_back(id);
   constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
-  chain_.resize(chain_.size() + kBands, kNone);
   size_t off = small_sigs_.size();
-  small_sigs_.resize(off + kNumPerm, 0);
-  bool indexed = near && !sig.empty;
+  if (near_enabled_) {
+    chain_.resize(chain_.size() + kBands, kNone);
+    small_sigs_.resize(off + kNumPerm, 0);
+  }
+  bool indexed = near_enabled_ && near && !sig.empty;
   if (indexed)
     for (int i = 0; i < kNumPerm; ++i) small_sigs_[off + i] = static_cast<uint8_t>(sig.v[i]);
   Match m;

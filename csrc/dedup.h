@@ -41,7 +41,9 @@ void minhash(std::string_view normalized, int k, Signature& out);
 // record is verified against up to kChainWalk earlier members of each bucket it lands in.
 class DupIndex {
  public:
-  explicit DupIndex(double near_threshold = 0.8) : threshold_(near_threshold) {}
+  // near_enabled false: exact duplicates only, and no per-record signature storage (about 30 bytes per record).
+  explicit DupIndex(double near_threshold = 0.8, bool near_enabled = true)
+      : threshold_(near_threshold), near_enabled_(near_enabled) {}
   struct Match {
     int64_t exact_of = -1;  // earlier record with the same exact hash
     int64_t near_of = -1;   // earlier record whose estimated Jaccard similarity >= threshold
@@ -67,6 +69,7 @@ class DupIndex {
     void grow();
   };
   double threshold_;
+  bool near_enabled_;
   Table exact_, bands_;
   std::vector<uint8_t> small_sigs_;  // kNumPerm low bytes per record (b-bit MinHash, b = 8)
   std::vector<uint32_t> chain_;      // per record and band: the previous record in the same bucket

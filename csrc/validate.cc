@@ -365,7 +365,7 @@ struct Worker {
 
 Scanner::Scanner(const std::string& path, Options options, size_t batch_records, size_t batch_bytes)
     : reader_(path), options_(std::move(options)), batch_records_(batch_records), batch_bytes_(batch_bytes),
-      index_(options_.near_threshold) {}
+      index_(options_.near_threshold, options_.near_duplicates) {}
 
 std::vector<uint32_t> Scanner::groups() {
   std::vector<uint32_t> out(index_.size());
