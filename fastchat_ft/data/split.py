@@ -98,6 +98,7 @@ def run_split(args) -> int:
         return 0
     print(f"train {result['train']['records']:>8}  {result['train']['path']}")
     print(f"val   {result['val']['records']:>8}  {result['val']['path']}")
-    print(f"{result['groups']} duplicate groups kept whole ({result['grouped_records']} records joined a group); "
-          f"{result['skipped_invalid']} invalid records left out (see `fastchat-ft validate`)")
+    print(f"{result['grouped_records']} duplicate or near-duplicate records kept on the side of their group "
+          f"({result['groups']} groups); {result['skipped_invalid']} invalid records left out "
+          f"(see `fastchat-ft validate`)")
     return 0

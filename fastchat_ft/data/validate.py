@@ -195,19 +195,6 @@ def validate_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | Non
     return report
 
 
-def _atomic_write(path: Path, lines: Iterator[bytes]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in lines:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _records_raw(path: Path) -> Iterator[tuple[int, bytes]]:
     """(line, raw record bytes) in the scanner's record order: JSONL lines (blank ones skipped) or array items."""
     with open(path, "rb") as f:
