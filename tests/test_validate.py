@@ -210,3 +210,30 @@ def test_broken_json_array_file_names_line_and_column(tmp_path, capsys):
     assert main(["validate", str(f)]) == 1
     err = capsys.readouterr().err
     assert f"{f}:3:16:" in err and "fix:" in err
+
+
+def test_results_do_not_depend_on_threads_or_batch_size(tmp_path):
+    rng = random.Random(21)
+    recs = [clean_record(rng) for _ in range(300)]
+    recs += [recs[i] for i in rng.sample(range(300), 20)]  # exact copies
+    for i in rng.sample(range(300), 20):  # one-word edits of long answers
+        rec = json.loads(json.dumps(recs[i]))
+        rec["messages"].append(u(sentence(rng, 5)))
+        rec["messages"].append(a(sentence(rng, 90)))
+        recs.append(rec)
+        recs.append({"messages": rec["messages"][:-1] + [a(rec["messages"][-1]["content"].replace(".", " zz."))]})
+    rng.shuffle(recs)
+    f = tmp_path / "d.jsonl"
+    write_lines(f, [json.dumps(r).encode() for r in recs])
+
+    def scan(threads, batch):
+        s = _native.DatasetScanner(str(f), threads=threads, batch_records=batch)
+        issues = []
+        while (b := s.next_batch()) is not None:
+            issues += [tuple(x[1:]) for x in b["issues"]]
+        return issues, s.groups().tolist()
+
+    reference = scan(1, 4096)
+    assert any(i[3] == "duplicate.exact" for i in reference[0]) and any(i[3] == "duplicate.near" for i in reference[0])
+    assert scan(2, 7) == reference
+    assert scan(3, 1) == reference
