@@ -70,6 +70,7 @@ def run_export(args) -> int:
             stage_paths_relocate(failed, stage_abs)
             print(f"export failed; what was written is kept in {failed} for inspection")
         raise
+    _readable_by_all(stage)
     stage_abs = stage.resolve()
     stage.rename(out)
     stage_paths_relocate(out, stage_abs)
@@ -199,6 +200,15 @@ def write_adapter(ckpt: Path, base: Path, tokenizer, out: Path) -> dict:
     _atomic_write(out / ADAPTER_CONFIG, json.dumps(conf, indent=2) + "\n")
     save_tokenizer(tokenizer, out)
     return info
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Some writers (safetensors' temp files) leave mode 0600; a deployed model folder is usually read by
+    another user (a serving container), so apply the normal umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _atomic_write(path: Path, text: str) -> None:

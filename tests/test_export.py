@@ -54,6 +54,8 @@ def test_merged_export_writes_artifacts_and_card(tiny_run, merged_export):
                  "generation_notes.md", "README.md", "data/train.jsonl", "data/val.jsonl", "data/splits.json",
                  "training_logs/metrics.jsonl"):
         assert (merged_export / name).is_file(), name
+    for p in merged_export.glob("*.safetensors"):
+        assert p.stat().st_mode & 0o044, f"{p.name} is not readable by group/others"
     info = json.loads((merged_export / "dataset_info.json").read_text())
     assert "analyze_error" not in info["train"]  # the numbers come from `fastchat-ft analyze`
     assert info["train"]["conversations"] == len(tiny_run["train"])
