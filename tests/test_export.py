@@ -2,6 +2,7 @@
 folder loads as is, same logits as the engine's model), peft's PeftModel (the adapter loads, same logits), and
 the self-check failing on a model that never stops."""
 import json
+import os
 from argparse import Namespace
 
 import pytest
@@ -54,8 +55,10 @@ def test_merged_export_writes_artifacts_and_card(tiny_run, merged_export):
                  "generation_notes.md", "README.md", "data/train.jsonl", "data/val.jsonl", "data/splits.json",
                  "training_logs/metrics.jsonl"):
         assert (merged_export / name).is_file(), name
-    for p in merged_export.glob("*.safetensors"):
-        assert p.stat().st_mode & 0o044, f"{p.name} is not readable by group/others"
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in merged_export.glob("*.safetensors"):  # not the 0600 safetensors leaves behind
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
     info = json.loads((merged_export / "dataset_info.json").read_text())
     assert "analyze_error" not in info["train"]  # the numbers come from `fastchat-ft analyze`
     assert info["train"]["conversations"] == len(tiny_run["train"])
