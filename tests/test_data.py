@@ -195,8 +195,9 @@ def shared_ds(smollm, tmp_path_factory):
                                               "llamafactory_v1_sft_demo_messages.jsonl",
                                               "mlteam_weather_chat_fine_tuning_toolcalls.jsonl",
                                               "torchtune_chat_tiny_sharegpt.json"]]
+    # A cache folder that does not exist yet: it is created.
     return dataset(files, smollm, max_seq_len=2048, seed=3, cache=True,
-                   cache_dir=tmp_path_factory.mktemp("cache"))
+                   cache_dir=tmp_path_factory.mktemp("cache") / "not" / "yet")
 
 
 def test_packing_efficiency_and_layout(shared_ds):

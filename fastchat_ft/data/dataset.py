@@ -4,6 +4,7 @@ Does not know about torch (see collate.py)."""
 from __future__ import annotations
 
 import hashlib
+from array import array
 import json
 import os
 import shutil
@@ -92,10 +93,11 @@ class ChatDataset:
         if opts.template == "tokenizer":
             from fastchat_ft.data.jinja import JinjaBatchEncoder
             jinja = JinjaBatchEncoder(tok, opts)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent)) if entry else None
         if entry:
             entry.parent.mkdir(parents=True, exist_ok=True)
-        ids_parts, label_parts, lengths = [], [], []
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent)) if entry else None
+        ids_parts, label_parts = [], []
+        lengths = array("I")  # 4 bytes per conversation, not a Python int each
         ids_file = open(tmp / "ids.bin", "wb") if tmp else None
         labels_file = open(tmp / "labels.bin", "wb") if tmp else None
         rejects = None
@@ -148,12 +150,16 @@ class ChatDataset:
         if self.stats.conversations == 0:
             raise DataError(f"no trainable conversation in {', '.join(map(str, self.paths))}: {self.stats.summary()}",
                             fix="check the roles (assistant turns are trained), weights and max_seq_len")
-        offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+        offsets = np.concatenate([[0], np.cumsum(np.frombuffer(lengths, dtype=np.uint32).astype(np.int64))])
         if tmp:
             total = int(offsets[-1])
             np.save(tmp / "offsets.npy", offsets)
-            np.save(tmp / "ids.npy", np.fromfile(tmp / "ids.bin", dtype=np.int32, count=total))
-            np.save(tmp / "labels.npy", np.fromfile(tmp / "labels.bin", dtype=np.int32, count=total))
+            # Through a file mapping, so a dataset larger than RAM is never held in memory at once.
+            for name in ("ids", "labels"):
+                src = np.memmap(tmp / f"{name}.bin", dtype=np.int32, mode="r", shape=(total,)) if total else \
+                    np.zeros(0, np.int32)
+                np.save(tmp / f"{name}.npy", src)
+                del src
             os.remove(tmp / "ids.bin")
             os.remove(tmp / "labels.bin")
             stats = {k: v for k, v in self.stats.__dict__.items()}
