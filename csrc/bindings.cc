@@ -361,7 +361,7 @@ static void bind_loader(py::module_& m) {
       .def_property_readonly("bytes_read", &loader::ChatReader::bytes_read);
 
   m.def("process_records", [make_options, batch_to_python](
-            const std::vector<std::string>& records, const std::string& tmpl, const std::string& train_on,
+            const py::list& records, const std::string& tmpl, const std::string& train_on,
             const std::string& think, const std::string& default_system, const std::string& bos, const std::string& eos,
             int threads, const py::object& tokenizer, bool allow_special, size_t max_text_bytes, bool truncate_overlong,
             bool keep_raw) {
@@ -370,7 +370,10 @@ static void bind_loader(py::module_& m) {
         std::vector<fastchat::jsonl::RawRecord> raw(records.size());
         for (size_t i = 0; i < records.size(); ++i) {
           raw[i].line = static_cast<uint32_t>(i + 1);
-          raw[i].text = records[i];
+          py::handle item = records[i];
+          // bytes pass through untouched (invalid UTF-8 included: the parser reports it); str as UTF-8.
+          raw[i].text = py::isinstance<py::bytes>(item) ? std::string(py::reinterpret_borrow<py::bytes>(item))
+                                                        : item.cast<std::string>();
         }
         std::vector<loader::Result> results;
         {
@@ -382,7 +385,7 @@ static void bind_loader(py::module_& m) {
       py::arg("think") = "keep", py::arg("default_system") = "", py::arg("bos") = "", py::arg("eos") = "",
       py::arg("threads") = 1, py::arg("tokenizer") = py::none(), py::arg("allow_special") = false,
       py::arg("max_text_bytes") = 0, py::arg("truncate_overlong") = false, py::arg("keep_raw") = false,
-      "In-memory JSON records (one per item, 'line' = position) processed like ChatReader batches.");
+      "In-memory JSON records (str or bytes, one per item, 'line' = position) processed like ChatReader batches.");
 
   m.def("label_tokens", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids,
                            py::array_t<uint32_t, py::array::c_style | py::array::forcecast> starts,
