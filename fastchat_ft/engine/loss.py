@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastchat_ft.engine.distributed import sum_gradients, sum_over_ranks
 from fastchat_ft.kernels import fused_linear_cross_entropy
 
 IGNORE = -100
@@ -93,16 +94,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def backward_step(model, batches: list[dict], mode: str, amp) -> tuple[float, int]:
-    """Forward and backward over the micro-batches of one optimizer step; gradients accumulate in .grad.
-    Returns the mean token loss of the step (for logging) and its label-token count."""
-    # Each micro-batch's summed loss is divided by the label tokens (or conversations) of the WHOLE step,
-    # so micro-batch size, accumulation and packing leave the loss and the gradients unchanged.
-    denominator = max(1, sum(count_units(b, mode) for b in batches))
-    n_label = sum(int(b["targets"].labels.numel()) for b in batches)
+    """Forward and backward over this rank's micro-batches of one optimizer step; gradients end up in .grad,
+    summed over ranks. Returns the step's mean token loss (for logging) and its label-token count."""
+    # Each micro-batch's summed loss is divided by the label tokens (or conversations) of the WHOLE step on
+    # all ranks, so micro-batch size, accumulation, packing and world size leave loss and gradients unchanged.
+    denominator = max(1, sum_over_ranks(sum(count_units(b, mode) for b in batches)))
     token_loss = 0.0
     for b in batches:
         with amp:
             loss, logged = loss_sum(model, b, mode, denominator)
         loss.backward()
         token_loss += float(logged)
-    return token_loss / max(1, n_label), n_label
+    sum_gradients([p for p in model.parameters() if p.requires_grad])
+    n_label = int(sum_over_ranks(sum(int(b["targets"].labels.numel()) for b in batches)))
+    return sum_over_ranks(token_loss) / max(1, n_label), n_label

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from fastchat_ft import config as config_mod
 from fastchat_ft.engine import checkpoint as ckpt
 from fastchat_ft.engine import data as data_mod
 from fastchat_ft.engine import diagnostics as diag
+from fastchat_ft.engine import distributed as dist_mod
 from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.engine.metrics import MetricsLogger, append_samples
 from fastchat_ft.engine.rundir import generate_samples, write_run_files
@@ -35,9 +38,12 @@ def run_train(args) -> int:
     if args.output_dir:
         cfg.output_dir = args.output_dir
     config_mod.validate(cfg)
-    if args.nproc and args.nproc > 1:
-        raise ModelError("multi-process training is not built yet", field="--nproc", fix="run without --nproc")
-    train(cfg, dry_run=args.dry_run, resume=args.resume, skip_bad_batches=args.skip_bad_batches)
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return dist_mod.relaunch_with_torchrun(args.nproc, sys.argv[1:])
+    try:
+        train(cfg, dry_run=args.dry_run, resume=args.resume, skip_bad_batches=args.skip_bad_batches)
+    finally:
+        dist_mod.shutdown()
     return 0
 
 
@@ -108,14 +114,20 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
           data: data_mod.RunData | None = None, show_bar: bool = True, stop_after: int | None = None) -> dict:
     """Run (or with dry_run, check and estimate) one training run described by `cfg`. `data` injects
     packed rows (tests, other tools); `stop_after` ends early after that many steps, as a Ctrl-C would."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    rank, world = dist_mod.init_from_env()
+    torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
+    random.seed(cfg.seed + rank)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank:  # rank 0 converts the model, extends the tokenizer and fills the data cache; the others reuse them
+        dist_mod.barrier()
     s = build(cfg, run_dir, data)
+    if not rank:
+        dist_mod.barrier()
     model, mode, rows = s.model, cfg.loss_normalization, s.data.train
     optimizer = build_optimizer(cfg, model)
-    steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
+    steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, per_step)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
     scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
     state = ckpt.TrainState(config_hash=cfg.config_hash())
@@ -130,14 +142,16 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm or float("inf")
-    report = Reporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar, bool(resume))
+    report = Reporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar, bool(resume),
+                      active=rank == 0)
 
     with ckpt.StopFlag() as stop, _oom_advice(cfg):
         while state.step < total_steps and not stop.requested:
             t0 = time.perf_counter()
-            idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-                                     cfg.seed, state.epoch, state.batch_in_epoch)
-            batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, idx)]
+            idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, per_step, cfg.seed, state.epoch,
+                                     state.batch_in_epoch)
+            mine = idx[rank * cfg.gradient_accumulation_steps:(rank + 1) * cfg.gradient_accumulation_steps]
+            batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, mine)]
             t_data = time.perf_counter() - t0
             step_loss, _ = backward_step(model, batches, mode, amp)
             grad_norm = float("nan")
@@ -151,6 +165,8 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             _advance(state, steps_epoch, sum(data_mod.row_tokens(rows[i]) for m in idx for i in m))
             if stop_after and state.step >= stop_after:
                 stop.requested = stop.requested or "stop_after"
+            if dist_mod.any_rank(bool(stop.requested)):  # every rank stops after the same step
+                stop.requested = stop.requested or "stop on another rank"
             report.after_step(step_loss, grad_norm, t_data, time.perf_counter() - t0, stop.requested)
     return report.finish(stop.requested)
 
@@ -167,8 +183,11 @@ class Reporter:
     """Everything the loop does between steps besides training: log, evaluate + sample, checkpoint, finish."""
 
     def __init__(self, cfg, s: Setup, run_dir: Path, state, optimizer, scheduler, total_steps, steps_epoch,
-                 show_bar: bool, resumed: bool):
-        self.cfg, self.s, self.run_dir, self.state = cfg, s, run_dir, state
+                 show_bar: bool, resumed: bool, active: bool = True):
+        self.cfg, self.s, self.run_dir, self.state, self.active = cfg, s, run_dir, state, active
+        self.losses = []
+        if not active:  # ranks other than 0 train silently and write nothing
+            return
         self.optimizer, self.scheduler, self.steps_epoch, self.total_steps = optimizer, scheduler, steps_epoch, total_steps
         self.eval_every = cfg.eval_steps or max(1, steps_epoch // cfg.evals_per_epoch)
         self.save_every = cfg.save_steps or self.eval_every
@@ -176,17 +195,19 @@ class Reporter:
         self.log = MetricsLogger(run_dir, total_steps, state.step, show_bar)
         self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
         self.val_history = [r["val_loss"] for r in self.log.records if "val_loss" in r]
-        self.losses, self.waits, self.busy, self.tokens = [], 0.0, 0.0, 0
+        self.waits, self.busy, self.tokens = 0.0, 0.0, 0
         self._tokens_at_start = state.tokens_seen
         if state.step == 0:
             self.evaluate()
 
     def message(self, text: str) -> None:
-        self.log.message(text)
+        self.log.message(text) if self.active else None
 
     def after_step(self, loss: float, grad_norm: float, t_data: float, t_step: float, stopping) -> None:
         st, cfg = self.state, self.cfg
         self.losses.append(loss)
+        if not self.active:
+            return
         self.waits, self.busy = self.waits + t_data, self.busy + t_step
         self.tokens = st.tokens_seen - self._tokens_at_start
         last = st.step == self.total_steps
@@ -223,6 +244,8 @@ class Reporter:
         from fastchat_ft.engine.rundir import finish_report
 
         s = self.s
+        if not self.active:
+            return {"steps": len(self.losses), "stopped": stopped, "train_losses": self.losses}
         if not stopped:
             ckpt.save_checkpoint(self.run_dir, self.state, s.model, s.model_info, s.tokenizer_dir, self.optimizer,
                                  self.scheduler, self.cfg.save_total_limit, name="final")
