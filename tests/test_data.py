@@ -65,6 +65,14 @@ def test_bad_record_names_file_line_column_field_and_fix(tmp_path, smollm, line,
     assert f"{path}:3:{column}" in str(err)
 
 
+def test_a_failed_build_leaves_no_partial_cache(tmp_path, smollm):
+    path = write_jsonl(tmp_path / "d.jsonl", [conv(), "{broken"])
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError):
+        dataset(path, smollm, cache=True, cache_dir=cache)
+    assert list(cache.iterdir()) == []
+
+
 def test_skip_writes_rejects_with_reasons_and_counts(tmp_path, smollm):
     path = write_jsonl(tmp_path / "d.jsonl", [conv(), "{broken", conv("a", "b"), '{"messages": []}'])
     rejects = tmp_path / "rejects.jsonl"

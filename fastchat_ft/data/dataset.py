@@ -141,6 +141,13 @@ class ChatDataset:
                         else:
                             ids_parts.append(ids)
                             label_parts.append(labels)
+        except BaseException:
+            if tmp:  # a failed build leaves nothing half-written in the cache
+                ids_file.close()
+                labels_file.close()
+                shutil.rmtree(tmp, ignore_errors=True)
+                ids_file = None
+            raise
         finally:
             if rejects:
                 rejects.close()
@@ -148,6 +155,8 @@ class ChatDataset:
                 ids_file.close()
                 labels_file.close()
         if self.stats.conversations == 0:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"no trainable conversation in {', '.join(map(str, self.paths))}: {self.stats.summary()}",
                             fix="check the roles (assistant turns are trained), weights and max_seq_len")
         offsets = np.concatenate([[0], np.cumsum(np.frombuffer(lengths, dtype=np.uint32).astype(np.int64))])
