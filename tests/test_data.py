@@ -264,3 +264,28 @@ def test_data_package_does_not_import_torch():
     import sys
     code = "import sys, fastchat_ft.data; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("template, folder, trained", [
+    ("alpaca", "smollm2", "4<|im_end|>|6<|im_end|>"),
+    ("llama3", "llama3", "4<|eot_id|>|6<|eot_id|>"),
+    ("mistral", "mistral-v0.3", "4</s>|6</s>"),
+    ("llama2", "llama2", "4 </s>|6 </s>"),
+])
+def test_each_template_trains_answers_and_their_end_token(template, folder, trained):
+    tok = str(shared_path("tokenizers", folder))
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    ids, labels = encode_chat(msgs, tok, template=template)
+    from fastchat_ft.data.tokenize import LoaderTokenizer
+    t = LoaderTokenizer.from_any(tok)
+    got = "|".join(t.decode(ids[a:b]) for a, b in _trained_runs(labels))
+    assert got == trained, got
+    if template == "alpaca":
+        assert "### Response:" in t.decode(ids)
+
+
+def _trained_runs(labels):
+    mask = np.concatenate([[0], (labels != -100).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(mask))
+    return list(zip(edges[::2], edges[1::2]))
