@@ -29,10 +29,7 @@ except ImportError:
 @pytest.fixture
 def chat_file(tmp_path, monkeypatch):
     """~80 short conversations (some multi-turn) in OpenAI messages form; the loader's cache goes to tmp_path."""
-    cache = tmp_path / "cache"
-    # pre-created: ChatDataset (as landed) makes its temp build folder before creating the cache folder
-    (cache / "data").mkdir(parents=True)
-    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(cache))
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))  # not created: as on a fresh machine
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     rows = []
