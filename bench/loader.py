@@ -50,6 +50,16 @@ def build_file(path: Path, n: int) -> None:
             f.write(json.dumps({"messages": convs[i % len(convs)]}, ensure_ascii=False) + "\n")
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -128,7 +138,7 @@ def main() -> None:
     same = hf["tokens"] == ours["tokens"] and hf["trained_tokens"] == ours["trained_tokens"]
     import datasets, tokenizers, transformers, trl
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": args.cores,
+        "machine": {"cpu": cpu_name(), "cores": args.cores,
                     "python": platform.python_version()},
         "versions": {"transformers": transformers.__version__, "datasets": datasets.__version__,
                      "trl": trl.__version__, "tokenizers": tokenizers.__version__},
