@@ -9,6 +9,7 @@ import torch
 
 from fastchat_ft.engine.data import micro_batches, step_rows
 from fastchat_ft.engine.loss import backward_step, hidden_states, to_device
+from fastchat_ft.engine.train import enable_activation_checkpointing
 from fastchat_ft.model.lora import add_lora
 from fastchat_ft.model.tiny import pack_conversations, random_conversation, tiny_llama_config
 
@@ -128,3 +129,15 @@ def test_no_label_crosses_a_conversation_boundary():
     assert t.cols.tolist() == [0, 1, 2, 4, 5, 7, 8]
     assert t.labels.tolist() == [11, 12, 13, 15, 16, 18, 19]
     assert t.doc_tokens.tolist() == [3, 3, 3, 2, 2, 2, 2]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    convs = conversations(5, 6)
+    rows = [pack_conversations(convs[0:3]), pack_conversations(convs[3:6])]
+    model = tiny_model(seed=4, lora=True)
+    _, _, plain = run_step(model, rows, 2, 1)
+    enable_activation_checkpointing(model)
+    _, _, ckpt = run_step(model, rows, 2, 1)
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)

@@ -116,3 +116,26 @@ def test_dry_run_estimates_and_trains_nothing(tiny_dir, tmp_path, capsys):
     for words in ("trainable parameters", "packed rows", "s/step", "memory", "first packed rows"):
         assert words in text
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_dir, tmp_path, monkeypatch):
+    import signal
+
+    real = train_mod.backward_step
+    calls = {"n": 0}
+
+    def term_at_two(model, batches, mode, amp):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGTERM)  # as `kill` or a cluster scheduler would send it
+        return real(model, batches, mode, amp)
+
+    monkeypatch.setattr(train_mod, "backward_step", term_at_two)
+    out = tmp_path / "term"
+    summary = train_mod.train(make_cfg(tiny_dir, out, save_steps=100, eval_steps=100), data=make_data(tmp_path),
+                              show_bar=False)
+    assert summary["stopped"] == "SIGTERM" and summary["steps"] == 2
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
+    assert not (out / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards

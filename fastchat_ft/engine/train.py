@@ -91,12 +91,21 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
         from fastchat_ft.model.patch import patch
         patch(model, rms_norm=True, loss=False, lora=False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.torch_compile:
         for layer in model.base_model.layers:
             layer.compile()
     model.train()
     return Setup(device, amp_dtype, model, info, tokenizer, tokenizer_dir, data)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward. Non-reentrant, so frozen embeddings (LoRA) need no hook."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_optimizer(cfg, model) -> torch.optim.Optimizer:
