@@ -124,8 +124,20 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 12 on CPU, 20 on GPU)")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--base-model", help="HF model folder (default: SmolLM2-135M-Instruct on CPU, random Llama 1B/8B on GPU)")
+    p.add_argument("--models", help="GPU mode: comma-separated subset of llama-1b,llama-8b")
+    p.add_argument("--data", help="ChatML training file (default: the bundled demo)")
+    p.add_argument("--val-data", help="ChatML validation file (default: the bundled demo's)")
+    p.add_argument("--micro-batch", type=int, default=None, help="conversations per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="longer conversations are dropped by all three")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: all cores on CPU)")
+    p.add_argument("--seed", type=int, default=42)
 
 
 def _add_distill(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,387 @@
+"""`fastchat-ft bench`: one LoRA fine-tuning run through (a) HF Trainer as its docs write it (padded batches),
+(b) HF Trainer with padding-free DataCollatorWithFlattening and (c) fastchat-ft's engine, each in its own
+process on the same weights, conversations, order and hyper-parameters. Prints speed, memory, MFU and losses
+side by side, writes JSON and a loss-curve PNG, and fails (exit 1) when the loss curves disagree.
+
+Apples to apples: the conversations are tokenized by each side (token streams are checked identical), then a
+seeded schedule lists the conversations of every micro-batch. (a) pads each micro-batch, (b) flattens it into
+one row, (c) receives it as one packed row (the engine's layout). Every step's loss is the mean over the label
+tokens of the whole optimizer step on all three; LoRA A starts from the same values; cosine lr without warmup
+(HF's warmup starts at lr 0 and the engine's at lr/W, so warmup would make the curves differ by design).
+The runs themselves live in fastchat_ft.bench_runners.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from fastchat_ft.bench_runners import RUNNERS
+from fastchat_ft.config import ALL_LINEAR, ASSETS
+
+LABELS = {"hf_padded": "(a) HF Trainer, padded", "hf_flat": "(b) HF Trainer, flattened", "fastchat_ft": "(c) fastchat-ft"}
+# Llama-shaped configs for the GPU mode (random weights): Llama-3.2-1B and Llama-3.1-8B shapes
+GPU_MODELS = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+CPU_DEFAULTS = dict(steps=12, micro_batch=4, grad_accum=4, lr=1e-3, seq_len=256)
+GPU_DEFAULTS = dict(steps=20, micro_batch=16, grad_accum=2, lr=2e-4, seq_len=2048)
+# loss agreement per logged step: |x - a| <= ATOL + RTOL * |a|. fp32: kernels differ only in summation order;
+# bf16: rounding of activations in different places (fused kernels vs eager) moves the loss by ~1e-2.
+TOLERANCE = {"float32": (2e-3, 2e-3), "bfloat16": (3e-2, 3e-2)}
+
+
+# ------------------------------------------------------------------------------------------------- plan
+def schedule(n_conversations: int, per_step: int, steps: int, seed: int) -> list[int]:
+    """Conversation indices for every step, in order: seeded permutations of the data, one after another."""
+    import numpy as np
+
+    out: list[int] = []
+    epoch = 0
+    while len(out) < per_step * steps:
+        out.extend(np.random.default_rng([seed, epoch]).permutation(n_conversations).tolist())
+        epoch += 1
+    return out[:per_step * steps]
+
+
+def build_plan(args, base_model: str, tokenizer: str, device: str, dtype: str, defaults: dict) -> dict:
+    from fastchat_ft.bench_runners import engine_conversations
+
+    pick = lambda name: getattr(args, name, None) or defaults[name]  # noqa: E731
+    plan = {"base_model": base_model, "tokenizer": tokenizer, "device": device, "dtype": dtype,
+            "train_file": str(Path(args.data or ASSETS / "demo" / "train.jsonl").resolve()),
+            "val_file": str(Path(args.val_data or ASSETS / "demo" / "val.jsonl").resolve()),
+            "steps": pick("steps"), "micro_batch": pick("micro_batch"), "grad_accum": pick("grad_accum"),
+            "lr": pick("lr"), "seq_len": pick("seq_len"), "seed": args.seed, "threads": args.threads,
+            "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "target_modules": list(ALL_LINEAR)},
+            "optimizer": "AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0)", "lr_schedule": "cosine, no warmup",
+            "max_grad_norm": 1.0, "loss": "mean over label tokens of the whole optimizer step (HF num_items_in_batch)"}
+    if plan["steps"] < 2:
+        raise SystemExit("--steps must be at least 2 (the first step is warm-up and is not timed)")
+    convs = engine_conversations(plan, plan["train_file"])
+    plan["conversations"] = len(convs)
+    plan["schedule"] = schedule(len(convs), plan["micro_batch"] * plan["grad_accum"], plan["steps"], plan["seed"])
+    return plan
+
+
+# --------------------------------------------------------------------------------------- measurements
+def matmul_rate(device: str, dtype: str, threads: int, model_cfg: dict) -> dict:
+    """Best FLOP/s of a large square GEMM and of the model's MLP-shaped GEMM, on this device, now."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    n = 8192 if device == "cuda" else 2048
+    d, inter = model_cfg["hidden_size"], model_cfg["intermediate_size"]
+    shapes = {"square": (n, n, n), "mlp": (4096 if device == "cuda" else 1024, d, inter)}
+    out = {}
+    for name, (m, k, nn) in shapes.items():
+        a = torch.randn(m, k, device=device, dtype=dt)
+        b = torch.randn(k, nn, device=device, dtype=dt)
+        best = float("inf")
+        for _ in range(8 if device == "cuda" else 4):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10 if device == "cuda" else 1):
+                a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / (10 if device == "cuda" else 1))
+        out[name] = 2.0 * m * k * nn / best
+    out["peak"] = max(out.values())
+    return out
+
+
+def flop_parts(model_cfg: dict, lora: dict, lengths: list[int], label_tokens: int) -> dict:
+    """Model FLOPs a step needs, counted once whatever the implementation does: decoder matmuls forward (2 per
+    weight per token, LoRA A and B included), backward to activations (2, through frozen weights too), weight
+    gradients of trained weights only (2 per LoRA weight), causal attention within each conversation (forward
+    4 * width * n(n+1)/2, backward twice that), and the lm_head only at label positions (forward + gradient to
+    the hidden state; the head is frozen). Padding and logits at unlabelled positions are not useful work."""
+    d, inter, layers = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_hidden_layers"]
+    heads = model_cfg["num_attention_heads"]
+    hd = model_cfg.get("head_dim") or d // heads
+    kv = model_cfg.get("num_key_value_heads") or heads
+    shapes = {"q_proj": (d, heads * hd), "k_proj": (d, kv * hd), "v_proj": (d, kv * hd), "o_proj": (heads * hd, d),
+              "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+    frozen = layers * sum(i * o for i, o in shapes.values())
+    trained = layers * sum(lora["r"] * (i + o) for name, (i, o) in shapes.items() if name in lora["target_modules"])
+    tokens = sum(lengths)
+    attention_fwd = 4.0 * layers * heads * hd * sum(n * (n + 1) / 2 for n in lengths)
+    head_fwd = 2.0 * label_tokens * model_cfg["vocab_size"] * d
+    return {"forward": 2.0 * tokens * (frozen + trained) + attention_fwd + head_fwd,
+            "backward": 2.0 * tokens * (frozen + trained) + 2 * attention_fwd + head_fwd + 2.0 * tokens * trained,
+            "attention_forward": attention_fwd, "lm_head_forward": head_fwd}
+
+
+def useful_flops(model_cfg: dict, lora: dict, lengths: list[int], label_tokens: int) -> float:
+    parts = flop_parts(model_cfg, lora, lengths, label_tokens)
+    return parts["forward"] + parts["backward"]
+
+
+def lora_params(model_cfg: dict, lora: dict) -> int:
+    d, inter, heads = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_attention_heads"]
+    hd = model_cfg.get("head_dim") or d // heads
+    kv = model_cfg.get("num_key_value_heads") or heads
+    dims = {"q_proj": d + heads * hd, "k_proj": d + kv * hd, "v_proj": d + kv * hd, "o_proj": heads * hd + d,
+            "gate_proj": d + inter, "up_proj": d + inter, "down_proj": inter + d}
+    return model_cfg["num_hidden_layers"] * sum(lora["r"] * dims[m] for m in lora["target_modules"])
+
+
+def summarise(plan: dict, raw: dict, model_cfg: dict, peak_flops: float) -> dict:
+    """Per runner: timed steps (all but the first), non-padding tokens/s, step time, MFU, memory, losses."""
+    per_step, b = plan["micro_batch"] * plan["grad_accum"], plan["micro_batch"]
+    lengths, labels = raw["fastchat_ft"]["lengths"], raw["fastchat_ft"]["label_tokens"]
+    sched = plan["schedule"]
+    timed = range(1, plan["steps"])  # step 0 is warm-up (first allocations, lazy imports)
+    step_convs = [sched[s * per_step:(s + 1) * per_step] for s in timed]
+    tokens = sum(lengths[i] for c in step_convs for i in c)
+    trained = sum(labels[i] for c in step_convs for i in c)
+    padded = sum(b * max(lengths[i] for i in c[k:k + b]) for c in step_convs for k in range(0, per_step, b))
+    flops = sum(useful_flops(model_cfg, plan["lora"], [lengths[i] for i in c], sum(labels[i] for i in c))
+                for c in step_convs)
+    out = {}
+    for name, r in raw.items():
+        ends = r["step_ends"]
+        if len(ends) != plan["steps"]:
+            raise RuntimeError(f"{name} reported {len(ends)} step ends for {plan['steps']} steps")
+        seconds = ends[-1] - ends[0]
+        out[name] = {
+            "data_prep_s": r["prep_s"], "timed_steps": len(timed), "timed_s": seconds,
+            "step_time_s": seconds / len(timed), "tokens_per_s": tokens / seconds,
+            "trainable_tokens_per_s": trained / seconds, "mfu": flops / seconds / peak_flops,
+            "model_tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": r["peak_memory_mb"],
+            "final_train_loss": r["losses"][-1], "val_loss_start": r["val_loss_start"],
+            "val_loss_end": r["val_loss_end"], "losses": r["losses"]}
+    out["tokens"] = {"timed_non_padding": tokens, "timed_trainable": trained, "timed_padded_batches": padded,
+                     "padding_share_a": 1 - tokens / padded, "useful_flops_timed": flops}
+    return out
+
+
+def check_agreement(runs: dict, dtype: str) -> list[str]:
+    """Every logged train loss and both validation losses of (b) and (c) against (a); returns the failures."""
+    atol, rtol = TOLERANCE[dtype]
+    ref = runs["hf_padded"]
+    problems = []
+    for name in ("hf_flat", "fastchat_ft"):
+        r = runs[name]
+        if len(r["losses"]) != len(ref["losses"]):
+            problems.append(f"{name}: {len(r['losses'])} logged losses vs {len(ref['losses'])} for hf_padded")
+        pairs = [(f"step {i + 1}", x, y) for i, (x, y) in enumerate(zip(r["losses"], ref["losses"]))]
+        pairs += [("val start", r["val_loss_start"], ref["val_loss_start"]), ("val end", r["val_loss_end"], ref["val_loss_end"])]
+        for where, x, y in pairs:
+            if not abs(x - y) <= atol + rtol * abs(y):
+                problems.append(f"{name} {where}: loss {x:.6f} vs hf_padded {y:.6f} (|diff| {abs(x - y):.2e} > "
+                                f"{atol:g} + {rtol:g}*|loss|)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- running
+def run_worker(name: str, plan: dict, workdir: Path, threads: int) -> dict:
+    plan_path, out_path = workdir / "plan.json", workdir / f"{name}.json"
+    plan_path.write_text(json.dumps(plan))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1")
+    print(f"  running {LABELS[name]} ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fastchat_ft.bench_runners", name, str(plan_path), str(out_path)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise RuntimeError(f"runner {name} failed (exit {proc.returncode}):\n{tail}")
+    print(f"  {LABELS[name]} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads(out_path.read_text())
+
+
+def bench_one(plan: dict, model_cfg: dict, workdir: Path, label: str) -> dict:
+    rate = matmul_rate(plan["device"], plan["dtype"], plan["threads"], model_cfg)
+    raw = {name: run_worker(name, plan, workdir, plan["threads"]) for name in RUNNERS}
+    digests = {n: (r["conversations"], r["data_digest"], r["val_digest"]) for n, r in raw.items()}
+    if len(set(digests.values())) != 1:
+        raise RuntimeError(f"the runners tokenized the data differently: {digests}")
+    runs = summarise(plan, raw, model_cfg, rate["peak"])
+    problems = check_agreement(runs, plan["dtype"])
+    return {"model": label, "model_config": model_cfg, "lora_params": lora_params(model_cfg, plan["lora"]),
+            "plan": {k: v for k, v in plan.items() if k != "schedule"}, "schedule": plan["schedule"],
+            "matmul_flops_per_s": rate, "tolerance": dict(zip(("atol", "rtol"), TOLERANCE[plan["dtype"]])),
+            "losses_agree": not problems, "disagreements": problems, "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def ratio(x: float, y: float) -> str:
+    return f"{x / y:.2f}x" if y else "-"
+
+
+def format_table(result: dict) -> str:
+    runs = result["runs"]
+    a, b, c = (runs[n] for n in RUNNERS)
+    rows = [("data prep (s)", "data_prep_s", "{:.2f}"), ("tokens/s (non-padding)", "tokens_per_s", "{:.1f}"),
+            ("trainable tokens/s", "trainable_tokens_per_s", "{:.1f}"), ("step time (s)", "step_time_s", "{:.3f}"),
+            ("MFU (%)", "mfu", "{:.1f}"), ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
+            ("final train loss", "final_train_loss", "{:.4f}"), ("val loss (start)", "val_loss_start", "{:.4f}"),
+            ("val loss (end)", "val_loss_end", "{:.4f}")]
+    head = f"{'':26}{LABELS['hf_padded']:>26}{LABELS['hf_flat']:>28}{LABELS['fastchat_ft']:>18}{'c/a':>8}{'c/b':>8}"
+    lines = [head, "-" * len(head)]
+    for title, key, fmt in rows:
+        vals = [fmt.format(100 * r[key] if key == "mfu" else r[key]) for r in (a, b, c)]
+        ratios = [ratio(c[key], a[key]), ratio(c[key], b[key])] if "loss" not in key else ["", ""]
+        lines.append(f"{title:26}{vals[0]:>26}{vals[1]:>28}{vals[2]:>18}{ratios[0]:>8}{ratios[1]:>8}")
+    return "\n".join(lines)
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("fastchat-ft", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "triton"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.2), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for name, style in zip(RUNNERS, ("o-", "s--", "x:")):
+            r = res["runs"][name]
+            steps = range(1, len(r["losses"]) + 1)
+            ax.plot(steps, r["losses"], style, label=f"{LABELS[name]} train", markersize=4)
+            ax.plot([0, len(r["losses"])], [r["val_loss_start"], r["val_loss_end"]], style[0], markersize=9,
+                    fillstyle="none", label=f"{LABELS[name]} val")
+        ax.set_title(f"{res['model']}: loss per optimizer step")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per label token)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _device_slug(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    name = torch.cuda.get_device_name().lower()
+    for key in ("h200", "h100", "a100", "l40s", "a10g", "l4", "4090", "t4"):
+        if key in name:
+            return key
+    return "cuda"
+
+
+def _random_llama(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
+    """A Llama-shaped model with random bf16 weights saved as a HF folder, with the default model's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastchat_ft.model.tiny import TOKENIZER_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(max_position_embeddings=8192, rms_norm_eps=1e-5, **shape)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, folder / name)
+    return folder
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from fastchat_ft.model.load import resolve_base_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    args.threads = args.threads or (os.cpu_count() if device == "cpu" else 4)
+    load_before = os.getloadavg()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fastchat-bench-") as tmp:
+        workdir = Path(tmp)
+        if device == "cpu" or args.base_model:
+            base = resolve_base_model(args.base_model)
+            models = [(base.name, base)]
+            dtype, defaults = ("float32", CPU_DEFAULTS) if device == "cpu" else ("bfloat16", GPU_DEFAULTS)
+        else:
+            dtype, defaults = "bfloat16", GPU_DEFAULTS
+            tok_dir = resolve_base_model(None)
+            names = args.models.split(",") if args.models else list(GPU_MODELS)
+            models = [(n, None) for n in names]
+        for label, base in models:
+            if base is None:
+                base = _random_llama(workdir / label, GPU_MODELS[label], tok_dir)
+            model_cfg = json.loads((Path(base) / "config.json").read_text())
+            plan = build_plan(args, str(base), str(base), device, dtype, defaults)
+            print(f"bench {label}: {plan['steps']} steps x {plan['micro_batch']} conversations x "
+                  f"{plan['grad_accum']} accumulation, LoRA r={plan['lora']['r']}, {dtype} on {device}, "
+                  f"{plan['threads']} threads", flush=True)
+            res = bench_one(plan, model_cfg, workdir, label)
+            results.append(res)
+            print(format_table(res))
+            if base is not None and str(base).startswith(str(workdir)):
+                import shutil
+                shutil.rmtree(base, ignore_errors=True)
+
+    return write_report(results, Path(args.out), device, load_before)
+
+
+def write_report(results: list[dict], out_dir: Path, device: str, load_before) -> int:
+    """JSON (atomically) and the loss-curve PNG; exit code 1, with every disagreement named, if the losses differ."""
+    slug = _device_slug(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "vs_hf_trainer", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "device": slug, "machine": machine_info(device), "versions": versions(),
+           "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+           "command": " ".join(["fastchat-ft", "bench"] + sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
+           "baselines": {"hf_padded": "transformers Trainer + PEFT LoraConfig, apply_chat_template(return_assistant_tokens_mask) "
+                                      "labels, DataCollatorForSeq2Seq(padding=True), train_sampling_strategy=sequential",
+                         "hf_flat": "as hf_padded with DataCollatorWithFlattening (padding-free rows, position_ids)",
+                         "fastchat_ft": "fastchat_ft.engine.train.train with the same micro-batches as packed rows"},
+           "results": results}
+    json_path = out_dir / f"vs_hf_trainer-{slug}.json"
+    tmp_path = json_path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp_path, json_path)
+    png = out_dir / f"vs_hf_trainer-{slug}.png"
+    plot(results, png)
+    print(f"wrote {json_path} and {png}")
+    failed = [p for r in results for p in r["disagreements"]]
+    if failed:
+        print("FAIL: the loss curves disagree beyond the tolerance; speed numbers are not comparable:", file=sys.stderr)
+        for p in failed:
+            print("  " + p, file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,115 @@
+"""`fastchat-ft bench` machinery on a tiny random Llama: the three runs (HF Trainer padded, HF Trainer flattened,
+fastchat-ft) give the same loss at every step (reference: HF Trainer + PEFT), the JSON has its fields, a
+disagreement fails the bench, the engine reads the plan's micro-batches in plan order, and the FLOP count's
+forward part equals torch's FlopCounterMode on the engine's own forward."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared_path
+from fastchat_ft import bench
+from fastchat_ft.bench_runners import rows_in_engine_order
+from fastchat_ft.cli import build_parser
+from fastchat_ft.model.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def bench_result(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    model = build_tiny_model(tmp / "tiny", shared_path("tokenizers", "smollm2"), seed=3, layers=2, hidden=48,
+                             heads=4, kv_heads=2, intermediate=80)
+    args = build_parser().parse_args(["bench", "--base-model", str(model), "--steps", "3", "--out", str(tmp / "out"),
+                                      "--threads", "1", "--micro-batch", "3", "--grad-accum", "2", "--lora-r", "4"])
+    code = bench.run_bench(args)
+    doc = json.loads((tmp / "out" / "vs_hf_trainer-cpu.json").read_text())
+    return code, doc, tmp / "out"
+
+
+def test_three_runs_agree_step_by_step_and_json_has_the_fields(bench_result):
+    code, doc, out = bench_result
+    assert code == 0
+    for key in ("date", "machine", "versions", "load_average", "baselines", "command"):
+        assert key in doc
+    assert {"torch", "transformers", "peft"} <= set(doc["versions"])
+    res = doc["results"][0]
+    assert res["losses_agree"] and res["disagreements"] == []
+    assert res["plan"]["steps"] == 3 and res["plan"]["micro_batch"] == 3 and res["plan"]["grad_accum"] == 2
+    assert len(res["schedule"]) == 3 * 3 * 2
+    runs = res["runs"]
+    ref = runs["hf_padded"]["losses"]
+    assert len(ref) == 3
+    for name in bench.RUNNERS:
+        r = runs[name]
+        for key in ("data_prep_s", "tokens_per_s", "trainable_tokens_per_s", "step_time_s", "mfu", "peak_memory_mb",
+                    "final_train_loss", "val_loss_start", "val_loss_end"):
+            assert np.isfinite(r[key]), (name, key)
+        assert 0 < r["trainable_tokens_per_s"] < r["tokens_per_s"]
+        assert 0 < r["mfu"] < 1.5 and r["peak_memory_mb"] > 50
+        np.testing.assert_allclose(r["losses"], ref, rtol=1e-4, atol=1e-4)
+        assert r["val_loss_end"] < r["val_loss_start"]  # three steps of training moved the model
+    assert runs["tokens"]["timed_padded_batches"] >= runs["tokens"]["timed_non_padding"] > 0
+    assert res["matmul_flops_per_s"]["peak"] > 0
+    assert (out / "vs_hf_trainer-cpu.png").stat().st_size > 1000
+
+
+def test_a_disagreement_fails_the_bench_loudly(bench_result, tmp_path, capsys):
+    _, doc, _ = bench_result
+    res = json.loads(json.dumps(doc["results"][0]))
+    res["runs"]["fastchat_ft"]["losses"][1] *= 1.01  # a 1% drift at step 2
+    res["disagreements"] = bench.check_agreement(res["runs"], "float32")
+    assert len(res["disagreements"]) == 1 and "fastchat_ft step 2" in res["disagreements"][0]
+    assert bench.write_report([res], tmp_path, "cpu", (0.0, 0.0, 0.0)) == 1
+    assert "FAIL" in capsys.readouterr().err
+    assert json.loads((tmp_path / "vs_hf_trainer-cpu.json").read_text())["results"][0]["disagreements"]
+
+
+def test_engine_reads_the_plan_micro_batches_in_plan_order():
+    from fastchat_ft.engine.data import step_rows
+
+    for n, accum, seed in ((12, 3, 0), (7, 2, 5), (5, 5, 42)):
+        micro = [{"id": i} for i in range(n)]
+        rows = rows_in_engine_order(micro, accum, seed)
+        steps = -(-n // accum)
+        read = [rows[i]["id"] for s in range(steps) for mb in step_rows(n, 1, accum, seed, 0, s) for i in mb]
+        assert read == list(range(n))
+
+
+def test_schedule_covers_every_conversation_before_repeating():
+    sched = bench.schedule(10, per_step=4, steps=5, seed=1)
+    assert len(sched) == 20 and sorted(sched[:10]) == list(range(10)) and sorted(sched[10:]) == list(range(10))[:10]
+
+
+def test_forward_flops_match_torch_flop_counter_on_the_engine_forward(tmp_path):
+    """The forward part of the FLOP count (decoder matmuls incl. LoRA, lm_head at label positions only) against
+    torch.utils.flop_counter on the engine's loss forward (attention aside: the counter skips CPU SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastchat_ft.engine.loss import loss_sum, to_device
+    from fastchat_ft.model.load import load_model
+    from fastchat_ft.model.lora import add_lora
+    from fastchat_ft.model.tiny import random_packed_rows
+
+    torch.manual_seed(0)
+    folder = build_tiny_model(tmp_path / "m", shared_path("tokenizers", "smollm2"), layers=3, hidden=48, heads=4,
+                              kv_heads=2, intermediate=72)
+    model = load_model(folder)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    add_lora(model, 4, 8, 0.0, targets)
+    cfg = json.loads((folder / "config.json").read_text())
+    row = random_packed_rows(1, 1000, seed=7, max_convs=3, min_len=9, max_len=31)[0]
+    from fastchat_ft.data.collate import collate
+
+    batch = to_device(collate([row]), torch.device("cpu"))
+    n_labels = int(batch["targets"].labels.numel())
+    with FlopCounterMode(display=False) as counter:
+        loss_sum(model, batch, "token", n_labels)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) == {"aten.mm"}  # torch's counter has no formula for the CPU flash-attention kernel
+    lengths = [int(x) for x in row["seq_lens"]]
+    parts = bench.flop_parts(cfg, {"r": 4, "target_modules": targets}, lengths, n_labels)
+    assert counts["aten.mm"] == pytest.approx(parts["forward"] - parts["attention_forward"], rel=1e-9)
+    assert parts["lm_head_forward"] == 2 * n_labels * cfg["vocab_size"] * cfg["hidden_size"]
