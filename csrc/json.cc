@@ -39,6 +39,8 @@ namespace {
 
 // Objects up to this many members check duplicates by a linear scan; larger ones (a tokenizer vocab) by hash.
 constexpr size_t kLinearDuplicateScan = 24;
+// Containers at least this large take over the scratch buffer instead of being copied out of it.
+constexpr size_t kAdoptScratch = 4096;
 
 std::string describe_byte(unsigned char c) {
   if (c >= 0x20 && c < 0x7f) return std::string("'") + static_cast<char>(c) + "'";
@@ -212,6 +214,10 @@ class Parser {
       if (*p_ == ']') {
         ++p_;
         auto& scratch = array_scratch(depth);
+        if (base == 0 && scratch.size() >= kAdoptScratch) {
+          v.array.swap(scratch);  // a big array keeps the scratch buffer: no second copy to allocate and fault in
+          return;
+        }
         v.array.reserve(scratch.size() - base);
         for (size_t i = base; i < scratch.size(); ++i) v.array.push_back(std::move(scratch[i]));
         scratch.resize(base);
@@ -269,10 +275,14 @@ class Parser {
         auto& scratch = object_scratch(depth);
         auto& positions = key_pos_scratch_[depth];
         check_duplicates(scratch, positions, base);
+        positions.resize(base);
+        if (base == 0 && scratch.size() >= kAdoptScratch) {
+          v.object.swap(scratch);
+          return;
+        }
         v.object.reserve(scratch.size() - base);
         for (size_t i = base; i < scratch.size(); ++i) v.object.push_back(std::move(scratch[i]));
         scratch.resize(base);
-        positions.resize(base);
         return;
       }
       fail(p_, "unexpected " + describe_byte(static_cast<unsigned char>(*p_)) + ": expected ',' or '}' in the object");
