@@ -167,10 +167,13 @@ class Tokenizer:
             prev = b
         if prev < len(raw) or not spans:
             run(raw[prev:], prev, False)
-        if add_special_tokens:  # the template's prefix/suffix around the whole text
-            probe = self._hf.post_process(self._hf.encode("", add_special_tokens=False), add_special_tokens=True)
-            pre = probe.ids
-            ids[:0] = pre
-            starts[:0] = [0] * len(pre)
-            ends[:0] = [0] * len(pre)
+        if add_special_tokens:  # the post-processor's prefix/suffix around the whole text, found by probing
+            plain = self._hf_encode("a", allow_special, False).ids
+            full = self._hf_encode("a", allow_special, True).ids
+            at = next(k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain)
+            pre, post = full[:at], full[at + len(plain):]
+            ids[:0], starts[:0], ends[:0] = pre, [0] * len(pre), [0] * len(pre)
+            ids += post
+            starts += [len(raw)] * len(post)
+            ends += [len(raw)] * len(post)
         return (np.asarray(ids, dtype=np.int32), np.asarray(starts, dtype=np.uint32), np.asarray(ends, dtype=np.uint32))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import unicodedata
+import zlib
 import warnings
 
 import numpy as np
@@ -21,6 +22,13 @@ from tests import tokenizer_corpus as corpus  # noqa: E402
 
 HF_VERSION = "0.23.3"
 N_STRINGS = int(os.environ.get("FASTCHAT_TOKENIZER_PARITY_N", "3000"))
+
+
+@pytest.fixture(autouse=True)
+def _slow_only_when_asked(request):
+    """Tests marked slow run only under `-m slow` (the suite's default run must stay fast)."""
+    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: run with -m slow")
 
 
 def test_reference_version_is_pinned():
@@ -50,7 +58,7 @@ def _first_mismatch(ours, ref, texts):
 @pytest.mark.parametrize("family", corpus.FAMILIES)
 def test_ids_match_hf(family, tmp_path):
     ours, hf, text = _pair(family, tmp_path)
-    texts = corpus.strings(N_STRINGS, seed=hash(family) % 1000 + 7, added=corpus.added_contents(text))
+    texts = corpus.strings(N_STRINGS, seed=zlib.crc32(family.encode()) % 1000 + 7, added=corpus.added_contents(text))
     for allow in (False, True):
         got = ours.encode_batch(texts, allow_special=allow, threads=2)
         ref = _hf_ids(hf, texts, allow)
@@ -240,3 +248,38 @@ def test_python_api_shapes():
     assert tok.encode("<|eot_id|>", allow_special=True) == [128009]
     assert 128009 not in tok.encode("<|eot_id|>")
     assert tok.encode("hi", add_special_tokens=True)[0] == 128000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", corpus.FAMILIES)
+def test_ids_match_hf_100k(family, tmp_path):
+    """The issue's bar: zero mismatches over >= 100k strings per family, with and without special tokens.
+    Run: pytest -m slow tests/test_tokenizer.py -k 100k -s (prints the counts; ~2-5 min per family)."""
+    ours, hf, text = _pair(family, tmp_path)
+    n = max(100_000, N_STRINGS)
+    texts = corpus.strings(n, seed=zlib.crc32(family.encode()) % 1000 + 100_003, added=corpus.added_contents(text),
+                           max_prose=400)  # shorter prose than the default run keeps 100k x 12 families in CI-hours
+    total = 0
+    for allow in (False, True):
+        for k in range(0, n, 10_000):
+            chunk = texts[k:k + 10_000]
+            got = ours.encode_batch(chunk, allow_special=allow)
+            ref = _hf_ids(hf, chunk, allow)
+            bad = sum(list(a) != list(b) for a, b in zip(got, ref))
+            assert bad == 0, f"{family} allow_special={allow}: {bad} differ; first:\n" + _first_mismatch(got, ref, chunk)
+            total += len(chunk)
+    print(f"\n{family}: {n} strings x allow_special in (False, True): {total} encodings, 0 mismatches")
+
+
+def test_hf_fallback_offsets_and_control_spans_match_native(tmp_path):
+    """The fallback path (used for unsupported files) gives the native results on a supported file."""
+    native, hf, _ = _pair("llama3", tmp_path)
+    fallback = Tokenizer(hf=hf, path="llama3")
+    text = "<|start_header_id|>user<|end_header_id|>\n\nhé llo <|eot_id|>"
+    raw = text.encode()
+    spans = [(0, 19), (23, 40), (raw.rindex(b"<|eot_id|>"), len(raw))]
+    for kwargs in ({}, {"control_spans": spans}, {"add_special_tokens": True, "control_spans": spans}):
+        a = [x.tolist() for x in native.encode_with_offsets(text, **kwargs)]
+        b = [x.tolist() for x in fallback.encode_with_offsets(text, **kwargs)]
+        assert a == b, kwargs
+    assert fallback.encode_batch(["a b", "<|eot_id|>"]) == native.encode_batch(["a b", "<|eot_id|>"])

@@ -131,8 +131,9 @@ def adversarial(rng: random.Random, added: list[str]) -> str:
     return "".join(parts)
 
 
-def strings(n: int, seed: int, added: list[str] = ()) -> list[str]:
-    """n test strings: half prose slices of War and Peace (random cut points), half adversarial."""
+def strings(n: int, seed: int, added: list[str] = (), max_prose: int = 3000) -> list[str]:
+    """n test strings: half prose slices of War and Peace (random cut points, up to `max_prose` chars),
+    half adversarial."""
     rng = random.Random(seed)
     prose = WAR_AND_PEACE.read_text(encoding="utf-8") if WAR_AND_PEACE.exists() else ""
     out = ["", " ", "  ", "\n", "a", "  hi", "x   ", "\u00a0\u00a0a", "ab\r\n  cd", "don'\u017f x", "DON'T",
@@ -140,8 +141,8 @@ def strings(n: int, seed: int, added: list[str] = ()) -> list[str]:
     while len(out) < n:
         if prose and rng.random() < 0.5:
             start = rng.randrange(len(prose))
-            out.append(prose[start:start + rng.choice([rng.randrange(1, 40), rng.randrange(40, 400),
-                                                       rng.randrange(400, 3000)])])
+            length = rng.choice([rng.randrange(1, 40), rng.randrange(40, 400), rng.randrange(400, 3000)])
+            out.append(prose[start:start + min(length, max_prose)])
         else:
             out.append(adversarial(rng, list(added)))
     return out[:n]
