@@ -112,8 +112,9 @@ def eval_batches(rows, micro_batch_size: int):
         yield collate([rows[j] for j in range(i, min(i + micro_batch_size, len(rows)))])
 
 
-def sample_prompts(files: list[Path], n: int) -> list[list[dict]]:
-    """The first n conversations of the validation files, cut before their last assistant turn."""
+def sample_prompts(files: list[Path], n: int) -> list[dict]:
+    """The first n conversations of the validation files, cut before their last assistant turn:
+    [{messages, reference}], reference being the held-out assistant reply."""
     prompts = []
     for path in files:
         with open(path, encoding="utf-8") as f:

@@ -78,7 +78,7 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
     dtype = torch.bfloat16 if (cfg.adapter and amp_dtype is not None) else torch.float32
     model = load_mod.load_model(base_dir, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quant)
     load_mod.resize_for_tokenizer(model, tokenizer)
-    if quant is None:
+    if quant is None:  # a 4-bit model is already on its GPU and refuses .to()
         model.to(device)
     info = {"adapter": cfg.adapter, "base_dir": base_dir}
     if cfg.adapter:
@@ -86,7 +86,6 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
         info["extra_modules"] = load_mod.train_new_rows_only(model, new_ids)
         info["adapter_config"] = lora_mod.adapter_config(model, base_dir, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                          cfg.lora_target_modules, list(info["extra_modules"]) or None)
-    model.to(device)
     if device.type == "cuda":  # Triton RMSNorm; the fused CE and LoRA kernels are already ours
         from fastchat_ft.model.patch import patch
         patch(model, rms_norm=True, loss=False, lora=False)

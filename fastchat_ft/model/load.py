@@ -52,7 +52,9 @@ def load_model(folder: Path, *, dtype: torch.dtype = torch.float32, trust_remote
                              fix="train from full-precision weights, or remove quantization_config after dequantising")
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=safetensors or None,
-            quantization_config=quantization_config, attn_implementation=attn_implementation)
+            quantization_config=quantization_config, attn_implementation=attn_implementation,
+            # bitsandbytes quantises while loading onto the GPU
+            device_map={"": torch.cuda.current_device()} if quantization_config is not None else None)
     except ValueError as e:
         msg = str(e)
         if "trust_remote_code" in msg:
