@@ -505,7 +505,8 @@ static void bind_tools(py::module_& m) {
              }
              if (!more) return py::none();
              size_t n = out.size();
-             py::array_t<uint32_t> lines(n), messages(n), bytes(n), tokens(n), trainable(n), kept(n), dup(n), near(n);
+             py::array_t<uint32_t> lines(n), messages(n), bytes(n), tokens(n), trainable(n), kept(n), dup(n), near(n),
+                 truncated(n);
              py::array_t<uint32_t> roles({(py::ssize_t)n, (py::ssize_t)4});
              py::array_t<float> sim(n);
              py::array_t<bool> usable(n), error(n);
@@ -518,6 +519,7 @@ static void bind_tools(py::module_& m) {
                tokens.mutable_at(i) = r.tokens;
                trainable.mutable_at(i) = r.trainable;
                kept.mutable_at(i) = r.trainable_kept;
+               truncated.mutable_at(i) = r.truncated_tokens;
                dup.mutable_at(i) = r.duplicate_of;
                near.mutable_at(i) = r.near_duplicate_of;
                sim.mutable_at(i) = r.near_similarity;
@@ -529,7 +531,7 @@ static void bind_tools(py::module_& m) {
              }
              py::dict d;
              d["lines"] = lines; d["messages"] = messages; d["roles"] = roles; d["content_bytes"] = bytes;
-             d["tokens"] = tokens; d["trainable"] = trainable; d["trainable_kept"] = kept;
+             d["tokens"] = tokens; d["trainable"] = trainable; d["trainable_kept"] = kept; d["truncated_tokens"] = truncated;
              d["duplicate_of"] = dup; d["near_duplicate_of"] = near; d["near_similarity"] = sim;
              d["usable"] = usable; d["has_error"] = error; d["issues"] = issues;
              return d;

@@ -37,7 +37,8 @@ struct Signature {
 void minhash(std::string_view normalized, int k, Signature& out);
 
 // Exact-duplicate and near-duplicate index over records added in order 0, 1, 2, ...; memory is about
-// 250 bytes per record (hash tables, 64 one-byte signature slots, bucket chains, union-find parent). A new
+// 250-400 bytes per record (hash tables at 25-50% load, 64 one-byte signature slots, bucket chains, union-find
+// parent; about 50 with near_enabled false). A new
 // record is verified against up to kChainWalk earlier members of each bucket it lands in.
 class DupIndex {
  public:

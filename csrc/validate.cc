@@ -239,6 +239,7 @@ struct Worker {
   Encoding enc;
   std::vector<std::pair<uint32_t, uint32_t>> controls;
   std::vector<int32_t> labels;
+  std::vector<uint32_t> turn_ends;
   std::string buf, norm;
   dedup::DistinctCounter bigrams;
 
@@ -332,11 +333,13 @@ struct Worker {
     uint8_t flags = loader::label_tokens(enc.ids.data(), enc.starts.data(), enc.ends.data(), n, rendered.train,
                                          labels.data());
     info.tokens = static_cast<uint32_t>(n);
-    size_t keep = opt.max_seq_len ? std::min<size_t>(n, opt.max_seq_len) : n;
+    size_t cut = n;
+    if (opt.max_seq_len && n > opt.max_seq_len) cut = truncation_cut(n);
+    info.truncated_tokens = static_cast<uint32_t>(cut);
     for (size_t i = 0; i < n; ++i) {
       if (labels[i] == -100) continue;
       ++info.trainable;
-      if (i < keep) ++info.trainable_kept;
+      if (i < cut) ++info.trainable_kept;
     }
     if (flags & loader::kNoTrainable) {
       check.add(kError, info.line, 0, "labels.no_trainable", "",
@@ -347,17 +350,34 @@ struct Worker {
       check.add(kWarning, info.line, 0, "labels.inexact", "",
                 "a token straddles the edge of a trained span (the label boundary is approximate)");
     if (opt.max_seq_len && n > opt.max_seq_len) {
-      if (info.trainable_kept == 0)
+      if (cut == 0)
         check.add(kError, info.line, 0, "length.truncated_no_trainable", "",
                   std::to_string(n) + " tokens > max_seq_len " + std::to_string(opt.max_seq_len) +
-                      " and no trainable token is left after truncation");
+                      " and no whole turn that trains fits in it: training drops it under either overlong policy");
       else
         check.add(kWarning, info.line, 0, "length.over_max", "",
                   std::to_string(n) + " tokens > max_seq_len " + std::to_string(opt.max_seq_len) +
-                      ": training drops it (overlong=drop) or truncates it, losing " +
-                      std::to_string(info.trainable - info.trainable_kept) + " of " + std::to_string(info.trainable) +
-                      " trainable tokens");
+                      ": training drops it (overlong=drop, the default), or truncate keeps the first " +
+                      std::to_string(cut) + " tokens (whole turns) and " + std::to_string(info.trainable_kept) +
+                      " of its " + std::to_string(info.trainable) + " trainable tokens");
     }
+  }
+
+  // The loader's overlong="truncate" cut (fastchat_ft.data.encode.finalize): the end of the last whole turn
+  // within max_seq_len whose tokens train something; 0 when there is none (the record is dropped).
+  size_t truncation_cut(size_t n) {
+    loader::turn_token_ends(enc.ends.data(), n, rendered.turn_ends, turn_ends);
+    std::vector<uint32_t>& fits = turn_ends;
+    fits.erase(std::remove_if(fits.begin(), fits.end(), [&](uint32_t t) { return t == 0 || t > opt.max_seq_len; }),
+               fits.end());
+    std::sort(fits.begin(), fits.end());
+    fits.erase(std::unique(fits.begin(), fits.end()), fits.end());
+    for (size_t k = fits.size(); k-- > 0;) {
+      size_t begin = k ? fits[k - 1] : 0;
+      for (size_t i = begin; i < fits[k]; ++i)
+        if (labels[i] != -100) return fits[k];
+    }
+    return 0;
   }
 };
 

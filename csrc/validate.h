@@ -50,7 +50,9 @@ struct RecordInfo {
   uint32_t roles[4] = {0, 0, 0, 0};  // by RoleIndex
   uint32_t content_bytes = 0;
   uint32_t tokens = 0, trainable = 0;  // with a tokenizer
-  uint32_t trainable_kept = 0;         // trainable tokens among the first max_seq_len
+  // Over max_seq_len, the loader's overlong="truncate" result: tokens kept (whole turns; 0 = dropped) and the
+  // trainable ones among them. Otherwise tokens and trainable.
+  uint32_t truncated_tokens = 0, trainable_kept = 0;
   // Filled by the duplicate pass (0 when none): the line of the earlier copy.
   uint32_t duplicate_of = 0, near_duplicate_of = 0;
   float near_similarity = 0;

@@ -1,6 +1,7 @@
 """`fastchat-ft analyze`: every number recomputed independently in Python from the loader's per-conversation
 encoding (encode_chat) on fresh random data: counts, roles, token totals, nearest-rank percentiles, the
-packing estimate (the loader's BFD over the same lengths), steps per epoch, the budget verdict, the diversity
+tokens one epoch reads and the packing estimate (equal to the loader's own ChatDataset under both overlong
+policies), steps per epoch, the budget verdict, the diversity
 inputs (distinct bigrams vs an exact count), and the PNG/JSON outputs."""
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def tok():
 
 @pytest.mark.parametrize("seed,overlong", [(5, "drop"), (6, "truncate")])
 def test_numbers_match_a_python_recount(tmp_path, tok, seed, overlong):
-    from fastchat_ft.data import encode_chat
+    from fastchat_ft.data import ChatDataset, encode_chat
     rng = random.Random(seed)
     recs = make_records(rng, 57)
     lines = [json.dumps(r) for r in recs]
@@ -72,20 +73,22 @@ def test_numbers_match_a_python_recount(tmp_path, tok, seed, overlong):
     assert res["lengths"]["max"] == lengths.max()
     over = lengths > max_seq_len
     assert res["lengths"]["over_max_seq_len"] == over.sum()
-    if overlong == "drop":
-        kept = lengths[~over]
-        assert res["tokens"]["trained_trainable"] == trainable[~over].sum()
-    else:
-        kept = np.minimum(lengths, max_seq_len)
-    assert res["tokens"]["trained_total"] == kept.sum()
-    _, offsets = _native.pack_bfd(kept.astype(np.uint32), max_seq_len, 0)
-    bins = len(offsets) - 1
+    # What one epoch reads: the loader itself (ChatDataset applies the same overlong policy and packer).
+    data = ChatDataset(f, tok, max_seq_len=max_seq_len, overlong=overlong, cache=False, verbose=False,
+                       on_error="skip", rejects_path=tmp_path / "rejects.jsonl", self_check=0)
+    st = data.stats
+    assert res["tokens"]["trained_total"] == st.tokens
+    assert res["tokens"]["trained_trainable"] == st.trainable_tokens
     p = res["packing"]
-    assert p["packed_sequences"] == bins and p["conversations"] == kept.size
-    assert p["efficiency"] == pytest.approx(kept.sum() / (bins * max_seq_len))
-    assert p["steps_per_epoch"] == math.ceil(bins / 6)
-    assert p["steps_per_epoch_unpacked"] == math.ceil(kept.size / 6)
-    assert res["budget"]["met"] == (kept.sum() >= lengths.sum() // 2)
+    assert p["conversations"] == st.conversations and p["packed_sequences"] == st.bins
+    if overlong == "drop":
+        assert st.tokens == lengths[~over].sum() and st.conversations == (~over).sum()
+    else:
+        assert st.truncated > 0  # the case is exercised
+    assert p["efficiency"] == pytest.approx(st.tokens / (st.bins * max_seq_len))
+    assert p["steps_per_epoch"] == math.ceil(st.bins / 6)
+    assert p["steps_per_epoch_unpacked"] == math.ceil(st.conversations / 6)
+    assert res["budget"]["met"] == (st.tokens >= lengths.sum() // 2)
 
 
 def test_diversity_distinct_bigrams_and_duplicates(tmp_path, tok):

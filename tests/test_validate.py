@@ -120,10 +120,10 @@ def test_toy_file_bad_records_and_five_duplicate_lines(tmp_path):
     assert sorted(dups) == [6, 7, 8, 9, 10]
     assert dups[6].endswith("line 1") and dups[9].endswith("line 4") and dups[10].endswith("line 4")
     errors = {(i.line, i.code) for i in report.issues if i.severity == "error"}
-    # 4, 9, 10: a system prompt then an assistant turn with no user turn; 5: a looping answer ("Eat a banana!" x2000)
+    # 4, 9, 10: a system prompt then an assistant turn with no user turn; 5: a looping answer ("Eat a banana!"
+    # x2000, 8033 tokens) whose only trained turn does not fit in 2048 tokens, so the loader drops it either way.
     assert errors == {(4, "order.first_turn"), (9, "order.first_turn"), (10, "order.first_turn"),
-                      (5, "content.repetitive")}
-    assert any(i.line == 5 and i.code == "length.over_max" for i in report.issues)
+                      (5, "content.repetitive"), (5, "length.truncated_no_trainable")}
     assert report.exact_duplicates == 5 and report.records == 10
     # The CLI exits non-zero and --fix keeps lines 1, 2, 3 ... minus 5 (the rest are errors or duplicates).
     out = tmp_path / "clean.jsonl"

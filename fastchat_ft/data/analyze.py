@@ -59,7 +59,7 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
 
     Records with validation errors are counted but left out of every other number (they do not train).
     `overlong` follows the loader: "drop" leaves conversations over max_seq_len out of the packing estimate,
-    "truncate" keeps their first max_seq_len tokens.
+    "truncate" keeps their whole turns up to the last one that trains and fits (as ChatDataset does).
     """
     if overlong not in ("drop", "truncate"):
         raise DataError(f"overlong must be 'drop' or 'truncate', not {overlong!r}", field="overlong")
@@ -105,9 +105,10 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
         if overlong == "drop":
             kept = n_tok[~is_over]
             trained_trainable += int(n_train[~is_over].sum())
-        else:
-            kept = np.minimum(n_tok, max_seq_len)
-            trained_trainable += int(n_kept_train.sum())
+        else:  # the loader's cut: whole turns up to the last one that trains and fits (0: dropped)
+            cut = batch["truncated_tokens"][ok].astype(np.int64)
+            kept = cut[cut > 0]
+            trained_trainable += int(n_kept_train[cut > 0].sum())
         trained_tokens += int(kept.sum())
         kept_hist = _grow_add(kept_hist, kept)
 
