@@ -105,8 +105,8 @@ def metrics_of(loaded: LoadedModel, data: Path, template: str, max_seq_len: int)
         raise DataError("the eval file has no trainable (assistant) tokens", file=str(data),
                         fix="eval measures the assistant turns: check the roles with `fastchat-ft validate`")
     out = {k: v for k, v in asdict(result).items()}
-    dropped = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and any(
-        w in k for w in ("drop", "truncat", "inexact", "skip", "reject"))}
+    dropped = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and v and any(
+        w in k for w in ("drop", "truncat", "inexact", "skip", "reject", "bad"))}
     if dropped:
         out["loader"] = dropped
     return out
