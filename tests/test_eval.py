@@ -111,3 +111,18 @@ def test_missing_data_is_a_clean_error(tiny_run, tmp_path, capsys):
                            template=None, max_seq_len=512, samples=0, json=False))
     assert main(["eval", "--model", str(tiny_run["run"]), "--data", str(tmp_path / "none.jsonl")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_conversations_the_loader_drops_are_reported(tiny_run, capsys):
+    _need_engine_and_loader()
+    data = tiny_run["run"] / "data" / "val.jsonl"
+    tok = tiny_run["tokenizer"]
+    lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+               for r in tiny_run["val"]]
+    limit = sorted(lengths)[len(lengths) // 2]
+    assert main(["eval", "--model", str(tiny_run["run"]), "--data", str(data), "--max-seq-len", str(limit),
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    too_long = sum(n > limit for n in lengths)
+    assert too_long and res["model"]["loader"]["dropped_overlong"] == too_long
+    assert res["model"]["n_sequences"] == len(lengths) - too_long
