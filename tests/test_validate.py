@@ -237,3 +237,13 @@ def test_results_do_not_depend_on_threads_or_batch_size(tmp_path):
     assert any(i[3] == "duplicate.exact" for i in reference[0]) and any(i[3] == "duplicate.near" for i in reference[0])
     assert scan(2, 7) == reference
     assert scan(3, 1) == reference
+
+
+def test_template_tokenizer_maps_to_the_matching_builtin_with_a_warning():
+    from fastchat_ft.data.validate import resolve_template
+    with pytest.warns(RuntimeWarning, match="built-in 'chatml'"):
+        assert resolve_template("tokenizer", shared_path("tokenizers", "smollm2")) == "chatml"
+    with pytest.warns(RuntimeWarning, match="built-in 'llama3'"):
+        assert resolve_template("tokenizer", shared_path("tokenizers", "llama3")) == "llama3"
+    with pytest.raises(DataError, match="unknown template"):
+        resolve_template("vicuna", None)

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,11 @@ def resolve_template(name: str, tokenizer_path: str | os.PathLike | None) -> str
     for marker, tmpl in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"),
                          ("[AVAILABLE_TOOLS]", "mistral"), ("<<SYS>>", "llama2"), ("[INST]", "mistral")):
         if marker in text:
+            # The tools render natively; the model's Jinja template may add text of its own (a default system
+            # prompt, date lines), so token counts can differ slightly from training with template="tokenizer".
+            warnings.warn(f"fastchat-ft: the dataset tools check template='{name}' with the built-in '{tmpl}' "
+                          "template it matches; token counts can differ slightly from the model's own Jinja "
+                          "template (e.g. a default system prompt)", RuntimeWarning, stacklevel=2)
             return tmpl
     raise DataError("cannot tell which built-in template matches the tokenizer's chat template",
                     file=str(tokenizer_path), field="template", fix=f"pass --template ({', '.join(BUILTIN_TEMPLATES)})")
