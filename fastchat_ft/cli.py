@@ -141,11 +141,21 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 
 
 def _add_distill(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--teacher", required=True, help="teacher: model folder, run directory or LoRA checkpoint")
+    p.add_argument("--student", required=True, help="student HF model folder (same tokenizer as the teacher)")
+    p.add_argument("--data", required=True, help="ChatML training file")
+    p.add_argument("--val-data", help="ChatML validation file (default: hold out val_set_size of --data)")
     p.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation loss vs the label loss")
+    p.add_argument("--temperature", type=float, default=1.0, help="softens both distributions (loss scaled by T^2)")
+    p.add_argument("--jsd-beta", type=float, default=0.5, help="JSD mixture weight of the teacher")
+    p.add_argument("--chunk-size", type=int, default=None, help="label tokens per loss chunk (default: memory budget)")
+    p.add_argument("--adapter", choices=["full", "lora"], default=None, help="train the student whole (default) or LoRA")
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--config", help="YAML training config for the student (Axolotl keys), default: distill defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")
     p.add_argument("--output-dir", default="runs/distill")
 
 
