@@ -79,6 +79,19 @@ def test_alpha_extremes_are_pure_divergence_and_pure_cross_entropy():
     torch.testing.assert_close(kl.loss, 4.0 * kl.divergence / kl.n_tokens)  # T^2 scaling
 
 
+def test_logits_exist_one_chunk_at_a_time(monkeypatch):
+    """Both models' logits are only ever built for chunk_size rows at once, the student's once per chunk."""
+    from fastchat_ft.engine import distill_loss as mod
+
+    rows, real = [], mod._logits
+    monkeypatch.setattr(mod, "_logits", lambda x, *a: (rows.append(x.shape[0]), real(x, *a))[1])
+    xs, ws, bs, xt, wt, labels = _inputs(seed=3)
+    out = distill_loss(xs, Head(ws, bs), xt, Head(wt), labels, vocab=61, chunk_size=8)
+    torch.autograd.grad(out.loss, xs)  # backward recomputes nothing: the gradients were formed per chunk
+    n = int((labels != -100).sum())
+    assert max(rows) <= 8 and sum(rows) == 2 * n and len(rows) == 2 * -(-n // 8)
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -163,3 +176,19 @@ def test_distill_cli_end_to_end_with_a_lora_run_directory_teacher(models, tmp_pa
     assert manifest["result"]["val_kl_after"] < manifest["result"]["val_kl_before"]
     adapter = json.loads((out / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str((models / "student").resolve())
+
+
+def test_resume_from_a_checkpoint_continues_exactly(models, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+    args = _args(models, tmp_path / "full", models / "teacher_run", max_steps=6)
+    args.set = args.set + ["eval_steps=3", "save_total_limit=3"]
+    full = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False)["train_losses"]
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    args.output_dir = str(tmp_path / "resumed")
+    resumed = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False,
+                                  resume=str(tmp_path / "resumed" / "checkpoints" / "step-000003"))
+    assert resumed["steps"] == 3
+    assert resumed["train_losses"] == pytest.approx(full[3:], rel=1e-5)

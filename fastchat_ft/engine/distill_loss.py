@@ -42,11 +42,11 @@ class Head(NamedTuple):
     softcap: float | None = None
 
 
-def _logits(x, head: Head, vocab: int, acc_dtype):
-    w = head.weight[:vocab]
-    z = x @ w.to(x.dtype).t()
+def _logits(x, head: Head, acc_dtype):
+    """Logits of one chunk in acc_dtype (and tanh for the softcap's chain rule); head is already sliced/cast."""
+    z = x @ head.weight.t()
     if head.bias is not None:
-        z = z + head.bias[:vocab].to(z.dtype)
+        z = z + head.bias
     z = z.to(acc_dtype)
     tanh = None
     if head.softcap is not None:
@@ -55,11 +55,11 @@ def _logits(x, head: Head, vocab: int, acc_dtype):
     return z, tanh
 
 
-def _chunk(xs, s_head, xt, t_head, labels, kind, temperature, alpha, beta, vocab, acc_dtype, want_grad):
+def _chunk(xs, s_head, xt, t_head, labels, kind, temperature, alpha, beta, acc_dtype, want_grad):
     """Divergence rows, CE rows, correct count and d(loss)/d(student raw logits) (None without want_grad)."""
-    zs, tanh = _logits(xs, s_head, vocab, acc_dtype)
+    zs, tanh = _logits(xs, s_head, acc_dtype)
     with torch.no_grad():
-        zt, _ = _logits(xt, t_head, vocab, acc_dtype)
+        zt, _ = _logits(xt, t_head, acc_dtype)
         logp = torch.log_softmax(zt / temperature, dim=-1)
     del zt
     logq1 = torch.log_softmax(zs, dim=-1)
@@ -98,7 +98,9 @@ class _ChunkedDistill(torch.autograd.Function):
     def forward(ctx, xs, ws, bs, xt, wt, bt, labels, grad_scale, opts):
         kind, temperature, alpha, beta, vocab, chunk, s_cap, t_cap, want_grad = opts
         ctx.grad_scale = grad_scale
-        s_head, t_head = Head(ws, bs, s_cap), Head(wt, bt, t_cap)
+        # heads sliced to the compared vocabulary and cast to the activations' dtype once, not per chunk
+        s_head = Head(ws[:vocab].to(xs.dtype), None if bs is None else bs[:vocab].to(xs.dtype), s_cap)
+        t_head = Head(wt[:vocab].to(xt.dtype), None if bt is None else bt[:vocab].to(xt.dtype), t_cap)
         acc_dtype = torch.promote_types(xs.dtype, torch.float32)
         n = len(labels)
         want_dx = want_grad and ctx.needs_input_grad[0]
@@ -114,14 +116,14 @@ class _ChunkedDistill(torch.autograd.Function):
             for start in range(0, n, chunk):
                 sl = slice(start, min(n, start + chunk))
                 div, ce, correct, dz = _chunk(xs[sl], s_head, xt[sl], t_head, labels[sl], kind, temperature, alpha,
-                                              beta, vocab, acc_dtype, want_dx or want_dw or want_db)
+                                              beta, acc_dtype, want_dx or want_dw or want_db)
                 div_sum += div.sum()
                 ce_sum += ce.sum()
                 n_correct += correct
                 if dz is None:
                     continue
                 if want_dx:
-                    dx[sl] = (dz.to(xs.dtype) @ ws[:vocab].to(xs.dtype))
+                    dx[sl] = dz.to(xs.dtype) @ s_head.weight
                 if want_dw:
                     # per-chunk product in the activation dtype, summed over chunks in fp32 (or fp64)
                     dw += (dz.t().to(xs.dtype) @ xs[sl]).to(acc_dtype)
