@@ -74,9 +74,13 @@ def split_files(run_dir: Path | None) -> dict[str, Path]:
     splits_json = data / "splits.json"
     if splits_json.is_file():
         for name, entry in json.loads(splits_json.read_text()).items():
-            path = Path(entry["path"] if isinstance(entry, dict) else entry)
-            if name in SPLIT_NAMES and name not in found and path.is_file():
-                found[name] = path
+            # an entry is a path, {path, sha256, ...}, or a list of those (several files make one split);
+            # with several, statistics and prompts use the first (the engine copies small splits whole anyway)
+            entries = entry if isinstance(entry, list) else [entry]
+            paths = [Path(e["path"] if isinstance(e, dict) else e) for e in entries]
+            paths = [p for p in paths if p.is_file()]
+            if name in SPLIT_NAMES and name not in found and paths:
+                found[name] = paths[0]
     return found
 
 

@@ -204,3 +204,15 @@ def test_dataset_info_falls_back_when_analyze_cannot_run(tiny_run):
     good = split_summary(analyze_split(path, tiny_run["run"] / "final", tiny_run["tokenizer"], {}))
     assert good["examples"] == s["examples"] and good["tokens"] == s["tokens"]  # both count template tokens
     assert good["multi_turn_ratio"] == pytest.approx(s["multi_turn_ratio"], abs=1e-4)
+
+
+def test_split_files_reads_every_splits_json_form(tiny_run, tmp_path):
+    from fastchat_ft.export_artifacts import split_files
+    train, val = tiny_run["run"] / "data" / "train.jsonl", tiny_run["run"] / "data" / "val.jsonl"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "splits.json").write_text(json.dumps({
+        "train": [{"path": str(train), "sha256": "x"}, {"path": str(tmp_path / "gone.jsonl")}],
+        "val": str(val)}))
+    assert split_files(tmp_path) == {"train": train, "val": val}
+    (tmp_path / "data" / "val.jsonl").write_text("{}\n")  # a copied split wins over the recorded path
+    assert split_files(tmp_path)["val"] == tmp_path / "data" / "val.jsonl"
