@@ -2,6 +2,7 @@
 with the SmolLM2 tokenizer): the artifacts come from the run, the merged weights equal peft's reading of the
 engine's checkpoint, and eval's loss equals the validation loss the engine logged at the end."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ def engine_run(tmp_path_factory):
     from fastchat_ft import config
     from fastchat_ft.model.tiny import build_tiny_model
     tmp = tmp_path_factory.mktemp("engine_run")
-    demo = config.Path(config.__file__).parent / "assets" / "demo"
+    demo = Path(config.__file__).parent / "assets" / "demo"
     model = build_tiny_model(tmp / "tiny", shared_path("tokenizers", "smollm2"))
     (tmp / "train.jsonl").write_text("".join((demo / "train.jsonl").read_text().splitlines(keepends=True)[:32]))
     (tmp / "val.jsonl").write_text("".join((demo / "val.jsonl").read_text().splitlines(keepends=True)[:6]))
