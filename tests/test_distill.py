@@ -68,6 +68,21 @@ def test_chunked_loss_float32_any_chunk_size_and_no_labels():
     assert out.n_tokens == 0 and float(out.loss.detach()) == 0.0 and gx.abs().max() == 0 and gw.abs().max() == 0
 
 
+def test_bf16_autocast_path_stays_close_to_the_fp32_reference():
+    """Under autocast the activations and heads enter in bf16 (as on a GPU); the head gradient keeps the
+    weight's fp32 dtype and the loss stays within bf16 rounding of the exact one."""
+    xs, ws, _, xt, wt, labels = _inputs(seed=11, dtype=torch.float32, bias=False, pad_s=0)
+    ref = distill_loss_reference(xs, Head(ws), xt, Head(wt), labels, vocab=61, kind="reverse_kl", temperature=1.5)
+    ref_gw, = torch.autograd.grad(ref.loss, ws)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = distill_loss(xs, Head(ws), xt.bfloat16(), Head(wt), labels, vocab=61, kind="reverse_kl",
+                           temperature=1.5, chunk_size=9)
+    gx, gw = torch.autograd.grad(got.loss, (xs, ws))
+    assert got.loss.dtype == torch.float32 and gw.dtype == torch.float32 and gx.dtype == torch.float32
+    torch.testing.assert_close(got.loss, ref.loss, rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(gw, ref_gw, rtol=5e-2, atol=2e-3)
+
+
 def test_alpha_extremes_are_pure_divergence_and_pure_cross_entropy():
     xs, ws, _, xt, wt, labels = _inputs(seed=9, bias=False)
     kl = distill_loss(xs, Head(ws), xt, Head(wt), labels, vocab=61, alpha=1.0, temperature=2.0)
