@@ -19,7 +19,8 @@ from fastchat_ft.errors import DataError
 from fastchat_ft.data.encode import NO_LABEL, ChatOptions, LoaderStats, process_batch, record_error
 from fastchat_ft.data.tokenize import LoaderTokenizer
 
-CACHE_VERSION = "chat-v1"  # bump when the on-disk layout or the encoding rules change
+CACHE_VERSION = "chat-v2"  # bump when the on-disk layout or the encoding rules change
+BATCH_RECORDS = 1024  # records per native reader batch: the window that bounds the build's memory
 
 
 def default_cache_dir() -> Path:
@@ -56,13 +57,13 @@ class ChatDataset:
         self.on_error, self.threads, self.self_check_budget = on_error, threads, self_check
         self.rejects_path = Path(rejects_path) if rejects_path else self.paths[0].with_suffix(".rejects.jsonl")
         self.stats = LoaderStats()
-        key = self._cache_key()
-        folder = Path(cache_dir) if cache_dir else default_cache_dir()
-        entry = folder / key
-        if cache and (entry / "stats.json").is_file():
+        entry = None
+        if cache:  # hashing reads every input file once; worth it only when the cache is used
+            entry = (Path(cache_dir) if cache_dir else default_cache_dir()) / self._cache_key()
+        if entry is not None and (entry / "stats.json").is_file():
             self._load(entry)
         else:
-            self._build(entry if cache else None)
+            self._build(entry)
         self._pack()
         if verbose:
             print(f"fastchat-ft data: {self.stats.summary()}; packed into {self.stats.bins} sequences of "
@@ -79,7 +80,7 @@ class ChatDataset:
         for p in self.paths:
             h.update(str(p.name).encode())
             with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
+                for chunk in iter(lambda: f.read(1 << 18), b""):
                     h.update(chunk)
         h.update(self.tokenizer.fingerprint.encode())
         h.update(repr(self.options).encode())
@@ -87,6 +88,9 @@ class ChatDataset:
         return h.hexdigest()
 
     def _build(self, entry: Path | None) -> None:
+        """Streams every batch's tokens straight to ids.bin / labels.bin (in the cache entry being built, or in
+        a private temporary folder when cache=False), so memory holds one reader batch plus 12 bytes per kept
+        conversation (its length and offset), never the token arrays of the whole file."""
         opts, tok = self.options, self.tokenizer
         kwargs = opts.native_kwargs(tok)
         jinja = None
@@ -95,11 +99,10 @@ class ChatDataset:
             jinja = JinjaBatchEncoder(tok, opts)
         if entry:
             entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent)) if entry else None
-        ids_parts, label_parts = [], []
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent if entry else None))
         lengths = array("I")  # 4 bytes per conversation, not a Python int each
-        ids_file = open(tmp / "ids.bin", "wb") if tmp else None
-        labels_file = open(tmp / "labels.bin", "wb") if tmp else None
+        ids_file = open(tmp / "ids.bin", "wb")
+        labels_file = open(tmp / "labels.bin", "wb")
         rejects = None
         budget = self.self_check_budget
 
@@ -115,9 +118,9 @@ class ChatDataset:
 
         try:
             for path in self.paths:
-                native_kwargs = dict(kwargs)
                 try:
-                    reader = _native.ChatReader(str(path), threads=self.threads, **native_kwargs)
+                    reader = _native.ChatReader(str(path), threads=self.threads, batch_records=BATCH_RECORDS,
+                                                **kwargs)
                 except ValueError as e:  # "line:column: reason" for a broken JSON array file
                     line, col, reason = _split_position(str(e))
                     raise DataError(reason, file=str(path), line=line, column=col,
@@ -135,58 +138,46 @@ class ChatDataset:
                         kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget)
                     for ids, labels in kept:
                         lengths.append(len(ids))
-                        if ids_file:
-                            ids.tofile(ids_file)
-                            labels.tofile(labels_file)
-                        else:
-                            ids_parts.append(ids)
-                            label_parts.append(labels)
+                        ids.tofile(ids_file)
+                        labels.tofile(labels_file)
+                    del batch, kept
         except BaseException:
-            if tmp:  # a failed build leaves nothing half-written in the cache
-                ids_file.close()
-                labels_file.close()
-                shutil.rmtree(tmp, ignore_errors=True)
-                ids_file = None
+            ids_file.close()  # a failed build leaves nothing half-written behind
+            labels_file.close()
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
             if rejects:
                 rejects.close()
-            if ids_file:
-                ids_file.close()
-                labels_file.close()
+        ids_file.close()
+        labels_file.close()
         if self.stats.conversations == 0:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"no trainable conversation in {', '.join(map(str, self.paths))}: {self.stats.summary()}",
                             fix="check the roles (assistant turns are trained), weights and max_seq_len")
-        offsets = np.concatenate([[0], np.cumsum(np.frombuffer(lengths, dtype=np.uint32).astype(np.int64))])
-        if tmp:
-            total = int(offsets[-1])
-            np.save(tmp / "offsets.npy", offsets)
-            # Through a file mapping, so a dataset larger than RAM is never held in memory at once.
-            for name in ("ids", "labels"):
-                src = np.memmap(tmp / f"{name}.bin", dtype=np.int32, mode="r", shape=(total,)) if total else \
-                    np.zeros(0, np.int32)
-                np.save(tmp / f"{name}.npy", src)
-                del src
-            os.remove(tmp / "ids.bin")
-            os.remove(tmp / "labels.bin")
-            stats = {k: v for k, v in self.stats.__dict__.items()}
-            (tmp / "stats.json").write_text(json.dumps(stats))
-            try:
-                os.replace(tmp, entry)  # atomic publish; a concurrent builder may have won the race
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self._load(entry if (entry / "stats.json").is_file() else tmp, keep_stats=True)
-        else:
-            self.ids = np.concatenate(ids_parts)
-            self.labels = np.concatenate(label_parts)
-            self.offsets = offsets
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(lengths, dtype=np.uint32), out=offsets[1:])
+        del lengths
+        np.save(tmp / "offsets.npy", offsets)
+        (tmp / "stats.json").write_text(json.dumps({k: v for k, v in self.stats.__dict__.items()}))
+        if entry is None:
+            # Map the files, then unlink them: the mapping keeps the data reachable and nothing is left on disk.
+            self._load(tmp, keep_stats=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.cache_entry = None
+            return
+        try:
+            os.replace(tmp, entry)  # atomic publish; a concurrent builder may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._load(entry if (entry / "stats.json").is_file() else tmp, keep_stats=True)
 
     def _load(self, entry: Path, keep_stats: bool = False) -> None:
-        self.ids = np.load(entry / "ids.npy", mmap_mode="r")
-        self.labels = np.load(entry / "labels.npy", mmap_mode="r")
         self.offsets = np.load(entry / "offsets.npy")
+        total = int(self.offsets[-1])
+        # Raw int32 files read through memory maps: the OS pages in only what a batch touches.
+        self.ids = np.memmap(entry / "ids.bin", dtype=np.int32, mode="r", shape=(total,))
+        self.labels = np.memmap(entry / "labels.bin", dtype=np.int32, mode="r", shape=(total,))
         if not keep_stats:
             saved = json.loads((entry / "stats.json").read_text())
             self.stats = LoaderStats(**{k: v for k, v in saved.items() if k in LoaderStats.__dataclass_fields__})
@@ -194,19 +185,23 @@ class ChatDataset:
 
     # ------------------------------------------------------------------------------------ packing
     def _pack(self) -> None:
+        """Packs from the lengths alone; bins are two flat arrays (members, bin offsets), not one object each."""
         lengths = np.diff(self.offsets)
         if self.packing:
             members, bin_offsets = _native.pack_bfd(lengths.astype(np.uint32), self.options.max_seq_len, self.seed)
-            self.bins = [members[bin_offsets[b]:bin_offsets[b + 1]] for b in range(len(bin_offsets) - 1)]
+            self._members = np.asarray(members, dtype=np.uint32)
+            self._bin_offsets = np.asarray(bin_offsets, dtype=np.int64)
         else:
-            self.bins = [np.array([i], dtype=np.uint32) for i in range(len(lengths))]
-        self.stats.bins = len(self.bins)
-        slots = len(self.bins) * self.options.max_seq_len
+            self._members = np.arange(len(lengths), dtype=np.uint32)
+            self._bin_offsets = np.arange(len(lengths) + 1, dtype=np.int64)
+        n_bins = len(self._bin_offsets) - 1
+        self.stats.bins = n_bins
+        slots = n_bins * self.options.max_seq_len
         self.stats.packing_efficiency = float(lengths.sum()) / slots if self.packing and slots else 0.0
         self._order = self._epoch_order()
 
     def _epoch_order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.bins))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self))
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffles the packed sequences deterministically for this (seed, epoch)."""
@@ -215,10 +210,11 @@ class ChatDataset:
 
     # ---------------------------------------------------------------------------------- iteration
     def __len__(self) -> int:
-        return len(self.bins)
+        return len(self._bin_offsets) - 1
 
     def __getitem__(self, index: int) -> dict:
-        members = self.bins[int(self._order[index])]
+        b = int(self._order[index])
+        members = self._members[self._bin_offsets[b]:self._bin_offsets[b + 1]]
         ids, labels, positions, seq_lens = [], [], [], []
         for m in members:
             a, b = int(self.offsets[m]), int(self.offsets[m + 1])
