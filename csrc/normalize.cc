@@ -15,9 +15,7 @@ class Nfc : public Normalizer {
     out.owned.clear();
     out.ob.clear();
     out.oe.clear();
-    // Per-byte input spans of `in` as arrays (identity buffers get them computed).
-    std::vector<uint32_t> b, e;
-    const uint32_t* pb = nullptr;
+    const uint32_t* pb = nullptr;  // null: identity alignment from in.base
     const uint32_t* pe = nullptr;
     if (!in.ob.empty()) { pb = in.ob.data(); pe = in.oe.data(); }
     if (!unicode::nfc(in.text, out.owned, pb, pe, in.base, &out.ob, &out.oe)) return false;

@@ -23,10 +23,7 @@ bool recognise_pattern(std::string_view pattern, Grammar& grammar) {
   return false;
 }
 
-uint32_t Buf::span_begin(size_t b, size_t e) const {
-  (void)e;
-  return orig_begin(b);
-}
+uint32_t Buf::span_begin(size_t b) const { return orig_begin(b); }
 uint32_t Buf::span_end(size_t b, size_t e) const {
   if (e <= b) return orig_begin(b);
   uint32_t end = orig_end(e - 1), begin = orig_begin(b);
@@ -301,7 +298,7 @@ class MatchSplit : public PreTokenizer {
 // Copies bytes [b, e) of `src` into `dst` with their alignment.
 void copy_aligned(const Buf& src, size_t b, size_t e, Buf& dst) {
   dst.owned.append(src.text.data() + b, e - b);
-  for (size_t i = b; i < e; ++i) { dst.ob.push_back(src.orig_begin(i)); dst.oe.push_back(src.orig_begin(i) == src.orig_end(i) ? src.orig_end(i) : src.orig_end(i)); }
+  for (size_t i = b; i < e; ++i) { dst.ob.push_back(src.orig_begin(i)); dst.oe.push_back(src.orig_end(i)); }
 }
 
 // Inserts `text` before byte b of `src`, aligned (as HF's prepend) to the span of the char at b.

@@ -22,7 +22,7 @@ struct Buf {
   uint32_t orig_begin(size_t i) const { return ob.empty() ? base + (uint32_t)i : ob[i]; }
   uint32_t orig_end(size_t i) const { return oe.empty() ? base + (uint32_t)i + 1 : oe[i]; }
   // Input span of bytes [b, e) of this buffer.
-  uint32_t span_begin(size_t b, size_t e) const;
+  uint32_t span_begin(size_t b) const;
   uint32_t span_end(size_t b, size_t e) const;
 };
 

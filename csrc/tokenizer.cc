@@ -210,7 +210,7 @@ void TokenizerImpl::encode_segment(std::string_view text, uint32_t base, const E
     if (sp.token >= 0) {
       out.ids.push_back(added[(size_t)sp.token].id);
       if (options.offsets) {
-        out.starts.push_back(work.span_begin(sp.b, sp.e));
+        out.starts.push_back(work.span_begin(sp.b));
         out.ends.push_back(work.span_end(sp.b, sp.e));
       }
       continue;
@@ -238,7 +238,7 @@ void TokenizerImpl::encode_pieces(Pieces& p, bool offsets, Encoding& out) const 
     bpe.encode(piece, out.ids, &spans, sc);
     for (size_t k = 0; k < out.ids.size() - before; ++k) {
       size_t b = pc.b + spans[2 * k], e = pc.b + spans[2 * k + 1];
-      out.starts.push_back(buf.span_begin(b, e));
+      out.starts.push_back(buf.span_begin(b));
       out.ends.push_back(buf.span_end(b, e));
     }
   }

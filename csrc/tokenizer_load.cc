@@ -88,8 +88,7 @@ std::unique_ptr<Normalizer> build_normalizer(const Value& v) {
   if (type == "NFC") return make_nfc();
   if (type == "Prepend") return make_prepend(str_or(v, "prepend", ""));
   if (type == "Replace") {
-    std::string regex;
-    std::string literal = pattern_of(v, where, nullptr);
+    std::string literal = pattern_of(v, where, nullptr);  // a Regex pattern throws: no engine for it
     return make_replace(literal, str_or(v, "content", ""));
   }
   if (type == "Sequence") {
