@@ -4,6 +4,7 @@ at two sizes, each run in its own process so peak RSS is that run's alone.
 
     python bench/tools.py                      # 1M and 250k conversations (files generated into /tmp)
     python bench/tools.py --sizes 100000 20000 # quicker
+    python bench/tools.py --runs 'loader (ChatDataset)' --out bench/results/loader_memory.json  # loader memory
 
 Writes bench/results/tools.json. The files are generated into /tmp and never committed.
 """
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tools.json"))
     ap.add_argument("--skip-loader", action="store_true")
+    ap.add_argument("--runs", nargs="+", choices=list(RUNNERS), metavar="RUN",
+                    help="only these runs (e.g. --runs 'loader (ChatDataset)' for the loader's memory alone)")
     args = ap.parse_args()
     import fastchat_ft
     import tokenizers
@@ -124,7 +127,7 @@ def main() -> None:
         print(f"\n{n} conversations, {size_mb:.0f} MB ({path}; generated/reused in {time.perf_counter() - t0:.0f} s)")
         print(f"  {'run':<22}{'seconds':>9}{'conv/s':>11}{'MB/s':>8}{'peak RSS MB':>13}  result")
         for name in RUNNERS:
-            if name.startswith("loader") and args.skip_loader:
+            if (name.startswith("loader") and args.skip_loader) or (args.runs and name not in args.runs):
                 continue
             r = run_one(name, path, Path(args.tokenizer))
             r.update(run=name, conversations=n, file_mb=size_mb, conv_per_s=n / r["seconds"],

@@ -409,6 +409,13 @@ static void bind_loader(py::module_& m) {
         loader::turn_token_ends(ends.data(), static_cast<size_t>(ends.size()), te, out);
         return to_array(out);
       }, py::arg("ends"), py::arg("turn_ends"), "Number of tokens that end at or before each turn's byte end.");
+  m.def("truncation_cut", [](py::array_t<int32_t, py::array::c_style | py::array::forcecast> labels,
+                             py::array_t<uint32_t, py::array::c_style | py::array::forcecast> turn_token_ends,
+                             size_t max_seq_len) {
+        return loader::truncation_cut(labels.data(), static_cast<size_t>(labels.size()), turn_token_ends.data(),
+                                      static_cast<size_t>(turn_token_ends.size()), max_seq_len);
+      }, py::arg("labels"), py::arg("turn_token_ends"), py::arg("max_seq_len"),
+      "overlong='truncate': tokens to keep (end of the last whole turn within max_seq_len that trains), 0 = drop.");
   m.def("pack_bfd", [](py::array_t<uint32_t, py::array::c_style | py::array::forcecast> lengths, uint32_t capacity,
                        uint64_t seed) {
         std::vector<uint32_t> lens(lengths.data(), lengths.data() + lengths.size());

@@ -44,6 +44,43 @@ void turn_token_ends(const uint32_t* ends, size_t n, const std::vector<uint32_t>
   }
 }
 
+uint8_t encode_and_label(const Tokenizer& tok, const chat::Rendered& r, bool allow_special_in_content,
+                         EncodeScratch& scratch, std::vector<int32_t>& ids, std::vector<int32_t>& labels,
+                         std::vector<uint32_t>& turn_ends_out) {
+  scratch.controls.clear();
+  for (const auto& c : r.control)
+    if (tok.token_to_id(std::string_view(r.text).substr(c.first, c.second - c.first)) >= 0)
+      scratch.controls.push_back(c);
+  EncodeOptions eo;
+  eo.allow_special = allow_special_in_content;
+  eo.offsets = true;
+  eo.control_spans = &scratch.controls;
+  Encoding& enc = scratch.enc;
+  enc.clear();
+  tok.encode(r.text, eo, enc);
+  size_t n = enc.ids.size();
+  ids.assign(enc.ids.begin(), enc.ids.end());
+  labels.resize(n);
+  uint8_t flags = label_tokens(enc.ids.data(), enc.starts.data(), enc.ends.data(), n, r.train, labels.data());
+  turn_token_ends(enc.ends.data(), n, r.turn_ends, turn_ends_out);
+  return flags;
+}
+
+size_t truncation_cut(const int32_t* labels, size_t n, const uint32_t* turn_token_ends, size_t turns,
+                      size_t max_seq_len) {
+  std::vector<uint32_t> fits;
+  for (size_t k = 0; k < turns; ++k)
+    if (turn_token_ends[k] > 0 && turn_token_ends[k] <= max_seq_len && turn_token_ends[k] <= n)
+      fits.push_back(turn_token_ends[k]);
+  std::sort(fits.begin(), fits.end());
+  fits.erase(std::unique(fits.begin(), fits.end()), fits.end());
+  for (size_t k = fits.size(); k-- > 0;) {
+    for (size_t i = k ? fits[k - 1] : 0; i < fits[k]; ++i)
+      if (labels[i] != -100) return fits[k];
+  }
+  return 0;
+}
+
 namespace {
 
 // Cuts an over-long rendering at the last turn end within max_text_bytes; false when truncation is off or
@@ -63,8 +100,8 @@ bool shrink(Result& res, const Options& opt) {
   return true;
 }
 
-void process_one(jsonl::RawRecord& rec, const Options& opt, chat::Conversation& conv, Encoding& enc,
-                 std::vector<std::pair<uint32_t, uint32_t>>& controls, Result& res) {
+void process_one(jsonl::RawRecord& rec, const Options& opt, chat::Conversation& conv, EncodeScratch& scratch,
+                 Result& res) {
   res = Result();
   res.line = rec.line;
   try {
@@ -100,23 +137,8 @@ void process_one(jsonl::RawRecord& rec, const Options& opt, chat::Conversation& 
     return;
   }
   if (!opt.tokenizer) return;
-  const Tokenizer& tok = *opt.tokenizer;
-  const chat::Rendered& r = res.rendered;
-  // Only candidates that are tokens of this tokenizer are control tokens; the rest is text (as in HF).
-  controls.clear();
-  for (const auto& c : r.control)
-    if (tok.token_to_id(std::string_view(r.text).substr(c.first, c.second - c.first)) >= 0) controls.push_back(c);
-  EncodeOptions eo;
-  eo.allow_special = opt.allow_special_in_content;
-  eo.offsets = true;
-  eo.control_spans = &controls;
-  enc.clear();
-  tok.encode(r.text, eo, enc);
-  size_t n = enc.ids.size();
-  res.ids = enc.ids;
-  res.labels.resize(n);
-  res.flags = label_tokens(enc.ids.data(), enc.starts.data(), enc.ends.data(), n, r.train, res.labels.data());
-  turn_token_ends(enc.ends.data(), n, r.turn_ends, res.turn_token_ends);
+  res.flags = encode_and_label(*opt.tokenizer, res.rendered, opt.allow_special_in_content, scratch, res.ids,
+                               res.labels, res.turn_token_ends);
 }
 
 }  // namespace
@@ -128,11 +150,10 @@ void process(std::vector<jsonl::RawRecord>& records, const Options& options, std
   threads = std::max(1, std::min<int>(threads, static_cast<int>(n / 8 + 1)));  // tiny batches: fewer threads
   auto work = [&](size_t begin, size_t end) {
     chat::Conversation conv;
-    Encoding enc;
-    std::vector<std::pair<uint32_t, uint32_t>> controls;
+    EncodeScratch scratch;
     for (size_t i = begin; i < end; ++i) {
       try {
-        process_one(records[i], options, conv, enc, controls, results[i]);
+        process_one(records[i], options, conv, scratch, results[i]);
       } catch (const std::exception& e) {
         // Never let a worker thread take the process down: report the record instead.
         results[i].status = kError;

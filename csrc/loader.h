@@ -1,6 +1,6 @@
 // One batch of raw records -> parsed, validated, rendered and (with a native tokenizer) tokenized and
-// labelled conversations, spread over worker threads; results keep input order. The Python side drives
-// batches (bounded memory) and does truncation, packing and caching.
+// labelled conversations, spread over worker threads; results keep input order. Also the one labelling
+// function and the one truncation rule that validate/analyze share. Python drives batches, packing, caching.
 #pragma once
 
 #include <cstdint>
@@ -56,6 +56,25 @@ uint8_t label_tokens(const int32_t* ids, const uint32_t* starts, const uint32_t*
 
 // Token count before each turn end: tokens whose end <= the turn's byte end.
 void turn_token_ends(const uint32_t* ends, size_t n, const std::vector<uint32_t>& turn_ends, std::vector<uint32_t>& out);
+
+// Per-thread scratch for encode_and_label, reused across conversations.
+struct EncodeScratch {
+  Encoding enc;
+  std::vector<std::pair<uint32_t, uint32_t>> controls;
+};
+
+// The one tokenize-and-label path (ChatDataset, encode_chat, validate, analyze): a rendered conversation ->
+// ids, labels (-100 = not trained), token count at each turn end, and the Flags bits. Template control
+// candidates that are not tokens of `tok` stay text, as in HF.
+uint8_t encode_and_label(const Tokenizer& tok, const chat::Rendered& r, bool allow_special_in_content,
+                         EncodeScratch& scratch, std::vector<int32_t>& ids, std::vector<int32_t>& labels,
+                         std::vector<uint32_t>& turn_token_ends);
+
+// The overlong="truncate" rule, the only copy of it: tokens to keep = the end of the last whole turn within
+// max_seq_len whose own tokens train something; 0 when there is none (the conversation is dropped). Trailing
+// untrained turns (a question whose answer was cut off) are not worth their tokens.
+size_t truncation_cut(const int32_t* labels, size_t n, const uint32_t* turn_token_ends, size_t turns,
+                      size_t max_seq_len);
 
 // A file read batch by batch: each call to next() reads up to `batch_records` records and processes them.
 class ChatReader {

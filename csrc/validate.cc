@@ -236,9 +236,8 @@ struct Worker {
   const std::vector<std::vector<const std::string*>>& specials;
   chat::Conversation conv;
   chat::Rendered rendered;
-  Encoding enc;
-  std::vector<std::pair<uint32_t, uint32_t>> controls;
-  std::vector<int32_t> labels;
+  loader::EncodeScratch scratch;
+  std::vector<int32_t> ids, labels;
   std::vector<uint32_t> turn_ends;
   std::string buf, norm;
   dedup::DistinctCounter bigrams;
@@ -317,24 +316,13 @@ struct Worker {
                   "no trainable text under this template (no assistant turn with weight > 0): the record adds nothing");
       return;
     }
-    const Tokenizer& tok = *opt.tokenizer;
-    controls.clear();  // as the loader: only candidates that are tokens of this tokenizer are control tokens
-    for (const auto& c : rendered.control)
-      if (tok.token_to_id(std::string_view(rendered.text).substr(c.first, c.second - c.first)) >= 0)
-        controls.push_back(c);
-    EncodeOptions eo;
-    eo.allow_special = opt.allow_special_in_content;
-    eo.offsets = true;
-    eo.control_spans = &controls;
-    enc.clear();
-    tok.encode(rendered.text, eo, enc);
-    size_t n = enc.ids.size();
-    labels.resize(n);
-    uint8_t flags = loader::label_tokens(enc.ids.data(), enc.starts.data(), enc.ends.data(), n, rendered.train,
-                                         labels.data());
+    uint8_t flags = loader::encode_and_label(*opt.tokenizer, rendered, opt.allow_special_in_content, scratch, ids,
+                                             labels, turn_ends);
+    size_t n = ids.size();
     info.tokens = static_cast<uint32_t>(n);
     size_t cut = n;
-    if (opt.max_seq_len && n > opt.max_seq_len) cut = truncation_cut(n);
+    if (opt.max_seq_len && n > opt.max_seq_len)
+      cut = loader::truncation_cut(labels.data(), n, turn_ends.data(), turn_ends.size(), opt.max_seq_len);
     info.truncated_tokens = static_cast<uint32_t>(cut);
     for (size_t i = 0; i < n; ++i) {
       if (labels[i] == -100) continue;
@@ -361,23 +349,6 @@ struct Worker {
                       std::to_string(cut) + " tokens (whole turns) and " + std::to_string(info.trainable_kept) +
                       " of its " + std::to_string(info.trainable) + " trainable tokens");
     }
-  }
-
-  // The loader's overlong="truncate" cut (fastchat_ft.data.encode.finalize): the end of the last whole turn
-  // within max_seq_len whose tokens train something; 0 when there is none (the record is dropped).
-  size_t truncation_cut(size_t n) {
-    loader::turn_token_ends(enc.ends.data(), n, rendered.turn_ends, turn_ends);
-    std::vector<uint32_t>& fits = turn_ends;
-    fits.erase(std::remove_if(fits.begin(), fits.end(), [&](uint32_t t) { return t == 0 || t > opt.max_seq_len; }),
-               fits.end());
-    std::sort(fits.begin(), fits.end());
-    fits.erase(std::unique(fits.begin(), fits.end()), fits.end());
-    for (size_t k = fits.size(); k-- > 0;) {
-      size_t begin = k ? fits[k - 1] : 0;
-      for (size_t i = begin; i < fits[k]; ++i)
-        if (labels[i] != -100) return fits[k];
-    }
-    return 0;
   }
 };
 

@@ -289,3 +289,16 @@ def _trained_runs(labels):
     mask = np.concatenate([[0], (labels != -100).astype(np.int8), [0]])
     edges = np.flatnonzero(np.diff(mask))
     return list(zip(edges[::2], edges[1::2]))
+
+
+def test_truncation_cut_is_the_last_fitting_turn_that_trains():
+    """The one overlong='truncate' rule (C++; ChatDataset, validate and analyze all call it)."""
+    from fastchat_ft import _native
+    n = -100
+    # Turns end at 3, 6, 9, 12 tokens; turn 2 (tokens 3..5) trains, turn 3 (6..8) does not.
+    labels = np.array([n, n, n, 7, 8, n, n, n, n, 1, 2, 3], np.int32)
+    ends = np.array([3, 6, 9, 12], np.uint32)
+    assert _native.truncation_cut(labels, ends, 12) == 12
+    assert _native.truncation_cut(labels, ends, 11) == 6   # 9 fits but its turn trains nothing
+    assert _native.truncation_cut(labels, ends, 5) == 0    # only the untrained first turn fits: dropped
+    assert _native.truncation_cut(labels, np.array([0, 6, 6, 40], np.uint32), 100) == 6  # empty, repeated, past n

@@ -126,14 +126,8 @@ def finalize(ids, labels, turn_token_ends, flags, opts: ChatOptions, stats: Load
         if opts.overlong == "drop":
             stats.dropped_overlong += 1
             return None
-        # Keep whole turns up to the end of the last turn that fits and still trains something: trailing
-        # untrained turns (a user question with its answer cut off) are not worth their tokens.
-        fits = sorted({int(t) for t in turn_token_ends if 0 < t <= opts.max_seq_len})
-        cut = 0
-        for k in range(len(fits) - 1, -1, -1):
-            if (labels[(fits[k - 1] if k else 0):fits[k]] != NO_LABEL).any():
-                cut = fits[k]
-                break
+        # Whole turns up to the last one that fits and trains: the C++ rule validate and analyze use too.
+        cut = _native.truncation_cut(labels, turn_token_ends, opts.max_seq_len)
         if cut == 0:
             stats.dropped_overlong += 1
             return None
