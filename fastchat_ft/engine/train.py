@@ -162,7 +162,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, mine)]
             t_data = time.perf_counter() - t0
             step_loss, _ = backward_step(model, batches, mode, amp)
-            grad_norm = float("nan")
+            grad_norm, lr = float("nan"), optimizer.param_groups[0]["lr"]  # the lr this step used
             if math.isfinite(step_loss):
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 optimizer.step()
@@ -175,7 +175,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
                 stop.requested = stop.requested or "stop_after"
             if dist_mod.any_rank(bool(stop.requested)):  # every rank stops after the same step
                 stop.requested = stop.requested or "stop on another rank"
-            report.after_step(step_loss, grad_norm, t_data, time.perf_counter() - t0, stop.requested)
+            report.after_step(step_loss, grad_norm, lr, t_data, time.perf_counter() - t0, stop.requested)
     return report.finish(stop.requested)
 
 
@@ -211,7 +211,7 @@ class Reporter:
     def message(self, text: str) -> None:
         self.log.message(text) if self.active else None
 
-    def after_step(self, loss: float, grad_norm: float, t_data: float, t_step: float, stopping) -> None:
+    def after_step(self, loss: float, grad_norm: float, lr: float, t_data: float, t_step: float, stopping) -> None:
         st, cfg = self.state, self.cfg
         self.losses.append(loss)
         if not self.active:
@@ -221,7 +221,7 @@ class Reporter:
         last = st.step == self.total_steps
         if st.step % cfg.logging_steps == 0 or last:
             self.log.log({"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / self.steps_epoch, 4),
-                          "loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "loss": loss, "lr": lr, "grad_norm": grad_norm,
                           "tokens_per_s": self.tokens / self.busy, **({} if math.isfinite(loss) else {"skipped": True})},
                          advance=cfg.logging_steps)
         if st.step % self.eval_every == 0 or last:
