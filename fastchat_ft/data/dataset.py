@@ -57,13 +57,14 @@ class ChatDataset:
         self.on_error, self.threads, self.self_check_budget = on_error, threads, self_check
         self.rejects_path = Path(rejects_path) if rejects_path else self.paths[0].with_suffix(".rejects.jsonl")
         self.stats = LoaderStats()
+        folder = Path(cache_dir) if cache_dir else default_cache_dir()
         entry = None
         if cache:  # hashing reads every input file once; worth it only when the cache is used
-            entry = (Path(cache_dir) if cache_dir else default_cache_dir()) / self._cache_key()
+            entry = folder / self._cache_key()
         if entry is not None and (entry / "stats.json").is_file():
             self._load(entry)
         else:
-            self._build(entry)
+            self._build(entry, folder)
         self._pack()
         if verbose:
             print(f"fastchat-ft data: {self.stats.summary()}; packed into {self.stats.bins} sequences of "
@@ -87,7 +88,7 @@ class ChatDataset:
         h.update(f"{self.on_error}".encode())
         return h.hexdigest()
 
-    def _build(self, entry: Path | None) -> None:
+    def _build(self, entry: Path | None, folder: Path) -> None:
         """Streams every batch's tokens straight to ids.bin / labels.bin (in the cache entry being built, or in
         a private temporary folder when cache=False), so memory holds one reader batch plus 12 bytes per kept
         conversation (its length and offset), never the token arrays of the whole file."""
@@ -97,9 +98,15 @@ class ChatDataset:
         if opts.template == "tokenizer":
             from fastchat_ft.data.jinja import JinjaBatchEncoder
             jinja = JinjaBatchEncoder(tok, opts)
-        if entry:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=entry.parent if entry else None))
+        # Built beside the cache even when cache=False (/tmp is often a RAM-backed tmpfs); the system temporary
+        # folder only when the cache folder cannot be written.
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder))
+        except OSError:
+            if entry is not None:
+                raise
+            tmp = Path(tempfile.mkdtemp(prefix="fastchat-ft-building-"))
         lengths = array("I")  # 4 bytes per conversation, not a Python int each
         ids_file = open(tmp / "ids.bin", "wb")
         labels_file = open(tmp / "labels.bin", "wb")
