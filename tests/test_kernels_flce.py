@@ -10,32 +10,21 @@ import torch
 
 from fastchat_ft.kernels import CrossEntropyStats, fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from fastchat_ft.kernels._triton import HAS_TRITON
+from kernel_impls import IMPLS, one_thread, select_impl  # noqa: F401 (one_thread is an autouse fixture)
 
 IGNORE = -100
-IMPLS = ["triton", "reference"]
 # (loss rtol, grad atol relative to the largest reference grad) per input dtype
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-3, 5e-3), torch.bfloat16: (2e-2, 3e-2)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(impl, monkeypatch, *args, **kwargs):
     """Call the public dispatcher on the Triton path (interpreter on CPU) or the torch reference."""
+    select_impl(impl, monkeypatch)
     if impl == "triton":
-        if not HAS_TRITON:
-            pytest.skip("triton not installed")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
         kwargs.setdefault("block_size", 128)  # several vocab blocks per row, the last one partial
         out = fused_linear_cross_entropy(*args, **kwargs)
         monkeypatch.delenv("TRITON_INTERPRET")
         return out
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return fused_linear_cross_entropy_reference(*args, **kwargs)
 
 

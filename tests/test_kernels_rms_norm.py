@@ -5,26 +5,13 @@ import torch
 
 from fastchat_ft.kernels import rms_norm, rms_norm_reference
 from fastchat_ft.kernels._triton import HAS_TRITON
+from kernel_impls import IMPLS, one_thread, select_impl  # noqa: F401 (one_thread is an autouse fixture)
 
-IMPLS = ["triton", "reference"]
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # relative to the largest reference gradient
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(impl, monkeypatch, *args, **kwargs):
-    if impl == "triton":
-        if not HAS_TRITON:
-            pytest.skip("triton not installed")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    select_impl(impl, monkeypatch)
     return rms_norm(*args, **kwargs)
 
 

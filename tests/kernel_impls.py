@@ -1,0 +1,26 @@
+"""Shared by the kernel tests: run a kernel on its Triton path (the interpreter on CPU) or its torch reference,
+on one thread so interpreted runs don't fight the rest of the suite for the 2 CI cores."""
+import pytest
+import torch
+
+from fastchat_ft.kernels._triton import HAS_TRITON
+
+IMPLS = ["triton", "reference"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def select_impl(impl, monkeypatch):
+    """Make the public dispatcher take `impl`: TRITON_INTERPRET=1 routes CPU tensors to the Triton kernels."""
+    if impl == "triton":
+        if not HAS_TRITON:
+            pytest.skip("triton not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
