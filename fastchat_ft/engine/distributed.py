@@ -72,6 +72,18 @@ def sum_gradients(params: list[torch.nn.Parameter]) -> None:
             bucket, size = [], 0
 
 
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Copy rank 0's trained parameters to every rank. Needed because ranks seed differently (distinct dropout
+    masks), so randomly initialised weights such as LoRA A would otherwise start different per rank. Frozen
+    weights are read from the same files on every rank and are not sent (a 7B base would cost 14+ GB)."""
+    if world()[1] == 1:
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()

@@ -132,6 +132,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     s = build(cfg, run_dir, data)
     if not rank:
         dist_mod.barrier()
+    dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
     model, mode, rows = s.model, cfg.loss_normalization, s.data.train
     optimizer = build_optimizer(cfg, model)
     per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
