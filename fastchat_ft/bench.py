@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,7 +160,8 @@ def summarise(plan: dict, raw: dict, model_cfg: dict, peak_flops: float) -> dict
         seconds = ends[-1] - ends[0]
         out[name] = {
             "data_prep_s": r["prep_s"], "timed_steps": len(timed), "timed_s": seconds,
-            "step_time_s": seconds / len(timed), "tokens_per_s": tokens / seconds,
+            "step_time_s": seconds / len(timed), "step_time_median_s": statistics.median(b - a for a, b in zip(ends, ends[1:])),
+            "tokens_per_s": tokens / seconds,
             "trainable_tokens_per_s": trained / seconds, "mfu": flops / seconds / peak_flops,
             "model_tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": r["peak_memory_mb"],
             "final_train_loss": r["losses"][-1], "val_loss_start": r["val_loss_start"],
