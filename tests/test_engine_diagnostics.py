@@ -27,8 +27,70 @@ def test_bad_loss_names_step_and_rows():
     with pytest.raises(diag.TrainingDiverged) as e:
         diag.bad_loss(17, float("nan"), batches, skip=False)
     assert "step 17" in str(e.value) and "[3, 7]" in str(e.value) and "data.jsonl:12" in str(e.value)
-    assert "--skip-bad-batches" in e.value.fix
+    assert "--skip-bad-batches" in e.value.fix and "validate" in e.value.fix
     assert "skipped" in diag.bad_loss(17, float("inf"), batches, skip=True)
+
+
+def test_sources_show_the_first_few_as_file_line_and_the_count():
+    per_row = [[("a.jsonl", 1), ("a.jsonl", 9)], [("b.json", 4)]]  # as collate gives them
+    assert diag.describe_sources({"sources": per_row}) == "3 conversations: a.jsonl:1, a.jsonl:9, b.json:4"
+    flat = [("d.jsonl", n) for n in range(2, 30, 3)]  # as the engine's micro_batches gives them
+    text = diag.describe_sources({"sources": flat, "row_ids": [0, 1]})
+    assert text == "10 conversations: d.jsonl:2, d.jsonl:5, d.jsonl:8, d.jsonl:11, d.jsonl:14 and 5 more"
+    assert diag.describe_sources({"sources": [("x.jsonl", 7)]}) == "1 conversation: x.jsonl:7"
+    assert diag.describe_sources({}) == "unknown rows"
+
+
+def test_nan_loss_names_the_planted_records_line_in_the_error_and_the_skip_log(tmp_path, monkeypatch, capsys):
+    """Real ChatDataset rows through the real loop: the loss turns NaN exactly when the planted record is in the
+    step; the error (and the --skip-bad-batches log) names its file:line and the step."""
+    import json
+
+    import numpy as np
+
+    from conftest import shared_path
+    from fastchat_ft.data import ChatDataset
+    from fastchat_ft.engine import train as train_mod
+    from fastchat_ft.engine.data import RunData
+    from fastchat_ft.model.tiny import build_tiny_model
+
+    tok = shared_path("tokenizers", "smollm2")
+    tiny = build_tiny_model(tmp_path / "tiny", tok)
+    rng = np.random.default_rng()
+    planted = int(rng.integers(3, 14))
+    data = tmp_path / "chat.jsonl"
+    lines = []
+    for i in range(1, 15):
+        text = "POISON" if i == planted else f"answer {i} " + "word " * int(rng.integers(1, 30))
+        lines.append("" if i == 2 else json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                                              {"role": "assistant", "content": text}]}))
+    data.write_text("\n".join(lines) + "\n")
+    rows = ChatDataset(data, str(tok), max_seq_len=64, cache=False, verbose=False)
+    where = f"{data}:{planted}"
+    real, steps = train_mod.backward_step, []
+
+    def poisoned(model, batches, mode, amp):  # NaN exactly for the step that holds the planted record
+        loss, n = real(model, batches, mode, amp)
+        key = where  # sources flat per batch or per row: either way the key is found
+        hit = any(s == key or (isinstance(s, list) and key in s) for b in batches for s in b["sources"])
+        steps.append(hit)
+        return (float("nan"), n) if hit else (loss, n)
+
+    monkeypatch.setattr(train_mod, "backward_step", poisoned)
+    cfg = {"base_model": str(tiny), "datasets": [{"path": str(data)}], "micro_batch_size": 2,
+           "gradient_accumulation_steps": 1, "num_epochs": 1, "learning_rate": 1e-3, "eval_steps": 100,
+           "save_steps": 100, "sample_prompts": 0, "lora_r": 2, "lora_alpha": 4, "seed": int(rng.integers(1000))}
+    with pytest.raises(diag.TrainingDiverged) as e:
+        train_mod.train(config.from_dict({**cfg, "output_dir": str(tmp_path / "stop")}), data=RunData(rows, []),
+                        show_bar=False)
+    bad_step = steps.index(True) + 1
+    assert f"step {bad_step};" in str(e.value) and where in str(e.value)
+    steps.clear()
+    summary = train_mod.train(config.from_dict({**cfg, "output_dir": str(tmp_path / "skip")}),
+                              data=RunData(rows, []), show_bar=False, skip_bad_batches=True)
+    assert steps.count(True) == 1 and summary["steps"] == len(steps)
+    log = [line for line in capsys.readouterr().err.splitlines() if "skipped this batch" in line]
+    assert len(log) == 1 and log[0].startswith(f"step {steps.index(True) + 1}:") and where in log[0]
 
 
 def test_throughput_and_oom_advice():

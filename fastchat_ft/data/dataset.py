@@ -1,6 +1,6 @@
-"""ChatDataset: files -> tokenized conversations (cached on disk, memory-mapped) -> best-fit-decreasing
-packed examples, deterministic by seed and epoch, with a sharded view that gives every rank the same count.
-Does not know about torch (see collate.py)."""
+"""ChatDataset: files -> tokenized conversations (cached on disk, memory-mapped, each with its source file and
+line) -> best-fit-decreasing packed examples, deterministic by seed and epoch, with a sharded view that gives
+every rank the same count. Does not know about torch (see collate.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +19,7 @@ from fastchat_ft.errors import DataError
 from fastchat_ft.data.encode import NO_LABEL, ChatOptions, LoaderStats, process_batch, record_error
 from fastchat_ft.data.tokenize import LoaderTokenizer
 
-CACHE_VERSION = "chat-v2"  # bump when the on-disk layout or the encoding rules change
+CACHE_VERSION = "chat-v3"  # bump when the on-disk layout or the encoding rules change
 BATCH_RECORDS = 1024  # records per native reader batch: the window that bounds the build's memory
 
 
@@ -29,7 +29,10 @@ def default_cache_dir() -> Path:
 
 class ChatDataset:
     """Iterates dicts of numpy arrays: input_ids, labels (-100 = not trained), position_ids (restart at 0 for
-    each packed conversation) and seq_lens. With packing=False each item is one conversation.
+    each packed conversation) and seq_lens, plus `sources`: a list of "file:line" strings, one per packed
+    conversation in seq_lens order (line: 1-based line of a JSONL record, or where a JSON array element starts;
+    strings, not tuples, so rows still convert to Arrow for `datasets` / TRL).
+    With packing=False each item is one conversation.
 
     paths: .jsonl / .json files (OpenAI messages or ShareGPT, detected per record). tokenizer: a path, a
     fastchat_ft.tokenizer.Tokenizer, tokenizers.Tokenizer or a transformers fast tokenizer.
@@ -108,6 +111,7 @@ class ChatDataset:
                 raise
             tmp = Path(tempfile.mkdtemp(prefix="fastchat-ft-building-"))
         lengths = array("I")  # 4 bytes per conversation, not a Python int each
+        source_files, source_lines = array("i"), array("i")  # where each kept conversation came from
         ids_file = open(tmp / "ids.bin", "wb")
         labels_file = open(tmp / "labels.bin", "wb")
         rejects = None
@@ -124,7 +128,7 @@ class ChatDataset:
                                      ensure_ascii=False) + "\n")
 
         try:
-            for path in self.paths:
+            for file_index, path in enumerate(self.paths):
                 try:
                     reader = _native.ChatReader(str(path), threads=self.threads, batch_records=BATCH_RECORDS,
                                                 **kwargs)
@@ -137,12 +141,19 @@ class ChatDataset:
                         if self.on_error == "raise":
                             raise record_error(err, str(path))
                         reject(path, err["line"], err["column"], err["field"], err["reason"], err["fix"], err["raw"])
+                    kept_lines = []
+                    reported = len(self.stats.examples)
                     if jinja is not None:
                         kept, budget = jinja.process(
                             batch, self.stats, budget, str(path), self.on_error,
-                            lambda line, e, raw, path=path: reject(path, line, None, e.field, e.reason, e.fix, raw))
+                            lambda line, e, raw, path=path: reject(path, line, None, e.field, e.reason, e.fix, raw),
+                            kept_lines=kept_lines)
                     else:
-                        kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget)
+                        kept, budget = process_batch(batch, tok, opts, self.stats, check_budget=budget,
+                                                     kept_lines=kept_lines)
+                    _name_file(self.stats.examples, reported, path)
+                    source_lines.extend(kept_lines)
+                    source_files.extend([file_index] * len(kept_lines))
                     for ids, labels in kept:
                         lengths.append(len(ids))
                         ids.tofile(ids_file)
@@ -166,6 +177,11 @@ class ChatDataset:
         np.cumsum(np.frombuffer(lengths, dtype=np.uint32), out=offsets[1:])
         del lengths
         np.save(tmp / "offsets.npy", offsets)
+        sources = np.empty((len(source_lines), 2), dtype=np.int32)
+        sources[:, 0], sources[:, 1] = np.frombuffer(source_files, np.int32), np.frombuffer(source_lines, np.int32)
+        del source_files, source_lines
+        np.save(tmp / "sources.npy", sources)  # row i: (index into paths, line) of conversation i
+        del sources
         (tmp / "stats.json").write_text(json.dumps({k: v for k, v in self.stats.__dict__.items()}))
         if entry is None:
             # Map the files, then unlink them: the mapping keeps the data reachable and nothing is left on disk.
@@ -185,6 +201,10 @@ class ChatDataset:
         # Raw int32 files read through memory maps: the OS pages in only what a batch touches.
         self.ids = np.memmap(entry / "ids.bin", dtype=np.int32, mode="r", shape=(total,))
         self.labels = np.memmap(entry / "labels.bin", dtype=np.int32, mode="r", shape=(total,))
+        self.sources = np.load(entry / "sources.npy", mmap_mode="r")
+        if len(self.sources) != len(self.offsets) - 1:
+            raise DataError(f"the cache entry {entry} is inconsistent ({len(self.sources)} sources for "
+                            f"{len(self.offsets) - 1} conversations)", fix=f"delete {entry} (it is rebuilt)")
         if not keep_stats:
             saved = json.loads((entry / "stats.json").read_text())
             self.stats = LoaderStats(**{k: v for k, v in saved.items() if k in LoaderStats.__dataclass_fields__})
@@ -219,10 +239,16 @@ class ChatDataset:
     def __len__(self) -> int:
         return len(self._bin_offsets) - 1
 
+    def source(self, conversation: int) -> str:
+        """"file:line" of conversation `conversation` (in build order, as in offsets)."""
+        file_index, line = self.sources[conversation]
+        return f"{self.paths[int(file_index)]}:{int(line)}"
+
     def __getitem__(self, index: int) -> dict:
         b = int(self._order[index])
         members = self._members[self._bin_offsets[b]:self._bin_offsets[b + 1]]
         ids, labels, positions, seq_lens = [], [], [], []
+        sources = [self.source(int(m)) for m in members]
         for m in members:
             a, b = int(self.offsets[m]), int(self.offsets[m + 1])
             ids.append(self.ids[a:b])
@@ -232,7 +258,8 @@ class ChatDataset:
             positions.append(np.arange(b - a, dtype=np.int32))
             seq_lens.append(b - a)
         return {"input_ids": np.concatenate(ids).astype(np.int32), "labels": np.concatenate(labels),
-                "position_ids": np.concatenate(positions), "seq_lens": np.asarray(seq_lens, dtype=np.int32)}
+                "position_ids": np.concatenate(positions), "seq_lens": np.asarray(seq_lens, dtype=np.int32),
+                "sources": sources}
 
     def __iter__(self):
         for i in range(len(self)):
@@ -273,6 +300,14 @@ class ShardView:
     @property
     def stats(self) -> LoaderStats:
         return self.dataset.stats
+
+
+def _name_file(examples: list, start: int, path: Path) -> None:
+    """The loader's report lines from `start` on say "line N: ..."; name the file too ("file:N: ...")."""
+    for i in range(start, len(examples)):
+        if examples[i].startswith("line "):
+            line, _, rest = examples[i][5:].partition(": ")
+            examples[i] = f"{path}:{line}: {rest}"
 
 
 def _split_position(message: str):

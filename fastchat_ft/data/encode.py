@@ -160,8 +160,10 @@ def self_check(ids, labels, text: str, spans, tok: LoaderTokenizer) -> str | Non
     return None
 
 
-def process_batch(batch: dict, tok: LoaderTokenizer, opts: ChatOptions, stats: LoaderStats, *, check_budget: int = 0):
-    """encode_batch + finalize + self-check on the first `check_budget` conversations; returns kept pairs."""
+def process_batch(batch: dict, tok: LoaderTokenizer, opts: ChatOptions, stats: LoaderStats, *, check_budget: int = 0,
+                  kept_lines: list | None = None):
+    """encode_batch + finalize + self-check on the first `check_budget` conversations; returns kept pairs (and
+    appends each kept one's source line to `kept_lines` when given)."""
     kept = []
     ok = np.flatnonzero(batch["ok"])
     tc = np.concatenate([[0], np.cumsum(batch["train_counts"])])
@@ -191,6 +193,8 @@ def process_batch(batch: dict, tok: LoaderTokenizer, opts: ChatOptions, stats: L
         stats.tokens += len(result[0])
         stats.trainable_tokens += int((result[1] != NO_LABEL).sum())
         kept.append(result)
+        if kept_lines is not None:
+            kept_lines.append(int(batch["lines"][i]))
     return kept, check_budget
 
 

@@ -182,7 +182,8 @@ class JinjaBatchEncoder:
         self.renderer = JinjaRenderer(tok, opts)
         self.tok, self.opts = tok, opts
 
-    def process(self, batch: dict, stats: LoaderStats, budget: int, file: str, on_error: str, reject):
+    def process(self, batch: dict, stats: LoaderStats, budget: int, file: str, on_error: str, reject,
+                kept_lines: list | None = None):
         kept = []
         for i in np.flatnonzero(batch["ok"]):
             record = json.loads(batch["records"][i])
@@ -210,4 +211,6 @@ class JinjaBatchEncoder:
             stats.tokens += len(result[0])
             stats.trainable_tokens += int((result[1] != -100).sum())
             kept.append(result)
+            if kept_lines is not None:
+                kept_lines.append(int(batch["lines"][i]))
         return kept, budget

@@ -17,11 +17,28 @@ class TrainingDiverged(FastchatError):
     """The loss became NaN or inf."""
 
 
-def describe_sources(batch: dict) -> str:
-    """Where the rows of a batch came from (file:line when the loader says so), for error messages."""
-    sources = batch.get("sources")
+def _flat_sources(sources) -> list[str]:
+    """Sources as "file:line" strings, whether given flat ([(file, line), ...] or ["file:line", ...]) or per row
+    ([[(file, line), ...], ...], as collate gives them)."""
+    out = []
+    for s in sources:
+        if isinstance(s, list):
+            out.extend(_flat_sources(s))
+        elif isinstance(s, tuple) and len(s) == 2:
+            out.append(f"{s[0]}:{s[1]}")
+        else:
+            out.append(str(s))
+    return out
+
+
+def describe_sources(batch: dict, show: int = 5) -> str:
+    """Where the conversations of a batch came from: the first `show` as file:line, and how many in all
+    (packed row indices when the rows carry no sources)."""
+    sources = _flat_sources(batch.get("sources") or [])
     if sources:
-        return ", ".join(str(s) for s in sources[:8]) + (" ..." if len(sources) > 8 else "")
+        more = f" and {len(sources) - show} more" if len(sources) > show else ""
+        noun = "conversation" if len(sources) == 1 else "conversations"
+        return f"{len(sources)} {noun}: {', '.join(sources[:show])}{more}"
     rows = batch.get("row_ids")
     return f"packed rows {list(rows)}" if rows is not None else "unknown rows"
 
@@ -32,9 +49,10 @@ def bad_loss(step: int, value: float, batches: list[dict], skip: bool) -> str:
     if skip:
         return f"step {step}: loss is {value}; skipped this batch ({where})"
     raise TrainingDiverged(
-        f"loss became {value} at optimizer step {step}; batch came from {where}",
-        fix="lower learning_rate (or raise warmup_ratio), keep max_grad_norm at 1.0, check those rows with "
-            "`fastchat-ft validate`, or pass --skip-bad-batches to skip such batches")
+        f"loss became {value} at optimizer step {step}; the batch held {where}",
+        fix="look at those records (`fastchat-ft validate FILE` checks them; an extreme or broken record can be "
+            "removed), lower learning_rate (or raise warmup_ratio), keep max_grad_norm at 1.0, or pass "
+            "--skip-bad-batches to skip such batches and go on")
 
 
 def overfitting(val_losses: list[float]) -> str | None:
