@@ -11,12 +11,14 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastchat_ft.engine import distributed as dist_mod
 from fastchat_ft.errors import ConfigError
 from fastchat_ft.model import lora as lora_mod
 
@@ -46,8 +48,10 @@ def save_model_files(folder: Path, model, model_info: dict, tokenizer_dir: Path)
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, model_info: dict, tokenizer_dir: Path,
-                    optimizer, scheduler, keep: int, name: str | None = None) -> Path:
-    """Write checkpoints/step-NNNNNN (or `name` directly under run_dir) atomically; prune to the last `keep`."""
+                    optimizer, scheduler, keep: int, name: str | None = None,
+                    rng_states: list[dict] | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN (or `name` directly under run_dir) atomically; prune to the last `keep`.
+    `rng_states` holds every rank's RNG state (from `gather_rng_states`): rank r > 0 goes to rng-rank{r}.pt."""
     parent = run_dir if name else run_dir / "checkpoints"
     final = parent / (name or f"step-{state.step:06d}")
     parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +61,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, model_info: dict, t
         (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        for r, rng in enumerate(rng_states or [_rng_state()]):
+            torch.save(rng, tmp / rng_file_name(r))
         if final.exists():  # a re-save of the same step (e.g. stop right after a scheduled save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -111,7 +116,12 @@ def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, c
         _load_full_weights(model, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rank = dist_mod.world()[0]
+    rng = path / rng_file_name(rank)
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=True))
+    else:  # resumed with more processes than saved it: this rank keeps its fresh seed (dropout masks differ)
+        print(f"warning: {path} has no {rng.name}; rank {rank} resumes with a fresh RNG state", file=sys.stderr)
     return state
 
 
@@ -130,6 +140,16 @@ def _load_full_weights(model, path: Path) -> None:
         raise ConfigError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}", file=str(path), field="--resume",
                           fix="resume with the same base_model and adapter settings the run started with")
+
+
+def rng_file_name(rank: int) -> str:
+    """rng.pt for rank 0 (the single-process layout), rng-rank{r}.pt for the other ranks."""
+    return "rng.pt" if rank == 0 else f"rng-rank{rank}.pt"
+
+
+def gather_rng_states() -> list[dict] | None:
+    """Every rank's RNG state, in rank order, on rank 0 (None elsewhere). A collective: all ranks call it."""
+    return dist_mod.gather_on_main(_rng_state())
 
 
 def _rng_state() -> dict:

@@ -84,6 +84,16 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
                 dist.broadcast(p.data, src=0)
 
 
+def gather_on_main(obj) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others (picklable objects, CPU tensors)."""
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()

@@ -195,11 +195,11 @@ class Reporter:
                  show_bar: bool, resumed: bool, active: bool = True):
         self.cfg, self.s, self.run_dir, self.state, self.active = cfg, s, run_dir, state, active
         self.losses = []
-        if not active:  # ranks other than 0 train silently and write nothing
-            return
         self.optimizer, self.scheduler, self.steps_epoch, self.total_steps = optimizer, scheduler, steps_epoch, total_steps
         self.eval_every = cfg.eval_steps or max(1, steps_epoch // cfg.evals_per_epoch)
         self.save_every = cfg.save_steps or self.eval_every
+        if not active:  # ranks other than 0 train silently and write nothing (they hand rank 0 their RNG state)
+            return
         write_run_files(run_dir, cfg, s, resumed=resumed)
         self.log = MetricsLogger(run_dir, total_steps, state.step, show_bar)
         self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
@@ -216,6 +216,8 @@ class Reporter:
         st, cfg = self.state, self.cfg
         self.losses.append(loss)
         if not self.active:
+            if st.step % self.save_every == 0 or stopping:
+                ckpt.gather_rng_states()  # rank 0 saves this rank's state beside its own
             return
         self.waits, self.busy = self.waits + t_data, self.busy + t_step
         self.tokens = st.tokens_seen - self._tokens_at_start
@@ -232,7 +234,8 @@ class Reporter:
                 self.message("warning: " + warning)
         if st.step % self.save_every == 0 or stopping:
             ckpt.save_checkpoint(self.run_dir, st, self.s.model, self.s.model_info, self.s.tokenizer_dir,
-                                 self.optimizer, self.scheduler, cfg.save_total_limit)
+                                 self.optimizer, self.scheduler, cfg.save_total_limit,
+                                 rng_states=ckpt.gather_rng_states())
 
     def evaluate(self) -> None:
         """Validation metrics (and sample generations) at this step, into metrics.jsonl / samples.jsonl."""
@@ -253,11 +256,12 @@ class Reporter:
         from fastchat_ft.engine.rundir import finish_report
 
         s = self.s
+        rng_states = None if stopped else ckpt.gather_rng_states()
         if not self.active:
             return {"steps": len(self.losses), "stopped": stopped, "train_losses": self.losses}
         if not stopped:
             ckpt.save_checkpoint(self.run_dir, self.state, s.model, s.model_info, s.tokenizer_dir, self.optimizer,
-                                 self.scheduler, self.cfg.save_total_limit, name="final")
+                                 self.scheduler, self.cfg.save_total_limit, name="final", rng_states=rng_states)
         self.log.close()
         n_params = sum(p.numel() for p in s.model.parameters())
         n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
