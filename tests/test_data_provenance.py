@@ -131,3 +131,19 @@ def test_inexact_masks_are_reported_with_file_and_line(tmp_path, smollm, capsys)
     assert ds.stats.inexact == 1
     assert ds.stats.examples == [f"{path}:3: a token straddles a trainable-span boundary"]
     assert f"{path}:3: a token straddles" in capsys.readouterr().err
+
+
+def test_failed_self_checks_are_reported_with_file_and_line(tmp_path, smollm, monkeypatch):
+    """The self-check compares decoded trained tokens with the rendered answers; plant a failure on one record
+    (the real check passes on clean data) and the report must point at that record's file:line."""
+    from fastchat_ft.data import encode
+
+    real = encode.self_check
+    monkeypatch.setattr(encode, "self_check", lambda ids, labels, text, spans, tok:
+                        "planted mismatch" if "PLANTED" in text else real(ids, labels, text, spans, tok))
+    path = tmp_path / "check.jsonl"
+    lines = [json.dumps(conv("PLANTED" if i == 6 else f"ok{i}")) if i != 3 else "" for i in range(1, 9)]
+    path.write_text("\n".join(lines) + "\n")
+    ds = ChatDataset(path, smollm, cache=False, verbose=False)
+    assert ds.stats.self_check_failed == 1
+    assert ds.stats.examples == [f"{path}:6: planted mismatch"]
