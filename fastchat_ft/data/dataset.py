@@ -244,11 +244,15 @@ class ChatDataset:
         file_index, line = self.sources[conversation]
         return f"{self.paths[int(file_index)]}:{int(line)}"
 
+    def _row_sources(self, members: np.ndarray) -> list[str]:
+        names = [str(p) for p in self.paths]
+        return [f"{names[f]}:{line}" for f, line in self.sources[members].tolist()]
+
     def __getitem__(self, index: int) -> dict:
         b = int(self._order[index])
         members = self._members[self._bin_offsets[b]:self._bin_offsets[b + 1]]
         ids, labels, positions, seq_lens = [], [], [], []
-        sources = [self.source(int(m)) for m in members]
+        sources = self._row_sources(members)
         for m in members:
             a, b = int(self.offsets[m]), int(self.offsets[m + 1])
             ids.append(self.ids[a:b])
