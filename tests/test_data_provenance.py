@@ -99,6 +99,7 @@ def test_sources_survive_the_cache_and_follow_the_file_when_it_moves(tmp_path, s
     assert loaded.cache_entry == built.cache_entry and isinstance(loaded.sources, np.memmap)
     assert [r["sources"] for r in loaded] == [r["sources"] for r in built]
     check_rows(loaded, expected, hf_tok.decode)
+    assert sorted(loaded.source(i) for i in range(len(loaded.sources))) == sorted(f"{f}:{n}" for f, n in expected)
     # Same contents and names elsewhere: the cache entry is reused, and the sources name the new paths.
     moved = tmp_path / "moved"
     moved.mkdir()
