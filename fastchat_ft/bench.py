@@ -158,10 +158,14 @@ def summarise(plan: dict, raw: dict, model_cfg: dict, peak_flops: float) -> dict
         if len(ends) != plan["steps"]:
             raise RuntimeError(f"{name} reported {len(ends)} step ends for {plan['steps']} steps")
         seconds = ends[-1] - ends[0]
+        # CPU seconds of the whole process over the same steps: on a shared machine wall time mostly measures
+        # waiting for a core, CPU time does not (the run's own threads are fixed and equal for all three).
+        cpu = r.get("step_cpu_ends") or []
+        cpu_seconds = cpu[-1] - cpu[0] if len(cpu) == len(ends) else float("nan")
         out[name] = {
             "data_prep_s": r["prep_s"], "timed_steps": len(timed), "timed_s": seconds,
             "step_time_s": seconds / len(timed), "step_time_median_s": statistics.median(b - a for a, b in zip(ends, ends[1:])),
-            "tokens_per_s": tokens / seconds,
+            "tokens_per_s": tokens / seconds, "cpu_s": cpu_seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
             "trainable_tokens_per_s": trained / seconds, "mfu": flops / seconds / peak_flops,
             "model_tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": r["peak_memory_mb"],
             "final_train_loss": r["losses"][-1], "val_loss_start": r["val_loss_start"],
@@ -229,6 +233,7 @@ def format_table(result: dict) -> str:
     runs = result["runs"]
     a, b, c = (runs[n] for n in RUNNERS)
     rows = [("data prep (s)", "data_prep_s", "{:.2f}"), ("tokens/s (non-padding)", "tokens_per_s", "{:.1f}"),
+            ("tokens per CPU-second", "tokens_per_cpu_s", "{:.2f}"),
             ("trainable tokens/s", "trainable_tokens_per_s", "{:.1f}"), ("step time (s)", "step_time_s", "{:.3f}"),
             ("MFU (%)", "mfu", "{:.1f}"), ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
             ("final train loss", "final_train_loss", "{:.4f}"), ("val loss (start)", "val_loss_start", "{:.4f}"),

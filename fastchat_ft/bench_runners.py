@@ -117,12 +117,13 @@ class _StepRecorder:
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
                 rec.ends.append(time.perf_counter())
+                rec.cpu_ends.append(time.process_time())
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     rec.losses.append(float(logs["loss"]))
 
-        self.ends, self.losses, self.callback = [], [], Callback()
+        self.ends, self.cpu_ends, self.losses, self.callback = [], [], [], Callback()
 
 
 def hf_val_loss(model, convs: list[tuple], device: str, amp) -> float:
@@ -191,7 +192,8 @@ def run_hf(plan: dict, flat: bool) -> dict:
     start = time.perf_counter()
     trainer.train()
     val_end = hf_val_loss(model, val_convs, device, amp)
-    return {"prep_s": prep_s, "train_start": start, "step_ends": rec.ends, "losses": rec.losses,
+    return {"prep_s": prep_s, "train_start": start, "step_ends": rec.ends, "step_cpu_ends": rec.cpu_ends,
+            "losses": rec.losses,
             "val_loss_start": val_start, "val_loss_end": val_end, "peak_memory_mb": peak_memory_mb(device),
             "conversations": len(convs), "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
             "lengths": [len(c[0]) for c in convs], "label_tokens": [sum(1 for x in c[1][1:] if x != -100) for c in convs]}
@@ -262,7 +264,7 @@ def run_engine(plan: dict) -> dict:
         "eval_steps": plan["steps"], "save_steps": plan["steps"], "sample_prompts": 0, "logging_steps": 1,
         "bf16": plan["dtype"] == "bfloat16"})
 
-    ends, starts = [], []
+    ends, cpu_ends, starts = [], [], []
     original_build, original_after = train_mod.build, train_mod.Reporter.after_step
 
     def build(*a, **k):  # same starting LoRA weights as PEFT's (see seeded_lora_init)
@@ -273,6 +275,7 @@ def run_engine(plan: dict) -> dict:
 
     def after_step(self, *a, **k):
         ends.append(time.perf_counter())
+        cpu_ends.append(time.process_time())
         return original_after(self, *a, **k)
 
     train_mod.build, train_mod.Reporter.after_step = build, after_step
@@ -281,7 +284,7 @@ def run_engine(plan: dict) -> dict:
     finally:
         train_mod.build, train_mod.Reporter.after_step = original_build, original_after
     vals = [r["val_loss"] for r in summary["val"]]
-    return {"prep_s": prep_s, "train_start": starts[0] if starts else None, "step_ends": ends,
+    return {"prep_s": prep_s, "train_start": starts[0] if starts else None, "step_ends": ends, "step_cpu_ends": cpu_ends,
             "losses": [float(x) for x in summary["train_losses"]], "val_loss_start": vals[0], "val_loss_end": vals[-1],
             "peak_memory_mb": peak_memory_mb(plan["device"]), "conversations": len(convs),
             "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),

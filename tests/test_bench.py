@@ -48,6 +48,7 @@ def test_three_runs_agree_step_by_step_and_json_has_the_fields(bench_result):
                     "final_train_loss", "val_loss_start", "val_loss_end"):
             assert np.isfinite(r[key]), (name, key)
         assert 0 < r["trainable_tokens_per_s"] < r["tokens_per_s"]
+        assert r["cpu_s"] > 0 and np.isfinite(r["tokens_per_cpu_s"])  # CPU time of the same steps, load-robust
         assert 0 < r["mfu"] < 1.5 and r["peak_memory_mb"] > 50
         np.testing.assert_allclose(r["losses"], ref, rtol=1e-4, atol=1e-4)
         assert r["val_loss_end"] < r["val_loss_start"]  # three steps of training moved the model
