@@ -1,12 +1,15 @@
 """Data parallelism: 2 gloo processes, each with half of the step's micro-batches, give the same loss and
-gradients as 1 process with all of them (the label count is global, gradients are summed)."""
+gradients as 1 process with all of them (the label count is global, gradients are summed), both through the
+hand-written all-reduce and through DistributedDataParallel (which averages: the loss is scaled by the world)."""
 import contextlib
 
 import torch
 import torch.distributed as dist
+import pytest
 import torch.multiprocessing as mp
 
 from fastchat_ft.engine.data import micro_batches, step_rows
+from fastchat_ft.engine.distributed import ddp_backward_step, replicate
 from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.model.lora import add_lora
 from fastchat_ft.model.tiny import random_packed_rows, tiny_llama_config
@@ -27,29 +30,40 @@ def _model():
     return model.train()
 
 
-def _step(world: int, rank: int):
-    rows = random_packed_rows(3, VOCAB, seed=4)  # micro-batches of 2 and 1 rows, all on rank 0: rank 1 has none
+def _step(world: int, rank: int, n_rows: int = 3, ddp: bool = False, mode: str = "token"):
+    # 3 rows: micro-batches of 2 and 1 rows, all on rank 0 (rank 1 has none); 11 rows: 2 micro-batches each
+    rows = random_packed_rows(n_rows, VOCAB, seed=4)
     idx = step_rows(len(rows), MICRO, ACCUM * 2, seed=1, epoch=0, step_in_epoch=0)  # the global step: 4 micro-batches
     mine = idx[rank * ACCUM:(rank + 1) * ACCUM] if world > 1 else idx
     model = _model()
+    if ddp and rank:  # DDP must start every rank from rank 0's weights, whatever each rank built
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
     batches = [to_device(b, torch.device("cpu")) for b in micro_batches(rows, mine)]
-    loss, n = backward_step(model, batches, "token", contextlib.nullcontext())
+    if ddp:
+        loss, n = ddp_backward_step(replicate(model), batches, mode, contextlib.nullcontext())
+    else:
+        loss, n = backward_step(model, batches, mode, contextlib.nullcontext())
     return loss, n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, store, out):
+def _worker(rank, store, out, kw):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        torch.save(_step(2, rank), f"{out}.{rank}")
+        torch.save(_step(2, rank, **kw), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_match_one(tmp_path):
+@pytest.mark.parametrize("kw", [{}, {"ddp": True}, {"ddp": True, "n_rows": 11, "mode": "sequence"}],
+                         ids=["allreduce", "ddp-rank-without-batches", "ddp-sequence"])
+def test_two_gloo_processes_match_one(tmp_path, kw):
     out = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), out), nprocs=2, join=True)
-    loss1, n1, g1 = _step(1, 0)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), out, kw), nprocs=2, join=True)
+    loss1, n1, g1 = _step(1, 0, n_rows=kw.get("n_rows", 3), mode=kw.get("mode", "token"))
     for rank in (0, 1):
         loss2, n2, g2 = torch.load(f"{out}.{rank}", weights_only=True)
         assert n2 == n1 > 0 and abs(loss2 - loss1) < 1e-6

@@ -5,9 +5,11 @@ summed with one all-reduce per bucket. Identical updates on every rank; only ran
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -92,6 +94,63 @@ def gather_on_main(obj) -> list | None:
     out = [None] * size if rank == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+@dataclass
+class Replicated:
+    """The decoder wrapped in DistributedDataParallel, a view of the model that loss.loss_sum reads (its
+    `base_model` is the wrapper, so every forward goes through DDP), and the trained parameters outside the
+    decoder (an untied lm_head's new rows), whose gradients are summed by hand."""
+    ddp: torch.nn.parallel.DistributedDataParallel
+    view: object
+    outside: list[torch.nn.Parameter]
+
+
+class _ModelView:
+    def __init__(self, model, ddp):
+        self.base_model, self.config, self.get_output_embeddings = ddp, model.config, model.get_output_embeddings
+
+
+def replicate(model) -> Replicated | None:
+    """Wrap the decoder in DDP (None in a single process). DDP overlaps each gradient bucket's all-reduce with
+    the rest of backward and broadcasts rank 0's weights at construction. The model itself is not changed:
+    checkpoints, evaluation and generation keep using it. Buffers (rotary tables) are constants: not re-sent."""
+    if world()[1] == 1:
+        return None
+    decoder = model.base_model
+    device_ids = [torch.cuda.current_device()] if next(decoder.parameters()).is_cuda else None
+    ddp = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=device_ids, broadcast_buffers=False,
+                                                    find_unused_parameters=False)
+    inside = {id(p) for p in decoder.parameters()}
+    outside = [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
+    return Replicated(ddp, _ModelView(model, ddp), outside)
+
+
+def ddp_backward_step(rep: Replicated, batches: list[dict], mode: str, amp) -> tuple[float, int]:
+    """loss.backward_step through DDP: the label count of the whole step is summed over ranks first; gradients
+    sync only on this rank's last micro-batch (no_sync before). DDP AVERAGES over ranks, so each loss is scaled
+    by the world size to make the result the summed gradient, as one process with all micro-batches would get.
+    A rank without micro-batches this step runs one label-free token so it still joins the all-reduce."""
+    from fastchat_ft.engine.loss import count_units, loss_sum, to_device  # loss imports this module
+
+    size = world()[1]
+    denominator = max(1, sum_over_ranks(sum(count_units(b, mode) for b in batches)))
+    if not batches:
+        device = next(rep.ddp.parameters()).device
+        blank = {"input_ids": [[0]], "labels": [[-100]], "position_ids": [[0]]}
+        work = [to_device(blank, device)]
+    else:
+        work = batches
+    token_loss = 0.0
+    for i, b in enumerate(work):
+        with contextlib.nullcontext() if i == len(work) - 1 else rep.ddp.no_sync():
+            with amp:
+                loss, logged = loss_sum(rep.view, b, mode, denominator)
+            (loss * size).backward()
+        token_loss += float(logged)
+    sum_gradients(rep.outside)
+    n_label = int(sum_over_ranks(sum(int(b["targets"].labels.numel()) for b in batches)))
+    return sum_over_ranks(token_loss) / max(1, n_label), n_label
 
 
 def barrier() -> None:

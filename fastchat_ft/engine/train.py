@@ -134,6 +134,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
         dist_mod.barrier()
     dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
     model, mode, rows = s.model, cfg.loss_normalization, s.data.train
+    replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
     optimizer = build_optimizer(cfg, model)
     per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
     steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, per_step)
@@ -162,7 +163,10 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             mine = idx[rank * cfg.gradient_accumulation_steps:(rank + 1) * cfg.gradient_accumulation_steps]
             batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, mine)]
             t_data = time.perf_counter() - t0
-            step_loss, _ = backward_step(model, batches, mode, amp)
+            if replicated:
+                step_loss, _ = dist_mod.ddp_backward_step(replicated, batches, mode, amp)
+            else:
+                step_loss, _ = backward_step(model, batches, mode, amp)
             grad_norm, lr = float("nan"), optimizer.param_groups[0]["lr"]  # the lr this step used
             if math.isfinite(step_loss):
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
