@@ -21,11 +21,11 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from fastchat_ft.bench_runners import RUNNERS
 from fastchat_ft.config import ALL_LINEAR, ASSETS
+from fastchat_ft.engine.rundir import package_versions
 
 LABELS = {"hf_padded": "(a) HF Trainer, padded", "hf_flat": "(b) HF Trainer, flattened", "fastchat_ft": "(c) fastchat-ft"}
 # Llama-shaped configs for the GPU mode (random weights): Llama-3.2-1B and Llama-3.1-8B shapes
@@ -43,6 +43,8 @@ TOLERANCE = {"float32": (2e-3, 2e-3), "bfloat16": (3e-2, 3e-2)}
 
 
 # ------------------------------------------------------------------------------------------------- plan
+BENCH_PACKAGES = ("fastchat-ft", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "triton")
+
 def schedule(n_conversations: int, per_step: int, steps: int, seed: int) -> list[int]:
     """Conversation indices for every step, in order: seeded permutations of the data, one after another."""
     import numpy as np
@@ -257,16 +259,6 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def versions() -> dict:
-    out = {}
-    for name in ("fastchat-ft", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "triton"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -370,7 +362,7 @@ def write_report(results: list[dict], out_dir: Path, device: str, load_before) -
     slug = _device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "vs_hf_trainer", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "device": slug, "machine": machine_info(device), "versions": versions(),
+           "device": slug, "machine": machine_info(device), "versions": package_versions(BENCH_PACKAGES),
            "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
            "command": " ".join(["fastchat-ft", "bench"] + sys.argv[2:]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv),
            "baselines": {"hf_padded": "transformers Trainer + PEFT LoraConfig, apply_chat_template(return_assistant_tokens_mask) "

@@ -4,11 +4,12 @@ generation_notes.md. Reads the run directory (runlayout.md); never writes into i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
+
+from fastchat_ft.engine.data import file_digest
 
 COPY_SPLITS_UP_TO = 200 * 1024 * 1024  # bytes; larger splits are referenced by path + sha256 instead
 SPLIT_NAMES = ("train", "val")
@@ -192,14 +193,6 @@ def loss_before_after(metrics: list[dict]) -> dict:
     return out
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = None) -> dict:
     """Copy or summarise everything the run left; return what the model card and self-check need."""
     run_dir = source.run_dir or _run_dir_of_checkpoint(source.path)
@@ -254,7 +247,7 @@ def _write_splits(splits: dict[str, Path], out: Path) -> dict:
         return entries
     (out / "data").mkdir()
     for name, path in splits.items():
-        entry = {"path": str(path.resolve()), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        entry = {"path": str(path.resolve()), "sha256": file_digest(path), "bytes": path.stat().st_size}
         if total <= COPY_SPLITS_UP_TO:
             shutil.copy2(path, out / "data" / path.name)
             entry["copied_as"] = f"data/{path.name}"

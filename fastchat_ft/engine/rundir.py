@@ -21,9 +21,13 @@ from fastchat_ft.engine.data import file_digest
 COPY_LIMIT = 50 << 20  # data files up to this size are copied into data/; larger ones are named by hash
 
 
-def _versions() -> dict:
+RUN_PACKAGES = ("fastchat-ft", "torch", "transformers", "tokenizers", "safetensors", "triton", "peft", "bitsandbytes")
+
+
+def package_versions(names=RUN_PACKAGES) -> dict:
+    """Installed versions of `names` (missing packages are left out), for manifests and bench results."""
     out = {}
-    for name in ("fastchat-ft", "torch", "transformers", "tokenizers", "safetensors", "triton", "peft", "bitsandbytes"):
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -58,7 +62,7 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
         "command": "fastchat-ft train", "base_model": str(s.model_info["base_dir"]), "tokenizer": str(s.tokenizer_dir),
         "data": splits, "packed_rows": {"train": len(s.data.train), "val": len(s.data.val)},
         "loader_stats": {k: v for k, v in (s.data.stats or {}).items() if isinstance(v, (int, float, str))},
-        "versions": _versions(), "git_revision": _git_revision(), "device": device,
+        "versions": package_versions(), "git_revision": _git_revision(), "device": device,
         "python": platform.python_version(), "config_hash": cfg.config_hash(),
         "start_time": manifest.get("start_time") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
