@@ -30,10 +30,23 @@ def resolve_base_model(base_model: str | None) -> Path:
     return path.resolve()
 
 
+# a folder holding none of these has no tokenizer for transformers to load
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_hf_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError("the model folder has no tokenizer (" + ", ".join(TOKENIZER_FILES) + ")", file=str(folder),
+                         field="base_model", fix="copy the model's tokenizer files into this folder "
+                         "(tokenizer.save_pretrained(folder)) or point base_model at the full model folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:  # transformers' message is long and names no file: keep it as the reason
+        raise ModelError(f"transformers could not load the tokenizer: {str(e).splitlines()[0]}", file=str(folder),
+                         field="base_model", fix="check that tokenizer.json / tokenizer_config.json are complete and "
+                         "readable (set trust_remote_code: true only for a folder you trust)") from e
     if tok.pad_token is None:  # only used to pad generation prompts; training rows are packed, not padded
         tok.pad_token = tok.eos_token
     return tok
