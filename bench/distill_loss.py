@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_name  # bench/machine.py (this script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,8 +90,7 @@ def main() -> None:
             res[which] = json.loads((Path(tmp) / f"{which}.json").read_text())
         ours, ref = torch.load(Path(tmp) / "ours.pt"), torch.load(Path(tmp) / "reference.pt")
     diff = {k: float((ours[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-30)) for k in ours}
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.machine())
+    cpu = cpu_name()
     sizes = {k: getattr(a, k) for k in ("tokens", "vocab", "student_hidden", "teacher_hidden", "chunk", "threads")}
     print(f"machine: {cpu}, {os.cpu_count()} cores, {a.threads} threads; torch {torch.__version__}")
     print(f"sizes: {sizes} (fp32, forward KL, T=2, ~30% labels ignored)")

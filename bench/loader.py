@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # bench/machine.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 TAGGED_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
@@ -48,16 +50,6 @@ def build_file(path: Path, n: int) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             f.write(json.dumps({"messages": convs[i % len(convs)]}, ensure_ascii=False) + "\n")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
