@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 import fastchat_ft
 from fastchat_ft.data import ChatDataset
@@ -120,3 +121,14 @@ def write_report(args, name: str, losses: list, first_batch: dict, handle) -> No
     print(f"{name}: loss {facts['losses'][0]:.3f} -> {facts['losses'][-1]:.3f} over {len(losses)} steps")
     if args.report:
         Path(args.report).write_text(json.dumps(facts, indent=1))
+
+
+class KeepLosses(TrainerCallback):
+    """Collects every logged training loss (HF Trainer and TRL's SFTTrainer both call on_log)."""
+
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])

@@ -4,20 +4,11 @@ restarting per conversation and assistant-only labels; fastchat_ft.patch swaps i
     python examples/hf_trainer.py                      # tiny random model, bundled demo data, CPU is fine
     python examples/hf_trainer.py --model ~/models/SmolLM2-135M-Instruct --data chats.jsonl --lora 16
 """
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import fastchat_ft
-from example_setup import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
+from example_setup import KeepLosses, chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
 from fastchat_ft.data.collate import collate
-
-
-class KeepLosses(TrainerCallback):
-    def __init__(self):
-        self.losses = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
 
 
 def main():

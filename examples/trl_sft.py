@@ -7,21 +7,11 @@ the loss with its own fused LM head, from our labels.
     python examples/trl_sft.py --model ~/models/Qwen2.5-0.5B-Instruct --data chats.jsonl --lora 16
 """
 import datasets
-from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 import fastchat_ft
-from example_setup import chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
+from example_setup import KeepLosses, chat_dataset, device, load_tokenizer_and_model, maybe_lora, parse_args, write_report
 from fastchat_ft.data.collate import collate
-
-
-class KeepLosses(TrainerCallback):
-    def __init__(self):
-        self.losses = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
 
 
 def main():
