@@ -158,9 +158,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(failed: bool = False) -> None:
+    """Leave the process group. After a clean run all ranks meet first: a rank that tears gloo down while a peer
+    is still finishing its last collective can abort that peer ("terminate called without an active
+    exception"). After a failure there is no meeting (the peers may be stuck in another collective, and a
+    barrier or a collective destroy would hang them): this rank just exits and torchrun stops the others."""
+    if not (dist.is_available() and dist.is_initialized()) or failed:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:

@@ -42,8 +42,10 @@ def run_train(args) -> int:
         return dist_mod.relaunch_with_torchrun(args.nproc, sys.argv[1:])
     try:
         train(cfg, dry_run=args.dry_run, resume=args.resume, skip_bad_batches=args.skip_bad_batches)
-    finally:
-        dist_mod.shutdown()
+    except BaseException:
+        dist_mod.shutdown(failed=True)
+        raise
+    dist_mod.shutdown()
     return 0
 
 
