@@ -30,10 +30,12 @@ def compile_for(kernel, target, signature, constexprs, aligned=(), **options):
     sig = {n: ("constexpr" if n in constexprs else t) for n, t in signature.items()}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     try:
-        return triton.compile(ASTSource(JITFunction(kernel.fn), sig, constexprs, attrs), target=target,
-                              options=options)
+        compiled = triton.compile(ASTSource(JITFunction(kernel.fn), sig, constexprs, attrs), target=target,
+                                  options=options)
     except FileNotFoundError as exc:  # a triton build without its bundled ptxas
         pytest.skip(f"no ptxas: {exc}")
+    assert compiled.asm.get("cubin"), f"{kernel.fn.__name__}: no machine code for sm_{target.arch}"
+    return compiled
 
 
 @pytest.mark.parametrize("softcap,z_loss", [(False, False), (True, True)])
