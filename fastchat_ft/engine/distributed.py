@@ -6,15 +6,20 @@ summed with one all-reduce per bucket. Identical updates on every rank; only ran
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 BUCKET_BYTES = 64 << 20
+# how long ranks > 0 wait for rank 0's setup (model conversion, tokenizing a large dataset) before giving up
+SETUP_TIMEOUT_S = float(os.environ.get("FASTCHAT_FT_SETUP_TIMEOUT", 6 * 3600))
+_setup_calls = itertools.count()
 
 
 def world() -> tuple[int, int]:
@@ -151,6 +156,42 @@ def ddp_backward_step(rep: Replicated, batches: list[dict], mode: str, amp) -> t
     sum_gradients(rep.outside)
     n_label = int(sum_over_ranks(sum(int(b["targets"].labels.numel()) for b in batches)))
     return sum_over_ranks(token_loss) / max(1, n_label), n_label
+
+
+def rank_zero_first(work, timeout_s: float | None = None):
+    """Run `work()` on rank 0, then on every other rank (which then reuse what rank 0 cached: converted model,
+    extended tokenizer, tokenized data). The others wait on a key rank 0 sets in the rendezvous store, NOT in
+    a collective: a barrier would hit the process group's timeout (30 min on gloo, 10 on nccl) while rank 0
+    tokenizes a large dataset. If rank 0's work raises, it sets the key to the error, so the others fail at
+    once with that reason instead of waiting out the deadline."""
+    rank, size = world()
+    if size == 1:
+        return work()
+    from fastchat_ft.errors import ConfigError
+
+    store = dist.distributed_c10d._get_default_store()
+    key = f"fastchat_ft/rank0_setup/{next(_setup_calls)}"  # every rank calls this in the same order
+    if rank == 0:
+        try:
+            result = work()
+        except BaseException as e:
+            store.set(key, f"failed: {type(e).__name__}: {e}")
+            raise
+        store.set(key, "ok")
+        return result
+    timeout = SETUP_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        store.wait([key], timedelta(seconds=timeout))
+    except (RuntimeError, dist.DistError) as e:
+        raise ConfigError(f"rank {rank} waited {timeout:.0f} s for rank 0 to finish its setup (model, tokenizer, "
+                          f"data cache) and gave up ({str(e).splitlines()[0]})",
+                          fix="look at rank 0's output; for a very large dataset raise FASTCHAT_FT_SETUP_TIMEOUT "
+                              "(seconds) or tokenize it first with one process") from None
+    status = store.get(key).decode()
+    if status != "ok":
+        raise ConfigError(f"rank 0 failed during setup, so rank {rank} stops too: {status[len('failed: '):]}",
+                          fix="fix the error rank 0 reported above")
+    return work()
 
 
 def barrier() -> None:

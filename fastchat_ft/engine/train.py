@@ -8,6 +8,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
     base_dir = load_mod.resolve_base_model(cfg.base_model)
     tokenizer = load_mod.load_hf_tokenizer(base_dir, cfg.trust_remote_code)
     # the tokenizer is settled first: the data is tokenized with it and the embeddings are sized to it
-    tokenizer_dir, new_ids = load_mod.extend_tokenizer(tokenizer, cfg.chat_template, base_dir, run_dir / "tokenizer")
+    tokenizer_dir, new_ids = settle_tokenizer(tokenizer, cfg.chat_template, base_dir, run_dir)
     data = data or data_mod.build_run_data(cfg, tokenizer_dir)
 
     quant = lora_mod.quantize_config() if cfg.adapter == "qlora" else None
@@ -98,6 +99,20 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
             layer.compile()
     model.train()
     return Setup(device, amp_dtype, model, info, tokenizer, tokenizer_dir, data)
+
+
+def settle_tokenizer(tokenizer, template: str, base_dir: Path, run_dir: Path) -> tuple[Path, list[int]]:
+    """Rank 0 saves the extended tokenizer to run_dir/tokenizer. Other ranks (which run after it) extend theirs
+    in memory the same way but save into a private scratch folder, not over the files rank 0 wrote (ranks 1..N
+    would otherwise rewrite them while another reads them), then use rank 0's folder, so every rank's data
+    cache key is the same."""
+    shared = run_dir / "tokenizer"
+    rank = dist_mod.world()[0]
+    if not rank:
+        return load_mod.extend_tokenizer(tokenizer, template, base_dir, shared)
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=f".tokenizer-rank{rank}-") as scratch:
+        tokenizer_dir, new_ids = load_mod.extend_tokenizer(tokenizer, template, base_dir, Path(scratch))
+    return (shared if new_ids else tokenizer_dir), new_ids
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -129,11 +144,8 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     random.seed(cfg.seed + rank)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if rank:  # rank 0 converts the model, extends the tokenizer and fills the data cache; the others reuse them
-        dist_mod.barrier()
-    s = build(cfg, run_dir, data)
-    if not rank:
-        dist_mod.barrier()
+    # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
+    s = dist_mod.rank_zero_first(lambda: build(cfg, run_dir, data))
     dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
     model, mode, rows = s.model, cfg.loss_normalization, s.data.train
     replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
