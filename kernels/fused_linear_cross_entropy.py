@@ -1,6 +1,7 @@
 """Fused linear + cross-entropy: the LM-head loss from hidden states and the head weight without ever holding
-the [tokens x vocab] logits. Owns the Triton row kernel, the chunked launcher, the autograd Function and the
-chunked torch reference (also the CPU path). Patching models to use it lives in fastchat_ft/model/.
+the [tokens x vocab] logits. Owns the Triton row kernel, the chunked launcher, the autograd Function, the CPU
+path in torch ops (same design, gradients formed in forward) and the checkpointed torch reference (the float64
+path and the tests' oracle). Patching models to use it lives in fastchat_ft/model/.
 
 Design (see ../shared/notes/kernels.md): rows whose label is ignore_index are dropped up front; the kept rows
 are processed in large token chunks (a memory budget, not a fixed chunk count, so cost scales with tokens and
@@ -340,13 +341,14 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     The loss is an fp32 scalar.
     return_stats=True returns CrossEntropyStats(loss, n_valid, n_correct) instead of the loss.
     chunk_size: tokens per chunk (default: a memory budget); block_size: vocab block of the Triton row kernel.
-    CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the Triton path, others the torch reference.
+    CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the Triton path; other fp16/bf16/fp32 tensors the torch
+    path with gradients formed in forward (fused_linear_cross_entropy_torch), float64 the checkpointed reference.
     """
     if not use_triton(hidden):
-        return fused_linear_cross_entropy_reference(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-            z_loss=z_loss, num_items=num_items, return_stats=return_stats, label_smoothing=label_smoothing,
-            chunk_size=chunk_size)
+        path = fused_linear_cross_entropy_reference if hidden.dtype == torch.float64 else fused_linear_cross_entropy_torch
+        return path(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                    z_loss=z_loss, num_items=num_items, return_stats=return_stats, label_smoothing=label_smoothing,
+                    chunk_size=chunk_size)
     _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items, label_smoothing)
     # under autocast only the activations are cast; the head weight keeps its dtype and gets its gradient
     # straight from the fp32 accumulator
@@ -356,6 +358,114 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
     grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device)
     loss, n_correct = _FusedLinearCrossEntropy.apply(
         x, weight, bias, y, grad_scale, softcap, float(z_loss), float(label_smoothing), chunk_size, block_size)
+    if not return_stats:
+        return loss
+    return CrossEntropyStats(loss, torch.tensor(y.numel(), device=x.device), n_correct)
+
+
+# ------------------------------------------------------------------------------------ torch path (CPU)
+# The Triton design in plain torch ops: per chunk, logits by one GEMM, then the same buffer becomes dLoss/dlogits
+# in place, dx = g W and dW += g^T x; backward only scales. Against the checkpointed reference below this drops
+# the recomputed logits GEMM, the recomputed softmax passes and autograd's logsumexp/gather backward; the row max
+# (accuracy) is taken only when stats are asked for.
+
+def _torch_chunk(x, w, b, y, softcap, z_loss, ls, want_grad, want_stats):
+    """Per-row loss (acc dtype), correct count (or None) and dLoss/dlogits (unscaled, or None) of one chunk."""
+    logits = torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
+    tanh = None
+    if softcap is not None:
+        tanh = logits.div_(softcap).tanh_()  # kept for the chain rule's 1 - tanh^2
+        logits = tanh * softcap
+    lse = torch.logsumexp(logits, dim=-1)
+    label_logit = logits.gather(1, y[:, None]).squeeze(1)
+    loss = lse - label_logit
+    if ls:
+        loss = (1.0 - ls) * loss + ls * (lse - logits.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    correct = (label_logit >= logits.max(dim=-1).values).sum() if want_stats else None
+    if not want_grad:
+        return loss, correct, None
+    # p * (1 + 2 z lse) - (1 - ls) onehot - ls / V, then the softcap derivative
+    g = logits.sub_(lse[:, None]).exp_()
+    if z_loss:
+        g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+    if ls:
+        g.sub_(ls / g.shape[1])
+    rows = torch.arange(g.shape[0], device=g.device)
+    g[rows, y] -= 1.0 - ls
+    if tanh is not None:
+        g.mul_(1.0 - tanh * tanh)
+    return loss, correct, g
+
+
+class _TorchFusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, grad_scale, softcap, z_loss, label_smoothing, chunk, want_stats):
+        want_dx, want_dw, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        with no_autocast(x.device):
+            loss, n_correct, dx, dw, db = _torch_chunks(x, weight, bias, labels, softcap, z_loss, label_smoothing,
+                                                        chunk, want_stats, want_dx, want_dw, want_db)
+        ctx.save_for_backward(dx, dw, db, grad_scale)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(n_correct)
+        return loss * grad_scale, n_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        # the gradients were formed for d(sum of token losses); a non-unit upstream grad (a loss scaled or
+        # divided after this call) and the reduction's 1/denominator are applied here, once
+        dx, dw, db, grad_scale = ctx.saved_tensors
+        factor = grad_loss.reshape(()).to(grad_scale.dtype) * grad_scale
+        grads = [None if g is None else (g * factor).to(dt) for g, dt in zip((dx, dw, db), ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _torch_chunks(x, weight, bias, labels, softcap, z_loss, ls, chunk, want_stats, want_dx, want_dw, want_db):
+    acc = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    w = weight.to(acc)
+    b = None if bias is None else bias.to(acc)
+    n = labels.numel()
+    want_grad = want_dx or want_dw or want_db
+    dx = torch.empty((n, x.shape[1]), dtype=acc, device=x.device) if want_dx else None
+    dw = torch.zeros(w.shape, dtype=acc, device=x.device) if want_dw else None
+    db = torch.zeros(w.shape[0], dtype=acc, device=x.device) if want_db else None
+    total = torch.zeros((), dtype=acc, device=x.device)
+    n_correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for start in range(0, n, chunk):
+        xc = x[start:start + chunk].to(acc)
+        loss, correct, g = _torch_chunk(xc, w, b, labels[start:start + chunk], softcap, z_loss, ls, want_grad,
+                                        want_stats)
+        total += loss.sum()
+        if correct is not None:
+            n_correct += correct
+        if want_dx:
+            torch.mm(g, w, out=dx[start:start + chunk])
+        if want_dw:
+            dw.addmm_(g.t(), xc)
+        if want_db:
+            db += g.sum(0)
+    return total, n_correct, dx, dw, db
+
+
+def fused_linear_cross_entropy_torch(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean",
+                                     softcap=None, z_loss=0.0, num_items=None, return_stats=False,
+                                     label_smoothing=0.0, chunk_size=None):
+    """Same API and semantics as fused_linear_cross_entropy, in torch ops with the gradients formed in forward
+    (the CPU path). Accumulates in fp32 (or the inputs' wider dtype); holds one chunk of logits at a time."""
+    _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items, label_smoothing)
+    x, y = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])
+    acc = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    grad_scale = _grad_scale(y.numel(), reduction, num_items, x.device, acc)
+    chunk = chunk_size or REFERENCE_CHUNK_TOKENS
+    if not torch.is_grad_enabled():  # evaluation: no gradient work in forward
+        with no_autocast(x.device):
+            total, n_correct, *_ = _torch_chunks(x, weight, bias, y, softcap, float(z_loss), float(label_smoothing),
+                                                 chunk, return_stats, False, False, False)
+        loss = total * grad_scale
+    else:
+        loss, n_correct = _TorchFusedLinearCrossEntropy.apply(
+            x, weight, bias, y, grad_scale, softcap, float(z_loss), float(label_smoothing), chunk, return_stats)
     if not return_stats:
         return loss
     return CrossEntropyStats(loss, torch.tensor(y.numel(), device=x.device), n_correct)
@@ -383,8 +493,8 @@ def _reference_chunk_loss(x, weight32, bias32, labels, softcap, z_loss, label_sm
 def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, ignore_index=-100,
                                          reduction="mean", softcap=None, z_loss=0.0, num_items=None,
                                          return_stats=False, label_smoothing=0.0, chunk_size=None):
-    """Plain torch, same API and semantics as fused_linear_cross_entropy; the CPU path. Logits are computed in
-    fp32 one token chunk at a time under activation checkpointing, so backward also holds one chunk; the
+    """Plain torch, same API and semantics as fused_linear_cross_entropy (float64 inputs, tests). Logits are
+    computed in fp32 one token chunk at a time under activation checkpointing, so backward also holds one chunk; the
     weight is upcast once, so its gradient accumulates across chunks in fp32 before the final cast."""
     _validate(hidden, weight, labels, bias, reduction, softcap, z_loss, num_items, label_smoothing)
     x, y = _keep_labelled_rows(hidden, labels, ignore_index, weight.shape[0])

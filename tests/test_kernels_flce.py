@@ -13,18 +13,23 @@ from fastchat_ft.kernels._triton import HAS_TRITON
 from kernel_impls import IMPLS, one_thread, select_impl  # noqa: F401 (one_thread is an autouse fixture)
 
 IGNORE = -100
+# "torch": the public dispatcher on CPU without the interpreter, i.e. fused_linear_cross_entropy_torch (gradients
+# formed in forward); "reference": the checkpointed torch reference called directly
+FLCE_IMPLS = IMPLS + ["torch"]
 # (loss rtol, grad atol relative to the largest reference grad) per input dtype
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (3e-3, 5e-3), torch.bfloat16: (2e-2, 3e-2)}
 
 
 def run(impl, monkeypatch, *args, **kwargs):
-    """Call the public dispatcher on the Triton path (interpreter on CPU) or the torch reference."""
-    select_impl(impl, monkeypatch)
+    """Call the public dispatcher on the Triton path (interpreter on CPU), on the CPU torch path, or the reference."""
+    select_impl("reference" if impl == "torch" else impl, monkeypatch)
     if impl == "triton":
         kwargs.setdefault("block_size", 128)  # several vocab blocks per row, the last one partial
         out = fused_linear_cross_entropy(*args, **kwargs)
         monkeypatch.delenv("TRITON_INTERPRET")
         return out
+    if impl == "torch":
+        return fused_linear_cross_entropy(*args, **kwargs)
     return fused_linear_cross_entropy_reference(*args, **kwargs)
 
 
@@ -74,7 +79,7 @@ def assert_close_grads(got, want, dtype):
         assert err <= gtol * scale, f"grad error {err:.3g} > {gtol * scale:.3g}"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FLCE_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_mean_matches_float64(impl, dtype, with_bias, monkeypatch):
@@ -91,7 +96,7 @@ def test_mean_matches_float64(impl, dtype, with_bias, monkeypatch):
     assert torch.all(h.grad.reshape(-1, h.shape[-1])[y.reshape(-1) == IGNORE] == 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FLCE_IMPLS)
 def test_softcap_and_z_loss_grads(impl, monkeypatch):
     h, w, b, y = make_inputs(torch.float32, tokens=(2, 23), vocab=257, ignore_frac=0.4)
     with torch.no_grad():
@@ -107,7 +112,7 @@ def test_softcap_and_z_loss_grads(impl, monkeypatch):
     assert_close_grads((h, w, b), (h64, w64, b64), torch.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FLCE_IMPLS)
 def test_label_smoothing_matches_torch_cross_entropy(impl, monkeypatch):
     h, w, b, y = make_inputs(torch.float32, tokens=(2, 21), vocab=163, ignore_frac=0.4)
     loss = run(impl, monkeypatch, h, w, y, bias=b, label_smoothing=0.1, chunk_size=9)
@@ -130,7 +135,7 @@ def test_label_smoothing_matches_torch_cross_entropy(impl, monkeypatch):
     assert_close_grads((h, w, b), (h64, w64, b64), torch.float32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FLCE_IMPLS)
 def test_sum_with_external_count_equals_mean_over_accumulated_batch(impl, monkeypatch):
     """Gradient accumulation: micro-batches summed and divided by the whole batch's token count give the same
     loss and gradients as one big batch averaged, even though micro-batches hold different token counts."""
@@ -152,7 +157,7 @@ def test_sum_with_external_count_equals_mean_over_accumulated_batch(impl, monkey
     assert abs(per_micro_mean / 2 - full.item()) > 1e-3
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FLCE_IMPLS)
 @pytest.mark.parametrize("reduction,num_items", [("mean", None), ("sum", None), ("sum", 0)])
 def test_all_ignored_gives_zero_loss_and_zero_grads(impl, reduction, num_items, monkeypatch):
     h, w, b, y = make_inputs(torch.float32, tokens=(2, 11), vocab=133)
@@ -164,7 +169,7 @@ def test_all_ignored_gives_zero_loss_and_zero_grads(impl, reduction, num_items, 
         assert t.grad is not None and torch.all(t.grad == 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FLCE_IMPLS)
 def test_stats_count_valid_tokens_and_argmax_hits(impl, monkeypatch):
     h, w, _, y = make_inputs(torch.float32, tokens=(3, 21), vocab=211, ignore_frac=0.3, bias=False)
     logits = h.detach().double().reshape(-1, h.shape[-1]) @ w.detach().double().t()
@@ -233,7 +238,7 @@ def test_mixed_dtypes_fp32_weight_fp16_hidden(monkeypatch):
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     h, w, b, y = make_inputs(torch.float32, vocab=50)
     y.view(-1)[1] = 50
-    for impl in IMPLS:
+    for impl in FLCE_IMPLS:
         with pytest.raises(ValueError, match="labels must be in"):
             run(impl, monkeypatch, h, w, y)
     with pytest.raises(ValueError, match="num_items"):
@@ -307,12 +312,12 @@ def test_autocast_casts_activations_and_keeps_fp32_weight_grads(monkeypatch):
     assert loss.item() != exact.item()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FLCE_IMPLS)
 def test_logits_are_only_ever_built_one_chunk_at_a_time(impl, monkeypatch):
     # the module, not the function of the same name that the package exports
     flce = importlib.import_module("fastchat_ft.kernels.fused_linear_cross_entropy")
     seen = []
-    name = "_launch_ce_rows" if impl == "triton" else "_reference_chunk_loss"
+    name = {"triton": "_launch_ce_rows", "reference": "_reference_chunk_loss", "torch": "_torch_chunk"}[impl]
     original = getattr(flce, name)
 
     def spy(first, *args):
@@ -324,7 +329,8 @@ def test_logits_are_only_ever_built_one_chunk_at_a_time(impl, monkeypatch):
     run(impl, monkeypatch, h, w, y, bias=b, chunk_size=7).backward()
     n_valid = int((y != IGNORE).sum())
     assert seen and max(s[0] for s in seen) <= 7
-    assert sum(s[0] for s in seen) in (n_valid, 2 * n_valid)  # reference recomputes each chunk in backward
+    # the reference recomputes each chunk in backward; the Triton and torch paths form gradients in forward
+    assert sum(s[0] for s in seen) == (2 * n_valid if impl == "reference" else n_valid)
     assert h.grad is not None
 
 
@@ -358,3 +364,53 @@ def test_float64_inputs_take_the_reference_path(monkeypatch):
     loss = fused_linear_cross_entropy(h, w, y, bias=b)
     assert loss.dtype == torch.float64  # the reference accumulates in float64 for float64 inputs
     torch.testing.assert_close(loss, float64_loss(h, w, y, b), rtol=1e-12, atol=1e-12)
+
+
+def test_torch_path_is_the_cpu_dispatch_and_float64_stays_on_the_reference(monkeypatch):
+    flce = importlib.import_module("fastchat_ft.kernels.fused_linear_cross_entropy")
+    calls = []
+    original = flce._torch_chunks
+    monkeypatch.setattr(flce, "_torch_chunks", lambda *a: calls.append(a[0].dtype) or original(*a))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, w, b, y = make_inputs(torch.float32, vocab=70)
+    fused_linear_cross_entropy(h, w, y, bias=b)
+    fused_linear_cross_entropy(leaf64(h), leaf64(w), y, bias=leaf64(b))
+    assert calls == [torch.float32]
+
+
+def test_torch_path_scales_gradients_by_the_upstream_grad_over_two_accumulated_calls(monkeypatch):
+    """Gradients formed in forward are only right if backward applies grad_output: two micro-batches, each loss
+    multiplied by a different factor after the call, accumulate into .grad exactly as float64 autograd does."""
+    h, w, b, y = make_inputs(torch.float32, tokens=(4, 13), vocab=181, ignore_frac=0.4)
+    h64, w64, b64 = leaf64(h), leaf64(w), leaf64(b)
+    for part, factor in ((slice(0, 1), 3.5), (slice(1, 4), -0.25)):
+        loss = run("torch", monkeypatch, h[part], w, y[part], bias=b, reduction="sum", num_items=19, softcap=5.0,
+                   z_loss=1e-3, label_smoothing=0.05, chunk_size=6)
+        (loss * factor).backward()
+        ref = float64_loss(h64[part], w64, y[part], b64, reduction="sum", num_items=19, softcap=5.0, z_loss=1e-3,
+                           label_smoothing=0.05)
+        (ref * factor).backward()
+        assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert_close_grads((h, w, b), (h64, w64, b64), torch.float32)
+    # a backward that ignored the factor would be far off (the factors differ in sign)
+    h.grad = None
+    run("torch", monkeypatch, h, w, y, bias=b, reduction="sum", num_items=19).backward()
+    assert (h.grad.double() - h64.grad).abs().max() > 1e-3 * h64.grad.abs().max()
+
+
+def test_torch_path_frozen_head_gets_no_weight_gradient_work(monkeypatch):
+    """A frozen (tied, LoRA) head: no [V, H] gradient accumulator is built; the hidden-state gradient still matches."""
+    flce = importlib.import_module("fastchat_ft.kernels.fused_linear_cross_entropy")
+    wants = []
+    original = flce._torch_chunks
+    monkeypatch.setattr(flce, "_torch_chunks", lambda *a: wants.append(a[-3:]) or original(*a))
+    h, w, _, y = make_inputs(torch.float32, vocab=97, bias=False)
+    w.requires_grad_(False)
+    run("torch", monkeypatch, h, w, y).backward()
+    assert wants == [(True, False, False)] and w.grad is None
+    h64 = leaf64(h)
+    float64_loss(h64, w.double(), y).backward()
+    assert_close_grads((h,), (h64,), torch.float32)
+    with torch.no_grad():
+        run("torch", monkeypatch, h, w, y)
+    assert wants[-1] == (False, False, False)  # evaluation does no gradient work
