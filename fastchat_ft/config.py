@@ -63,6 +63,7 @@ class TrainConfig:
     bf16: str | bool = "auto"              # auto: bf16 autocast on a GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool = False   # recompute activations in backward: ~30% slower, far less memory
     torch_compile: bool = False            # compile the decoder layers (slow first steps, faster after)
+    parallelism: str = "auto"              # under torchrun: auto (FSDP2 for full fine-tuning, DDP for LoRA/QLoRA) | ddp | fsdp
     # --- evaluation, logging, checkpoints ---
     output_dir: str = "runs/fastchat-ft"
     logging_steps: int = 1
@@ -96,6 +97,7 @@ CHOICES = {
     "optimizer": ("adamw", "adamw_torch", "adamw_torch_fused"),
     "lr_scheduler": ("cosine", "linear", "constant"),
     "bf16": ("auto", True, False),
+    "parallelism": ("auto", "ddp", "fsdp"),
 }
 POSITIVE = ("sequence_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
             "num_epochs", "logging_steps", "evals_per_epoch", "save_total_limit", "dry_run_steps")
@@ -189,6 +191,9 @@ def validate(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
     if not all(isinstance(m, str) for m in cfg.lora_target_modules) or not cfg.lora_target_modules:
         raise ConfigError("must be a non-empty list of module names", file=source, field="lora_target_modules",
                           fix=f"e.g. {ALL_LINEAR}")
+    if cfg.parallelism == "fsdp" and cfg.adapter:
+        raise ConfigError("FSDP2 shards full fine-tuning; LoRA/QLoRA train a few weights and use DDP", file=source,
+                          field="parallelism", fix="set parallelism: auto (or ddp), or adapter: null for full fine-tuning")
     cfg.datasets = _check_datasets("datasets", cfg.datasets, source)
     cfg.test_datasets = _check_datasets("test_datasets", cfg.test_datasets, source)
     return cfg

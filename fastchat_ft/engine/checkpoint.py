@@ -36,12 +36,13 @@ class TrainState:
     config_hash: str = ""
 
 
-def save_model_files(folder: Path, model, model_info: dict, tokenizer_dir: Path) -> None:
-    """The servable part: PEFT adapter or full weights, plus the tokenizer with its chat template."""
+def save_model_files(folder: Path, model, model_info: dict, tokenizer_dir: Path, state_dict: dict | None = None) -> None:
+    """The servable part: PEFT adapter or full weights (`state_dict`: weights gathered from FSDP shards), plus
+    the tokenizer with its chat template."""
     if model_info["adapter"]:
         lora_mod.save_adapter(model, folder, model_info["adapter_config"], model_info.get("extra_modules"))
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, folder / name)
@@ -49,17 +50,36 @@ def save_model_files(folder: Path, model, model_info: dict, tokenizer_dir: Path)
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, model_info: dict, tokenizer_dir: Path,
                     optimizer, scheduler, keep: int, name: str | None = None,
-                    rng_states: list[dict] | None = None) -> Path:
+                    rng_states: list[dict] | None = None, sharded=None) -> Path:
     """Write checkpoints/step-NNNNNN (or `name` directly under run_dir) atomically; prune to the last `keep`.
-    `rng_states` holds every rank's RNG state (from `gather_rng_states`): rank r > 0 goes to rng-rank{r}.pt."""
+    `rng_states` holds every rank's RNG state (from `gather_rng_states`): rank r > 0 goes to rng-rank{r}.pt.
+    With `sharded` (FSDP) every rank calls this: each writes its model + optimizer shards to dcp/ (instead of
+    optimizer.pt), the full weights are gathered to rank 0, and rank 0 alone writes the rest and renames."""
+    from fastchat_ft.engine import fsdp
+
+    rank = dist_mod.world()[0]
     parent = run_dir if name else run_dir / "checkpoints"
     final = parent / (name or f"step-{state.step:06d}")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    tmp = None
+    if not rank:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
+    full = None
+    if sharded is not None:
+        try:
+            tmp = Path(dist_mod.broadcast_object(str(tmp) if tmp else None))
+            fsdp.save_sharded(sharded, optimizer, tmp)
+            full = fsdp.full_state_dict(sharded)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True) if not rank else None
+            raise
+        if rank:
+            return final
     try:
-        save_model_files(tmp, model, model_info, tokenizer_dir)
+        save_model_files(tmp, model, model_info, tokenizer_dir, state_dict=full)
         (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if sharded is None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for r, rng in enumerate(rng_states or [_rng_state()]):
             torch.save(rng, tmp / rng_file_name(r))
@@ -98,12 +118,18 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, config_hash: str) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG; return the state holding the data position."""
+def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, config_hash: str,
+                    sharded=None) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG; return the state holding the data position. With
+    `sharded` (FSDP; every rank calls this) model and optimizer come from the checkpoint's dcp/ shards."""
     state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
     if state.config_hash and state.config_hash != config_hash:
         print(f"warning: {path} was written with a different config; resuming with the current one")
-    if model_info["adapter"]:
+    if sharded is not None:
+        from fastchat_ft.engine import fsdp
+
+        fsdp.load_sharded(sharded, optimizer, path)
+    elif model_info["adapter"]:
         lora_mod.load_adapter(model, path)
         extra = model_info.get("extra_modules") or {}
         if extra:
@@ -114,7 +140,8 @@ def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, c
                     module.weight.copy_(tensors[f"{lora_mod.PEFT_PREFIX}{mod_name}.weight"])
     else:
         _load_full_weights(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if sharded is None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank = dist_mod.world()[0]
     rng = path / rng_file_name(rank)

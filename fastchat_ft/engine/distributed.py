@@ -101,6 +101,15 @@ def gather_on_main(obj) -> list | None:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (picklable)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @dataclass
 class Replicated:
     """The decoder wrapped in DistributedDataParallel, a view of the model that loss.loss_sum reads (its

@@ -20,6 +20,7 @@ from fastchat_ft.engine import checkpoint as ckpt
 from fastchat_ft.engine import data as data_mod
 from fastchat_ft.engine import diagnostics as diag
 from fastchat_ft.engine import distributed as dist_mod
+from fastchat_ft.engine import fsdp
 from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.engine.metrics import MetricsLogger, append_samples
 from fastchat_ft.engine.rundir import generate_samples, write_run_files
@@ -115,6 +116,12 @@ def settle_tokenizer(tokenizer, template: str, base_dir: Path, run_dir: Path) ->
     return (shared if new_ids else tokenizer_dir), new_ids
 
 
+def use_fsdp(cfg) -> bool:
+    """FSDP2 for full fine-tuning (weights + AdamW state of the whole model would otherwise sit on every rank),
+    DDP for LoRA/QLoRA (a few trained weights: sharding buys nothing); `parallelism` forces either."""
+    return cfg.parallelism == "fsdp" or (cfg.parallelism == "auto" and not cfg.adapter)
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute each decoder layer in backward. Non-reentrant, so frozen embeddings (LoRA) need no hook."""
     kwargs = {"use_reentrant": False}
@@ -148,8 +155,12 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     s = dist_mod.rank_zero_first(lambda: build(cfg, run_dir, data))
     dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
     model, mode, rows = s.model, cfg.loss_normalization, s.data.train
-    replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
-    optimizer = build_optimizer(cfg, model)
+    replicated = sharded = None
+    if world > 1 and use_fsdp(cfg):
+        sharded = fsdp.shard(model)  # FSDP2: full fine-tuning, parameters and optimizer state sharded
+    else:
+        replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
+    optimizer = build_optimizer(cfg, model)  # after sharding: it steps on the shards
     per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
     steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, per_step)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
@@ -157,7 +168,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     state = ckpt.TrainState(config_hash=cfg.config_hash())
     if resume:
         path = ckpt.resolve_resume(run_dir, resume)
-        state = ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler, cfg.config_hash())
+        state = ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler, cfg.config_hash(), sharded)
         print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     if dry_run:
         from fastchat_ft.engine.dryrun import report
@@ -167,7 +178,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     params = [p for p in model.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm or float("inf")
     report = Reporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar, bool(resume),
-                      active=rank == 0)
+                      active=rank == 0, sharded=sharded)
 
     with ckpt.StopFlag() as stop, _oom_advice(cfg):
         while state.step < total_steps and not stop.requested:
@@ -177,13 +188,16 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             mine = idx[rank * cfg.gradient_accumulation_steps:(rank + 1) * cfg.gradient_accumulation_steps]
             batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, mine)]
             t_data = time.perf_counter() - t0
-            if replicated:
+            if sharded:
+                n_forwards = fsdp.micro_batches_per_rank(len(idx), cfg.gradient_accumulation_steps)
+                step_loss, _ = fsdp.backward_step(sharded, batches, mode, amp, n_forwards)
+            elif replicated:
                 step_loss, _ = dist_mod.ddp_backward_step(replicated, batches, mode, amp)
             else:
                 step_loss, _ = backward_step(model, batches, mode, amp)
             grad_norm, lr = float("nan"), optimizer.param_groups[0]["lr"]  # the lr this step used
             if math.isfinite(step_loss):
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                grad_norm = fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, clip))
                 optimizer.step()
             else:  # raises unless --skip-bad-batches; a skipped batch still counts as a step of the schedule
                 report.message(diag.bad_loss(state.step + 1, step_loss, batches, skip_bad_batches))
@@ -210,17 +224,22 @@ class Reporter:
     """Everything the loop does between steps besides training: log, evaluate + sample, checkpoint, finish."""
 
     def __init__(self, cfg, s: Setup, run_dir: Path, state, optimizer, scheduler, total_steps, steps_epoch,
-                 show_bar: bool, resumed: bool, active: bool = True):
+                 show_bar: bool, resumed: bool, active: bool = True, sharded: fsdp.Sharded | None = None):
         self.cfg, self.s, self.run_dir, self.state, self.active = cfg, s, run_dir, state, active
         self.losses = []
         self.optimizer, self.scheduler, self.steps_epoch, self.total_steps = optimizer, scheduler, steps_epoch, total_steps
         self.eval_every = cfg.eval_steps or max(1, steps_epoch // cfg.evals_per_epoch)
         self.save_every = cfg.save_steps or self.eval_every
+        # under FSDP every forward and every checkpoint is collective: all ranks evaluate, generate and save
+        self.sharded = sharded
+        self.eval_model = sharded.view if sharded else s.model
+        self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
         if not active:  # ranks other than 0 train silently and write nothing (they hand rank 0 their RNG state)
+            if sharded and state.step == 0:
+                self.evaluate()
             return
         write_run_files(run_dir, cfg, s, resumed=resumed)
         self.log = MetricsLogger(run_dir, total_steps, state.step, show_bar)
-        self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
         self.val_history = [r["val_loss"] for r in self.log.records if "val_loss" in r]
         self.waits, self.busy, self.tokens = 0.0, 0.0, 0
         self._tokens_at_start = state.tokens_seen
@@ -234,8 +253,10 @@ class Reporter:
         st, cfg = self.state, self.cfg
         self.losses.append(loss)
         if not self.active:
+            if self.sharded and (st.step % self.eval_every == 0 or st.step == self.total_steps):
+                self.evaluate()
             if st.step % self.save_every == 0 or stopping:
-                ckpt.gather_rng_states()  # rank 0 saves this rank's state beside its own
+                self.save()  # rank 0 saves this rank's RNG state beside its own (and under FSDP its shards)
             return
         self.waits, self.busy = self.waits + t_data, self.busy + t_step
         self.tokens = st.tokens_seen - self._tokens_at_start
@@ -251,35 +272,46 @@ class Reporter:
             if warning:
                 self.message("warning: " + warning)
         if st.step % self.save_every == 0 or stopping:
-            ckpt.save_checkpoint(self.run_dir, st, self.s.model, self.s.model_info, self.s.tokenizer_dir,
-                                 self.optimizer, self.scheduler, cfg.save_total_limit,
-                                 rng_states=ckpt.gather_rng_states())
+            self.save()
+
+    def save(self, name: str | None = None, rng_states=None) -> None:
+        """A checkpoint (or `name`, e.g. final/). A collective: every rank calls it; rank 0 writes the files."""
+        rng_states = rng_states or ckpt.gather_rng_states()
+        if self.active or self.sharded:
+            ckpt.save_checkpoint(self.run_dir, self.state, self.s.model, self.s.model_info, self.s.tokenizer_dir,
+                                 self.optimizer, self.scheduler, self.cfg.save_total_limit, name=name,
+                                 rng_states=rng_states, sharded=self.sharded)
 
     def evaluate(self) -> None:
-        """Validation metrics (and sample generations) at this step, into metrics.jsonl / samples.jsonl."""
+        """Validation metrics (and sample generations) at this step, into metrics.jsonl / samples.jsonl. Under
+        FSDP every rank runs the same forwards (each gathers weights); rank 0 alone records the results. The
+        generations are greedy from identical weights, so every rank stops after the same number of tokens."""
         s, st = self.s, self.state
         if not len(s.data.val):
             return
-        result = evaluate(s.model, data_mod.eval_batches(s.data.val, self.cfg.micro_batch_size), s.device, s.amp_dtype)
+        with fsdp.gathered(self.sharded):
+            result = evaluate(self.eval_model, data_mod.eval_batches(s.data.val, self.cfg.micro_batch_size), s.device,
+                              s.amp_dtype)
+            samples = generate_samples(s, self.prompts, self.cfg.sample_max_new_tokens) if self.prompts else None
+        if not self.active:
+            return
         if st.best_val_loss is None or result.loss < st.best_val_loss:
             st.best_val_loss = result.loss
         self.val_history.append(result.loss)
         self.log.log({"step": st.step, **result.as_metrics()})
         self.message(f"step {st.step}: val_loss {result.loss:.4f}  val_ppl {result.ppl:.2f}  "
                      f"val_token_acc {result.token_acc:.3f}")
-        if self.prompts:
-            append_samples(self.run_dir, st.step, generate_samples(s, self.prompts, self.cfg.sample_max_new_tokens))
+        if samples is not None:
+            append_samples(self.run_dir, st.step, samples)
 
     def finish(self, stopped) -> dict:
         from fastchat_ft.engine.rundir import finish_report
 
         s = self.s
-        rng_states = None if stopped else ckpt.gather_rng_states()
+        if not stopped:
+            self.save(name="final")
         if not self.active:
             return {"steps": len(self.losses), "stopped": stopped, "train_losses": self.losses}
-        if not stopped:
-            ckpt.save_checkpoint(self.run_dir, self.state, s.model, s.model_info, s.tokenizer_dir, self.optimizer,
-                                 self.scheduler, self.cfg.save_total_limit, name="final", rng_states=rng_states)
         self.log.close()
         n_params = sum(p.numel() for p in s.model.parameters())
         n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
