@@ -158,18 +158,20 @@ class _LoRALinear(torch.autograd.Function):
     the dropout mask back to x), so dx from the base GEMM and from the LoRA path are returned apart."""
 
     @staticmethod
-    def forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias):
+    def forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias, composed):
         with no_autocast(x2d.device):
-            return _LoRALinear._forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias)
+            return _LoRALinear._forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias, composed)
 
     @staticmethod
-    def _forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias):
+    def _forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias, composed):
         w = _dequantize(weight).to(x2d.dtype)
         lora_in = x2d if x_drop is None else x_drop
         s = torch.mm(lora_in, lora_a.t())  # [M, r], kept for dB
-        y = fused_lora_matmul(x2d, w.t(), s, lora_b.t(), scale, bias)
+        gemm = _composed_lora_matmul if composed else fused_lora_matmul
+        y = gemm(x2d, w.t(), s, lora_b.t(), scale, bias)
         ctx.save_for_backward(lora_in, lora_a, lora_b, s)
         ctx.weight, ctx.scale, ctx.has_bias, ctx.dropout = weight, scale, bias is not None, x_drop is not None
+        ctx.gemm = gemm
         return y
 
     @staticmethod
@@ -187,9 +189,9 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = _dequantize(ctx.weight).to(dy.dtype)  # again, rather than keeping a dense copy alive
             if ctx.dropout:
-                grad_x = fused_lora_matmul(dy, w)
+                grad_x = ctx.gemm(dy, w, None, None, 1.0, None)
             else:
-                grad_x = fused_lora_matmul(dy, w, t, lora_a, scale)
+                grad_x = ctx.gemm(dy, w, t, lora_a, scale, None)
         if ctx.dropout and ctx.needs_input_grad[1]:
             grad_x_drop = torch.mm(t, lora_a).mul_(scale)
         if ctx.needs_input_grad[3]:
@@ -198,7 +200,7 @@ class _LoRALinear(torch.autograd.Function):
             grad_b = torch.mm(dy.t(), s).mul_(scale)
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_bias = dy.sum(0)
-        return grad_x, grad_x_drop, None, grad_a, grad_b, None, grad_bias
+        return grad_x, grad_x_drop, None, grad_a, grad_b, None, grad_bias, None
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -229,8 +231,11 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0):
     bitsandbytes Params4bit, dequantized on the fly); A [r, in]; B [out, r]. Gradients flow to x, A, B and
     bias. dropout is PEFT's lora_dropout on the LoRA input (pass 0.0 in eval). A, B and W are computed in
     x's dtype (A/B gradients come back in their own dtype, e.g. fp32 adapters).
-    CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the fused Triton GEMM, others the torch reference."""
-    if not use_triton(x):
+    CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the fused Triton GEMM; other fp16/bf16/fp32 tensors the
+    same autograd Function with torch GEMMs (the LoRA term added into the base output in place, addmm_, rather
+    than PEFT's separate scale and add passes); float64 the reference."""
+    composed = not use_triton(x)
+    if composed and x.dtype == torch.float64:
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, dropout)
     _check(x, weight, lora_a, lora_b, bias)
     x = autocast_input(x)
@@ -240,7 +245,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0):
     a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)  # differentiable casts, outside the Function
     b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
     bias_ = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
-    y = _LoRALinear.apply(x2d, x_drop, weight, a, b, float(scale), bias_)
+    y = _LoRALinear.apply(x2d, x_drop, weight, a, b, float(scale), bias_, composed)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -232,3 +232,24 @@ def test_autocast_runs_the_lora_path_in_the_autocast_dtype(monkeypatch):
     close(y, y64.detach(), torch.float16)
     for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
         close(got, want, torch.float16)
+
+
+def test_cpu_path_is_the_autograd_function_and_matches_the_peft_style_reference(monkeypatch):
+    """CPU (no interpreter): the LoRA term is added into the base GEMM's output in place by the autograd Function;
+    the result and the gradients of two accumulated backward passes equal the reference's (F.linear + scale *
+    B(A(x)), PEFT's layout) up to float reassociation. float64 keeps the reference."""
+    select_impl("reference", monkeypatch)
+    x, w, a, b, bias = make(torch.float32, m=(2, 37), k=61, n=43, r=7)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    for _ in range(2):
+        dy = torch.randn(2, 37, 43)
+        y = lora_linear(x, w, a, b, 1.3, bias)
+        assert type(y.grad_fn.next_functions[0][0]).__name__ == "_LoRALinearBackward"  # under the reshape
+        y.backward(dy)
+        want = lora_linear_reference(ref_leaves[0], w, ref_leaves[1], ref_leaves[2], 1.3, bias)
+        want.backward(dy)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip((x, a, b), ref_leaves):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    y64 = lora_linear(*(t.detach().double() for t in (x, w, a, b)), 1.3)
+    assert y64.dtype == torch.float64 and y64.grad_fn is None
