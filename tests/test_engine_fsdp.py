@@ -166,3 +166,15 @@ def test_fsdp_resume_from_dcp_checkpoint_is_exact(runs):
     w_whole, w_resumed = _weights(tmp / "two" / "final"), _weights(tmp / "resumed" / "final")
     for k in w_whole:  # same world size, same shards: the same arithmetic
         torch.testing.assert_close(w_resumed[k], w_whole[k], rtol=1e-6, atol=1e-8)
+
+
+def test_parallelism_key():
+    from fastchat_ft.engine.train import use_fsdp
+    from fastchat_ft.errors import ConfigError
+
+    assert use_fsdp(config.from_dict({"adapter": None})) and not use_fsdp(config.from_dict({}))  # auto
+    assert not use_fsdp(config.from_dict({"adapter": None, "parallelism": "ddp"}))
+    with pytest.raises(ConfigError, match="parallelism"):
+        config.validate(config.from_dict({"adapter": "lora", "parallelism": "fsdp"}))
+    with pytest.raises(ConfigError, match="parallelism"):
+        config.validate(config.from_dict({"parallelism": "zero3"}))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from fastchat_ft.engine import distributed as dist_mod
 
-COLLECTIVE_TIMEOUT_S, SLOW_S = 2, 5
+COLLECTIVE_TIMEOUT_S, SLOW_S = 1, 3
 
 
 def _worker(rank, store, out, how):

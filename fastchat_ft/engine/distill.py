@@ -1,7 +1,9 @@
 """`fastchat-ft distill`: train a student on a teacher's token distributions. Reuses the train engine's setup
 (student, LoRA, data, optimizer, schedule, checkpoints, metrics, run directory) and swaps in the chunked
 distillation loss (engine/distill_loss.py). The teacher (a model folder, run directory or LoRA checkpoint)
-runs frozen in eval mode under no_grad; it must share the student's tokenizer.
+runs frozen in eval mode under no_grad; it must share the student's tokenizer. Under torchrun each rank
+holds the teacher, takes its share of every step's micro-batches and trains the student through DDP (as
+`train` does for LoRA); rank 0 logs, evaluates and checkpoints.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from fastchat_ft import config as config_mod
 from fastchat_ft.engine import checkpoint as ckpt
 from fastchat_ft.engine import data as data_mod
 from fastchat_ft.engine import diagnostics as diag
+from fastchat_ft.engine import distributed as dist_mod
 from fastchat_ft.engine import train as train_mod
 from fastchat_ft.engine.distill_loss import KINDS, Head, distill_loss
 from fastchat_ft.engine.loss import hidden_states, lm_head_of, to_device
@@ -59,9 +62,12 @@ class DistillOptions:
 
 def run_distill(args) -> int:
     cfg, opts = config_from_args(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("distill runs in one process", fix="run it without torchrun")
-    distill(cfg, opts, resume=getattr(args, "resume", None))
+    try:
+        distill(cfg, opts, resume=getattr(args, "resume", None))
+    except BaseException:
+        dist_mod.shutdown(failed=True)
+        raise
+    dist_mod.shutdown()
     return 0
 
 
@@ -163,18 +169,39 @@ def batch_loss(student, teacher, batch: dict, opts: DistillOptions, vocab: int, 
                         chunk_size=opts.chunk_size)
 
 
-def distill_step(student, teacher, batches: list[dict], opts: DistillOptions, vocab: int, amp) -> dict:
-    """Forward + backward over one optimizer step's micro-batches; loss normalised by the step's label tokens."""
-    n_label = sum(int(b["targets"].labels.numel()) for b in batches)
+def distill_step(student, teacher, batches: list[dict], opts: DistillOptions, vocab: int, amp,
+                 replicated: dist_mod.Replicated | None = None) -> dict:
+    """Forward + backward over this rank's micro-batches of one optimizer step; the loss is normalised by the
+    label tokens of the whole step on all ranks. With `replicated` (DDP) the student runs through the wrapper:
+    gradients sync on the last micro-batch only, each loss is scaled by the world size (DDP averages), and a
+    rank whose last micro-batch has no labels (or that has none) still runs a zero-loss backward so it joins
+    the all-reduce."""
+    size = dist_mod.world()[1]
+    n_label = int(dist_mod.sum_over_ranks(sum(int(b["targets"].labels.numel()) for b in batches)))
     denominator = max(1, n_label)
-    loss = div = ce = 0.0
-    for b in batches:
-        if not b["targets"].labels.numel():
-            continue
-        with amp:
-            out = batch_loss(student, teacher, b, opts, vocab, denominator)
-        out.loss.backward()
-        loss, div, ce = loss + float(out.loss.detach()), div + float(out.divergence), ce + float(out.ce)
+    model = replicated.view if replicated else student
+    work = list(batches)
+    if replicated and not work:
+        blank = {"input_ids": [[0]], "labels": [[-100]], "position_ids": [[0]]}
+        work = [to_device(blank, next(student.parameters()).device)]
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, divergence, ce
+    for i, b in enumerate(work):
+        last = i == len(work) - 1
+        with contextlib.nullcontext() if (replicated is None or last) else replicated.ddp.no_sync():
+            if not b["targets"].labels.numel():
+                if replicated and last:
+                    with amp:
+                        (hidden_states(model, b).sum() * 0.0).backward()
+                continue
+            with amp:
+                out = batch_loss(model, teacher, b, opts, vocab, denominator)
+            (out.loss * size if replicated else out.loss).backward()
+        sums += torch.tensor([float(out.loss.detach()), float(out.divergence), float(out.ce)], dtype=torch.float64)
+    if replicated:
+        dist_mod.sum_gradients(replicated.outside)
+        if size > 1:
+            sums = dist_mod.sum_tensor_over_ranks(sums)
+    loss, div, ce = sums.tolist()
     return {"loss": loss, "kl": div / denominator, "ce": ce / denominator, "n_label": n_label}
 
 
@@ -214,24 +241,29 @@ def evaluate(student, teacher, rows, micro_batch_size: int, opts: DistillOptions
 
 # ----------------------------------------------------------------------------------------------- run
 
-def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: bool = True) -> dict:
-    """Distil opts.teacher into cfg.base_model on cfg.datasets; returns train's summary plus val_kl."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # tokenizers first: a mismatch must fail before any data is packed or weights are loaded
-    student_dir = load_mod.resolve_base_model(cfg.base_model)
-    student_tok = load_mod.load_hf_tokenizer(student_dir, cfg.trust_remote_code)
-    tok_dir, _ = load_mod.extend_tokenizer(student_tok, cfg.chat_template, student_dir, run_dir / "tokenizer")
+def _setup(cfg, opts: DistillOptions, run_dir: Path):
+    """Tokenizers first (a mismatch must fail before any data is packed or weights are loaded), then the
+    student's setup as `train` builds it. Returns it and the compared vocabulary size."""
     from fastchat_ft import inference
 
+    student_dir = load_mod.resolve_base_model(cfg.base_model)
+    student_tok = load_mod.load_hf_tokenizer(student_dir, cfg.trust_remote_code)
+    tok_dir, _ = train_mod.settle_tokenizer(student_tok, cfg.chat_template, student_dir, run_dir)
     source = inference.resolve_model(opts.teacher)
     teacher_tok = load_mod.load_hf_tokenizer(source.tokenizer_dir)
     check_same_tokenizer(student_tok, tok_dir, teacher_tok, source.tokenizer_dir)
-    vocab = len(student_tok)
+    return train_mod.build(cfg, run_dir), len(student_tok)
 
-    s = train_mod.build(cfg, run_dir)
+
+def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: bool = True) -> dict:
+    """Distil opts.teacher into cfg.base_model on cfg.datasets; returns train's summary plus val_kl."""
+    rank, world = dist_mod.init_from_env()
+    torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
+    random.seed(cfg.seed + rank)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # rank 0 first (tokenizer, data cache), the others then reuse its files; see dist_mod.rank_zero_first
+    s, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
     student = s.model
     teacher, _ = load_teacher(opts.teacher, s.device, s.amp_dtype or torch.float32)
     for name, m in (("student", student), ("teacher", teacher)):
@@ -240,8 +272,11 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
             raise ModelError(f"the {name}'s lm_head has {rows} rows, the tokenizer {vocab} tokens",
                              fix="use the model saved with this tokenizer")
 
+    dist_mod.broadcast_parameters(student)  # ranks seeded differently: start from rank 0's trained weights
+    replicated = dist_mod.replicate(student)  # DDP when world > 1 (the teacher is frozen: each rank keeps one)
     optimizer = train_mod.build_optimizer(cfg, student)
-    steps_epoch = data_mod.steps_per_epoch(len(s.data.train), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
+    steps_epoch = data_mod.steps_per_epoch(len(s.data.train), cfg.micro_batch_size, per_step)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
     scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
     state = ckpt.TrainState(config_hash=cfg.config_hash())
@@ -253,16 +288,17 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
     params = [p for p in student.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm or float("inf")
     report = DistillReporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar,
-                             bool(resume), teacher=teacher, opts=opts, vocab=vocab, amp=amp)
+                             bool(resume), active=rank == 0, teacher=teacher, opts=opts, vocab=vocab, amp=amp)
     rows = s.data.train
     with ckpt.StopFlag() as stop:
         while state.step < total_steps and not stop.requested:
             t0 = time.perf_counter()
-            idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.seed,
-                                     state.epoch, state.batch_in_epoch)
-            batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, idx)]
+            idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, per_step, cfg.seed, state.epoch,
+                                     state.batch_in_epoch)
+            mine = idx[rank * cfg.gradient_accumulation_steps:(rank + 1) * cfg.gradient_accumulation_steps]
+            batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, mine)]
             t_data = time.perf_counter() - t0
-            parts = distill_step(student, teacher, batches, opts, vocab, amp)
+            parts = distill_step(student, teacher, batches, opts, vocab, amp, replicated)
             grad_norm = float("nan")
             if math.isfinite(parts["loss"]):
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -272,6 +308,8 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             train_mod._advance(state, steps_epoch, sum(data_mod.row_tokens(rows[i]) for m in idx for i in m))
+            if dist_mod.any_rank(bool(stop.requested)):  # every rank stops after the same step
+                stop.requested = stop.requested or "stop on another rank"
             report.parts = parts
             report.after_step(parts["loss"], grad_norm, t_data, time.perf_counter() - t0, stop.requested)
     return report.finish(stop.requested)
@@ -284,6 +322,8 @@ class DistillReporter(train_mod.Reporter):
     def __init__(self, *args, teacher, opts: DistillOptions, vocab: int, amp, **kw):
         self.teacher, self.opts, self.vocab, self.amp, self.parts = teacher, opts, vocab, amp, {}
         super().__init__(*args, **kw)
+        if not self.active:
+            return
         manifest_path = self.run_dir / "run_manifest.json"
         manifest = json.loads(manifest_path.read_text())
         manifest.update(command="fastchat-ft distill", student=manifest.get("base_model"),
@@ -295,19 +335,19 @@ class DistillReporter(train_mod.Reporter):
         """As the train loop's, with the step's divergence (kl) and label CE (ce) in its metrics record."""
         st, cfg = self.state, self.cfg
         self.losses.append(loss)
-        self.waits, self.busy = self.waits + t_data, self.busy + t_step
-        self.tokens = st.tokens_seen - self._tokens_at_start
-        last = st.step == self.total_steps
-        if st.step % cfg.logging_steps == 0 or last:
-            self.log.log({"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / self.steps_epoch, 4),
-                          "loss": loss, "kl": self.parts.get("kl"), "ce": self.parts.get("ce"),
-                          "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                          "tokens_per_s": self.tokens / self.busy}, advance=cfg.logging_steps)
-        if st.step % self.eval_every == 0 or last:
-            self.evaluate()
+        if self.active:  # rank 0 alone logs and evaluates (the student's plain forward: no collective)
+            self.waits, self.busy = self.waits + t_data, self.busy + t_step
+            self.tokens = st.tokens_seen - self._tokens_at_start
+            last = st.step == self.total_steps
+            if st.step % cfg.logging_steps == 0 or last:
+                self.log.log({"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / self.steps_epoch, 4),
+                              "loss": loss, "kl": self.parts.get("kl"), "ce": self.parts.get("ce"),
+                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                              "tokens_per_s": self.tokens / self.busy}, advance=cfg.logging_steps)
+            if st.step % self.eval_every == 0 or last:
+                self.evaluate()
         if st.step % self.save_every == 0 or stopping:
-            ckpt.save_checkpoint(self.run_dir, st, self.s.model, self.s.model_info, self.s.tokenizer_dir,
-                                 self.optimizer, self.scheduler, cfg.save_total_limit)
+            self.save()  # every rank: rank 0 writes its RNG state and the others' beside the weights
 
     def evaluate(self) -> None:
         s, st = self.s, self.state
@@ -329,6 +369,8 @@ class DistillReporter(train_mod.Reporter):
 
     def finish(self, stopped) -> dict:
         summary = super().finish(stopped)
+        if not self.active:
+            return summary
         kls = [r["val_kl"] for r in self.log.records if "val_kl" in r]
         if kls:
             print(f"validation {self.opts.loss} to the teacher: {kls[0]:.4f} -> {kls[-1]:.4f}")

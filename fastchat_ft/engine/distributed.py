@@ -51,6 +51,15 @@ def sum_over_ranks(value: float | int, device: torch.device | None = None) -> fl
     return t.item()
 
 
+def sum_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A small tensor summed over ranks (through the backend's device), back on t's device."""
+    if world()[1] == 1:
+        return t
+    buf = t.to(_comm_device())
+    dist.all_reduce(buf)
+    return buf.to(t.device)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is True on any (a stop request on one rank stops all at the same step)."""
     return bool(sum_over_ranks(1 if flag else 0)) if world()[1] > 1 else flag
@@ -133,8 +142,13 @@ def replicate(model) -> Replicated | None:
         return None
     decoder = model.base_model
     device_ids = [torch.cuda.current_device()] if next(decoder.parameters()).is_cuda else None
+    # static_graph stays off: every step's graph IS static (the same trained parameters, also in a blank
+    # micro-batch), but in this torch (2.13) static_graph=True with no_sync() accumulation dies on the first
+    # backward ("expect_autograd_hooks_ INTERNAL ASSERT FAILED", reducer.cpp; measured with 2 gloo ranks and 2
+    # micro-batches each); pytorch PR #187732 fixes it and notes that the unfixed path also stops all-reducing
+    # from the 2nd step. It would only save DDP's per-iteration bookkeeping, not communication.
     ddp = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=device_ids, broadcast_buffers=False,
-                                                    find_unused_parameters=False)
+                                                    find_unused_parameters=False, static_graph=False)
     inside = {id(p) for p in decoder.parameters()}
     outside = [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
     return Replicated(ddp, _ModelView(model, ddp), outside)

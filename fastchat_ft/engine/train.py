@@ -157,7 +157,10 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     model, mode, rows = s.model, cfg.loss_normalization, s.data.train
     replicated = sharded = None
     if world > 1 and use_fsdp(cfg):
-        sharded = fsdp.shard(model)  # FSDP2: full fine-tuning, parameters and optimizer state sharded
+        if dry_run:  # the timed steps run unsharded: their memory is an upper bound for the sharded run
+            print("dry run under FSDP: timing an unsharded replica per rank (memory below is an upper bound)")
+        else:
+            sharded = fsdp.shard(model)  # FSDP2: full fine-tuning, parameters and optimizer state sharded
     else:
         replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
     optimizer = build_optimizer(cfg, model)  # after sharding: it steps on the shards
