@@ -178,3 +178,14 @@ def test_parallelism_key():
         config.validate(config.from_dict({"adapter": "lora", "parallelism": "fsdp"}))
     with pytest.raises(ConfigError, match="parallelism"):
         config.validate(config.from_dict({"parallelism": "zero3"}))
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(runs):
+    """Without FSDP (one process here; DDP the same) the dcp/ shards are read back whole: weights + AdamW state."""
+    tmp, cli, env, _ = runs
+    ckpt = tmp / "two" / "checkpoints" / "step-000002"
+    _run(cli + ["--output-dir", str(tmp / "one_resumed"), "--set", "gradient_accumulation_steps=2",
+                "--resume", str(ckpt)], env, tmp)
+    whole, resumed = _losses(tmp / "two"), _losses(tmp / "one_resumed")
+    assert list(resumed) == [3, 4, 5]
+    assert list(resumed.values()) == pytest.approx([whole[s] for s in (3, 4, 5)], rel=1e-5)

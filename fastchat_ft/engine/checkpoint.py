@@ -128,7 +128,7 @@ def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, c
     if sharded is not None:
         from fastchat_ft.engine import fsdp
 
-        fsdp.load_sharded(sharded, optimizer, path)
+        fsdp.load_sharded(sharded.root, optimizer, path)
     elif model_info["adapter"]:
         lora_mod.load_adapter(model, path)
         extra = model_info.get("extra_modules") or {}
@@ -140,7 +140,11 @@ def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, c
                     module.weight.copy_(tensors[f"{lora_mod.PEFT_PREFIX}{mod_name}.weight"])
     else:
         _load_full_weights(model, path)
-    if sharded is None:
+    if sharded is None and not (path / "optimizer.pt").is_file() and (path / "dcp").is_dir():
+        from fastchat_ft.engine import fsdp  # written under FSDP, resumed without it: its shards, gathered whole
+
+        fsdp.load_sharded(fsdp.DecoderRoot(model), optimizer, path)
+    elif sharded is None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank = dist_mod.world()[0]

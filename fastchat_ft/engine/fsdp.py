@@ -142,8 +142,10 @@ def save_sharded(sharded: Sharded, optimizer, folder: Path) -> None:
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(folder / DCP_DIR))
 
 
-def load_sharded(sharded: Sharded, optimizer, folder: Path) -> None:
-    """Restore model + optimizer shards written by save_sharded. Collective."""
+def load_sharded(root: torch.nn.Module, optimizer, folder: Path) -> None:
+    """Restore model + optimizer written by save_sharded into `root`: the FSDP root (any world size: DCP
+    reshards), or DecoderRoot(model) of an unsharded model (one process, or DDP) for the same names. Collective
+    when a process group exists."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -153,7 +155,7 @@ def load_sharded(sharded: Sharded, optimizer, folder: Path) -> None:
         raise ConfigError(f"no {DCP_DIR}/ (FSDP shards) in this checkpoint: it was written without FSDP",
                           file=str(folder), field="--resume",
                           fix="resume it the way it was written (parallelism: ddp, or one process)")
-    model_sd, optim_sd = get_state_dict(sharded.root, optimizer)
+    model_sd, optim_sd = get_state_dict(root, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
-    set_state_dict(sharded.root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
