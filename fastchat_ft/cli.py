@@ -157,6 +157,7 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")
     p.add_argument("--output-dir", default="runs/distill")
+    p.add_argument("--nproc", type=int, default=None, help="shortcut for torchrun --nproc-per-node N")
 
 
 ARGUMENTS = {

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class DistillOptions:
 
 def run_distill(args) -> int:
     cfg, opts = config_from_args(args)
+    nproc = getattr(args, "nproc", None)
+    if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return dist_mod.relaunch_with_torchrun(nproc, sys.argv[1:])
     try:
         distill(cfg, opts, resume=getattr(args, "resume", None))
     except BaseException:
