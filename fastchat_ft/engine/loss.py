@@ -14,6 +14,7 @@ import torch
 
 from fastchat_ft.engine.distributed import sum_gradients, sum_over_ranks
 from fastchat_ft.kernels import fused_linear_cross_entropy
+from fastchat_ft.model.attention import use_packed_attention
 
 IGNORE = -100
 
@@ -53,8 +54,12 @@ def lm_head_of(model):
 
 
 def hidden_states(model, batch: dict) -> torch.Tensor:
-    """The decoder's last hidden state. use_cache=False also lets transformers build per-conversation
-    (document) masks from position ids that restart at 0; tests/test_engine_loss.py checks it."""
+    """The decoder's last hidden state, each packed conversation attending only to itself. On CPU an sdpa model
+    switches (once) to per-conversation causal SDPA (fastchat_ft.model.attention: no [L x L] document mask);
+    elsewhere transformers builds the document mask from position ids that restart at 0 (use_cache=False).
+    tests/test_engine_loss.py and tests/test_model_attention.py check both against unpacked forwards."""
+    if batch["input_ids"].device.type == "cpu":
+        use_packed_attention(model)
     out = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     return out.last_hidden_state
 

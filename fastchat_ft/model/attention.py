@@ -1,0 +1,110 @@
+"""Per-conversation attention for packed rows: a transformers attention function ("fastchat_packed") that reads the
+conversation boundaries from position ids (a restart at 0 starts a conversation) and runs causal SDPA on each
+conversation alone, instead of SDPA over the whole row with a [L x L] document mask (which costs the full score
+matrix and the mask build). Anything else (a padding mask, a KV cache, q_len != kv_len) goes to transformers' sdpa.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "fastchat_packed"
+_registered = False
+# (position_ids tensor, its segments): every layer of one forward gets the same tensor, so the host sync that
+# reads the boundaries happens once per forward, not once per layer
+_last: list = [None, None]
+
+
+def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """[(start, end)] per batch row. A new sequence starts wherever the position id does not step by +1, the
+    rule transformers' find_packed_sequence_indices uses, so both agree on every row."""
+    rows = []
+    for row in position_ids:
+        starts = [0] + ((row[1:] - row[:-1]) != 1).nonzero().flatten().add(1).tolist()
+        rows.append(list(zip(starts, starts[1:] + [row.numel()])))
+    return rows
+
+
+def _cached_segments(position_ids):
+    if _last[0] is not position_ids:
+        _last[0], _last[1] = position_ids, segments(position_ids)
+    return _last[1]
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                             **kwargs):
+    """query [B, H, L, D], key/value [B, KV, L, D] -> [B, L, H, D], as transformers' sdpa_attention_forward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    q_len = query.shape[2]
+    if (attention_mask is not None or position_ids is None or q_len != key.shape[2] or q_len < 2
+            or is_causal is False or not getattr(module, "is_causal", True) or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or getattr(module, "sliding_window", None)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b, segs in enumerate(_cached_segments(position_ids)):
+        if len(segs) == 1:  # one conversation: the plain causal kernel over the whole row
+            segs_out = [torch.nn.functional.scaled_dot_product_attention(
+                query[b:b + 1], key[b:b + 1], value[b:b + 1], dropout_p=dropout, scale=scaling, is_causal=True,
+                enable_gqa=gqa)]
+        else:
+            segs_out = [torch.nn.functional.scaled_dot_product_attention(
+                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
+                scale=scaling, is_causal=True, enable_gqa=gqa) for s, e in segs]
+        rows.append(segs_out[0] if len(segs_out) == 1 else torch.cat(segs_out, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_mask(*args, **kwargs):
+    """No mask for full-length rows without a 2D attention mask: the case where transformers reads packing from
+    position ids, which the attention function splits on. Otherwise sdpa's mask, always materialised (no
+    is_causal skip), so the attention function sees it and defers to sdpa with transformers' own semantics (an
+    explicit 2D mask means plain causal attention over the row, padding aside)."""
+    from transformers.masking_utils import sdpa_mask
+
+    packed = (not args and kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length")
+              and not kwargs.get("q_offset", 0) and not kwargs.get("kv_offset", 0))
+    return None if packed else sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+
+
+def register() -> str:
+    """Make NAME known to transformers (attention and mask interfaces); idempotent."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(NAME, packed_attention_forward)
+        AttentionMaskInterface.register(NAME, _packed_mask)
+        _registered = True
+    return NAME
+
+
+# decoders whose every layer is plain causal self-attention (no sliding window, softcap, sinks or overlays), so a
+# row's only mask is causal-within-conversation; others keep transformers' masks
+PLAIN_CAUSAL_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def supports(config) -> bool:
+    layer_types = getattr(config, "layer_types", None) or ()
+    return (getattr(config, "model_type", None) in PLAIN_CAUSAL_MODELS
+            and getattr(config, "sliding_window", None) is None
+            and all(t == "full_attention" for t in layer_types))
+
+
+def use_packed_attention(model) -> bool:
+    """Switch a model that runs transformers' sdpa to per-conversation attention; other implementations (eager,
+    flash, flex), models outside PLAIN_CAUSAL_MODELS and wrappers without set_attn_implementation (DDP views)
+    are left alone. Returns whether the model now runs it."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    if current != "sdpa" or not supports(config) or not hasattr(model, "set_attn_implementation"):
+        return False
+    register()
+    model.set_attn_implementation(NAME)
+    return model.config._attn_implementation == NAME
