@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from fastchat_ft.engine import distributed as dist_mod
 
-COLLECTIVE_TIMEOUT_S, SLOW_S = 1, 3
+COLLECTIVE_TIMEOUT_S, SLOW_S = 3, 6  # timeout: margin for start-up skew between the two processes
 
 
 def _worker(rank, store, out, how):
@@ -22,7 +22,7 @@ def _worker(rank, store, out, how):
 
     def work():
         if rank == 0:
-            time.sleep(SLOW_S)  # a large dataset being tokenized
+            time.sleep(SLOW_S if how != "fail" else 0.5)  # a large dataset being tokenized
             if how == "fail":
                 raise ValueError("dataset file is broken")
         order.append((rank, time.monotonic()))

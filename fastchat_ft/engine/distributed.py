@@ -1,7 +1,7 @@
-"""Data parallelism without a wrapper: each rank runs its share of the optimizer step's micro-batches, the
-label-token count is summed over ranks first (so every rank divides by the global count), and gradients are
-summed with one all-reduce per bucket. Identical updates on every rank; only rank 0 writes files.
-`--nproc N` re-launches the command under torchrun.
+"""Process group, rank-0-first setup and data parallelism (DDP over the decoder, or a bucketed all-reduce):
+each rank runs its share of the optimizer step's micro-batches, the label-token count is summed over ranks
+first (so every rank divides by the global count), gradients are summed. Identical updates on every rank; only
+rank 0 writes files. `--nproc N` re-launches the command under torchrun. FSDP2 lives in engine/fsdp.py.
 """
 from __future__ import annotations
 
