@@ -57,6 +57,13 @@ def test_nproc_2_matches_one_process_with_the_same_global_batch(setup):
     # fp32 sums in a different order (all-reduce vs one process): equal to ~1e-6 relative
     assert two_losses == pytest.approx(one_losses, rel=1e-5, abs=1e-6)
     assert len(set(one_losses)) == STEPS  # the model moved: the steps differ
+    # validation is split over the 2 ranks (each evaluates every other batch) and summed: 1 process's numbers
+    val = {run: [(r["step"], r["val_loss"], r["val_token_acc"]) for r in map(json.loads, (tmp / run / "metrics.jsonl")
+                                                                                   .read_text().splitlines())
+                 if "val_loss" in r] for run in ("one", "two")}
+    assert [v[0] for v in val["two"]] == [0, STEPS]
+    flat = {run: [x for v in rows for x in v[1:]] for run, rows in val.items()}
+    assert flat["two"] == pytest.approx(flat["one"], rel=1e-5)
     assert (tmp / "two" / "final" / "adapter_model.safetensors").is_file()
     # rank 0 alone writes the run directory: one final, one checkpoint, no leftover temp folders
     assert sorted(p.name for p in (tmp / "two" / "checkpoints").iterdir()) == [f"step-{STEPS:06d}"]

@@ -321,7 +321,9 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
 
 class DistillReporter(train_mod.Reporter):
     """The train loop's reporter with kl/ce in each logged step, val KL at each evaluation, and the manifest
-    naming the teacher and the distillation settings."""
+    naming the teacher and the distillation settings. Rank 0 alone evaluates (the student's plain forward)."""
+
+    SPLITS_EVAL = False
 
     def __init__(self, *args, teacher, opts: DistillOptions, vocab: int, amp, **kw):
         self.teacher, self.opts, self.vocab, self.amp, self.parts = teacher, opts, vocab, amp, {}

@@ -4,6 +4,7 @@ training loop. Checkpoint files, metrics, validation and diagnostics live in the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -25,7 +26,7 @@ from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.engine.metrics import MetricsLogger, append_samples
 from fastchat_ft.engine.rundir import generate_samples, write_run_files
 from fastchat_ft.engine.schedule import build_scheduler
-from fastchat_ft.engine.validation import evaluate
+from fastchat_ft.engine.validation import EvalResult, evaluate
 from fastchat_ft.errors import ModelError
 from fastchat_ft.model import load as load_mod
 from fastchat_ft.model import lora as lora_mod
@@ -226,6 +227,8 @@ def _oom_advice(cfg):
 class Reporter:
     """Everything the loop does between steps besides training: log, evaluate + sample, checkpoint, finish."""
 
+    SPLITS_EVAL = True  # a subclass whose evaluate() runs on rank 0 alone sets False
+
     def __init__(self, cfg, s: Setup, run_dir: Path, state, optimizer, scheduler, total_steps, steps_epoch,
                  show_bar: bool, resumed: bool, active: bool = True, sharded: fsdp.Sharded | None = None):
         self.cfg, self.s, self.run_dir, self.state, self.active = cfg, s, run_dir, state, active
@@ -235,10 +238,12 @@ class Reporter:
         self.save_every = cfg.save_steps or self.eval_every
         # under FSDP every forward and every checkpoint is collective: all ranks evaluate, generate and save
         self.sharded = sharded
+        # evaluation is a collective when world > 1 (FSDP: every forward; DDP: the batches are split over ranks)
+        self.collective_eval = self.SPLITS_EVAL and dist_mod.world()[1] > 1
         self.eval_model = sharded.view if sharded else s.model
         self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
         if not active:  # ranks other than 0 train silently and write nothing (they hand rank 0 their RNG state)
-            if sharded and state.step == 0:
+            if self.collective_eval and state.step == 0:
                 self.evaluate()
             return
         write_run_files(run_dir, cfg, s, resumed=resumed)
@@ -256,7 +261,7 @@ class Reporter:
         st, cfg = self.state, self.cfg
         self.losses.append(loss)
         if not self.active:
-            if self.sharded and (st.step % self.eval_every == 0 or st.step == self.total_steps):
+            if self.collective_eval and (st.step % self.eval_every == 0 or st.step == self.total_steps):
                 self.evaluate()
             if st.step % self.save_every == 0 or stopping:
                 self.save()  # rank 0 saves this rank's RNG state beside its own (and under FSDP its shards)
@@ -286,16 +291,17 @@ class Reporter:
                                  rng_states=rng_states, sharded=self.sharded)
 
     def evaluate(self) -> None:
-        """Validation metrics (and sample generations) at this step, into metrics.jsonl / samples.jsonl. Under
-        FSDP every rank runs the same forwards (each gathers weights); rank 0 alone records the results. The
-        generations are greedy from identical weights, so every rank stops after the same number of tokens."""
+        """Validation metrics (and sample generations) at this step, into metrics.jsonl / samples.jsonl. With
+        world > 1 every rank takes part (see val_metrics); rank 0 alone records the results and, under DDP,
+        generates the samples. Under FSDP every rank generates too (collective forwards): greedy decoding from
+        identical weights, so every rank stops after the same number of tokens."""
         s, st = self.s, self.state
         if not len(s.data.val):
             return
         with fsdp.gathered(self.sharded):
-            result = evaluate(self.eval_model, data_mod.eval_batches(s.data.val, self.cfg.micro_batch_size), s.device,
-                              s.amp_dtype)
-            samples = generate_samples(s, self.prompts, self.cfg.sample_max_new_tokens) if self.prompts else None
+            result = self.val_metrics()
+            make_samples = self.prompts and (self.active or self.sharded)  # FSDP: generation forwards are collective
+            samples = generate_samples(s, self.prompts, self.cfg.sample_max_new_tokens) if make_samples else None
         if not self.active:
             return
         if st.best_val_loss is None or result.loss < st.best_val_loss:
@@ -306,6 +312,25 @@ class Reporter:
                      f"val_token_acc {result.token_acc:.3f}")
         if samples is not None:
             append_samples(self.run_dir, st.step, samples)
+
+    def val_metrics(self) -> EvalResult:
+        """Validation over every batch. Under DDP each rank evaluates every world-th batch with the plain model
+        and the sums meet on all ranks: world-times faster, and no rank idles in a collective (whose timeout a
+        long evaluation on rank 0 alone could hit). Under FSDP every rank runs every batch (each forward
+        all-gathers, and ranks must agree on which batches they skip)."""
+        s = self.s
+        batches = data_mod.eval_batches(s.data.val, self.cfg.micro_batch_size)
+        rank, size = dist_mod.world()
+        if size == 1 or self.sharded:
+            return evaluate(self.eval_model, batches, s.device, s.amp_dtype)
+        part = evaluate(s.model, itertools.islice(batches, rank, None, size), s.device, s.amp_dtype)
+        n = part.n_tokens
+        mine = [part.loss * n, part.token_acc * n, n, part.n_sequences] if n else [0.0, 0.0, 0, part.n_sequences]
+        loss_sum, correct, n_tok, n_seq = dist_mod.sum_tensor_over_ranks(torch.tensor(mine, dtype=torch.float64)).tolist()
+        loss = loss_sum / n_tok if n_tok else float("nan")
+        return EvalResult(loss=loss, ppl=math.exp(min(loss, 80.0)) if n_tok else float("nan"),
+                          token_acc=round(correct) / n_tok if n_tok else float("nan"), n_tokens=int(n_tok),
+                          n_sequences=int(n_seq))
 
     def finish(self, stopped) -> dict:
         from fastchat_ft.engine.rundir import finish_report
