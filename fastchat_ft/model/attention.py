@@ -49,10 +49,11 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
             segs_out = [torch.nn.functional.scaled_dot_product_attention(
                 query[b:b + 1], key[b:b + 1], value[b:b + 1], dropout_p=dropout, scale=scaling, is_causal=True,
                 enable_gqa=gqa)]
-        else:
+        else:  # split, not slices: split's backward is one cat, a slice's is a zero-filled full-size buffer each
+            sizes = [e - s for s, e in segs]
+            parts = zip(*(t[b:b + 1].split(sizes, dim=2) for t in (query, key, value)))
             segs_out = [torch.nn.functional.scaled_dot_product_attention(
-                query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
-                scale=scaling, is_causal=True, enable_gqa=gqa) for s, e in segs]
+                q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa) for q, k, v in parts]
         rows.append(segs_out[0] if len(segs_out) == 1 else torch.cat(segs_out, dim=2))
     out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
