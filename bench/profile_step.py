@@ -1,6 +1,8 @@
 """Where a CPU training step's time goes: fastchat-ft's engine step (c) beside HF's padded forward+backward (a) on
 the same conversations, model and LoRA, under torch.profiler; self-CPU time by op group, side by side, and the
-wall-clock ratio of the two (interleaved A B A B, so machine load hits both alike).
+wall-clock ratio of the two (interleaved A B A B, so machine load hits both alike). A third column, (c1), runs the
+engine with each optimizer step's conversations packed into ONE row (one forward per step instead of one per
+micro-batch; the loss is normalised per step, so loss and gradients are the same up to float reassociation).
 
 Run: OMP_NUM_THREADS=2 .venv/bin/python bench/profile_step.py [--steps 3] [--threads 2] [--top 0]
 Writes bench/results/profile_step-cpu.json. Not a training run: no optimizer step (the same for both).
@@ -156,34 +158,40 @@ def main() -> int:
     pad = ours.config.pad_token_id if ours.config.pad_token_id is not None else 0
 
     eng = [engine_batches(s) for s in steps]
+    eng_row = [engine_batches([[c for mb in s for c in mb]]) for s in steps]  # (c1): the whole step as one row
     pad_b = [hf_batches(s, pad) for s in steps]
     tokens = sum(len(c[0]) for s in steps[1:] for mb in s for c in mb)
     padded = sum(int(b["input_ids"].numel()) for s in pad_b[1:] for b in s)
     labelled = sum(int((c[1][1:] != -100).sum()) for s in steps[1:] for mb in s for c in mb)
     engine_step(ours, eng[0])  # warm-up
+    engine_step(ours, eng_row[0])
     hf_step(hf, pad_b[0])
 
-    walls = {"engine": [], "hf_padded": []}
+    walls = {"engine": [], "hf_padded": [], "engine_step_row": []}
     for _ in range(args.rounds):
         walls["engine"].append(timed(engine_step, ours, eng[1:]))
         walls["hf_padded"].append(timed(hf_step, hf, pad_b[1:]))
+        walls["engine_step_row"].append(timed(engine_step, ours, eng_row[1:]))
     g_e, w_e, ops_e = profile(engine_step, ours, eng[1:], vocab, r)
     g_h, w_h, ops_h = profile(hf_step, hf, pad_b[1:], vocab, r)
+    g_r, w_r, _ = profile(engine_step, ours, eng_row[1:], vocab, r)
 
     print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}; load {os.getloadavg()[0]:.2f}")
     print(f"{args.steps} steps x {args.grad_accum} micro-batches x {args.micro_batch} conversations: {tokens} tokens "
           f"({labelled} labelled); HF padded batches hold {padded} positions")
     print(f"\nself-CPU seconds under the profiler ({args.steps} steps)")
-    print(f"{'op group':34}{'(c) engine':>12}{'(a) HF padded':>15}{'c/a':>7}")
+    print(f"{'op group':34}{'(c) engine':>12}{'(a) HF padded':>15}{'c/a':>7}{'(c1) step row':>15}{'c1/a':>7}")
     for g in GROUPS:
-        e, h = g_e.get(g, 0.0), g_h.get(g, 0.0)
-        print(f"{g:34}{e:12.3f}{h:15.3f}{(e / h if h else float('nan')):7.2f}")
-    se, sh = sum(g_e.values()), sum(g_h.values())
-    print(f"{'sum of self-CPU':34}{se:12.3f}{sh:15.3f}{se / sh:7.2f}")
-    print(f"{'wall under profiler':34}{w_e:12.3f}{w_h:15.3f}{w_e / w_h:7.2f}")
-    we, wh = min(walls["engine"]), min(walls["hf_padded"])
-    print(f"\nwall, best of {args.rounds} interleaved rounds: engine {we:.3f} s, HF padded {wh:.3f} s; non-padding "
-          f"tokens/s {tokens / we:.1f} vs {tokens / wh:.1f} = {wh / we:.2f}x")
+        e, h, rr = g_e.get(g, 0.0), g_h.get(g, 0.0), g_r.get(g, 0.0)
+        print(f"{g:34}{e:12.3f}{h:15.3f}{(e / h if h else float('nan')):7.2f}{rr:15.3f}"
+              f"{(rr / h if h else float('nan')):7.2f}")
+    se, sh, sr = sum(g_e.values()), sum(g_h.values()), sum(g_r.values())
+    print(f"{'sum of self-CPU':34}{se:12.3f}{sh:15.3f}{se / sh:7.2f}{sr:15.3f}{sr / sh:7.2f}")
+    print(f"{'wall under profiler':34}{w_e:12.3f}{w_h:15.3f}{w_e / w_h:7.2f}{w_r:15.3f}{w_r / w_h:7.2f}")
+    we, wh, wr = min(walls["engine"]), min(walls["hf_padded"]), min(walls["engine_step_row"])
+    print(f"\nwall, best of {args.rounds} interleaved rounds: (c) engine {we:.3f} s, (a) HF padded {wh:.3f} s, (c1) "
+          f"{wr:.3f} s; non-padding tokens/s {tokens / we:.1f} / {tokens / wh:.1f} / {tokens / wr:.1f}: c/a "
+          f"{wh / we:.2f}x, c1/a {wh / wr:.2f}x")
     for label, ops in (("engine", ops_e), ("hf_padded", ops_h)):
         if args.top:
             print(f"\ntop {args.top} ops, {label}:")
@@ -191,8 +199,9 @@ def main() -> int:
                 print(f"  {t:8.3f}s  {k:40} {s:90} [{g}]")
     doc = {"benchmark": "profile_step", "machine": cpu_name(), "threads": args.threads, "torch": torch.__version__,
            "load_average": list(os.getloadavg()), "steps": args.steps, "tokens": tokens, "labelled": labelled,
-           "padded_positions": padded, "groups_s": {"engine": g_e, "hf_padded": g_h},
-           "wall_s": walls, "tokens_per_s": {"engine": tokens / we, "hf_padded": tokens / wh},
+           "padded_positions": padded, "groups_s": {"engine": g_e, "hf_padded": g_h, "engine_step_row": g_r},
+           "wall_s": walls, "tokens_per_s": {"engine": tokens / we, "hf_padded": tokens / wh,
+                                             "engine_step_row": tokens / wr},
            "top_ops": {"engine": ops_e[:25], "hf_padded": ops_h[:25]}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

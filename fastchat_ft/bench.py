@@ -35,6 +35,10 @@ GPU_MODELS = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
+# (c)'s layout. "step" keeps the effective batch and the per-step loss normalisation (loss and gradients equal up
+# to float reassociation) but runs one forward per optimizer step: bigger GEMMs, a quarter of the per-op overhead
+ENGINE_ROWS = {"micro_batch": "the same micro-batches as packed rows (one forward per micro-batch, as HF)",
+               "step": "each optimizer step's conversations as ONE packed row (grad_accum 1; same effective batch)"}
 CPU_DEFAULTS = dict(steps=12, micro_batch=4, grad_accum=4, lr=1e-3, seq_len=256)
 GPU_DEFAULTS = dict(steps=20, micro_batch=16, grad_accum=2, lr=2e-4, seq_len=2048)
 # loss agreement per logged step: |x - a| <= ATOL + RTOL * |a|. fp32: kernels differ only in summation order;
@@ -66,6 +70,7 @@ def build_plan(args, base_model: str, tokenizer: str, device: str, dtype: str, d
             "val_file": str(Path(args.val_data or ASSETS / "demo" / "val.jsonl").resolve()),
             "steps": pick("steps"), "micro_batch": pick("micro_batch"), "grad_accum": pick("grad_accum"),
             "lr": pick("lr"), "seq_len": pick("seq_len"), "seed": args.seed, "threads": args.threads,
+            "engine_rows": getattr(args, "engine_rows", None) or "micro_batch",
             "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "target_modules": list(ALL_LINEAR)},
             "optimizer": "AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0)", "lr_schedule": "cosine, no warmup",
             "max_grad_norm": 1.0, "loss": "mean over label tokens of the whole optimizer step (HF num_items_in_batch)"}
@@ -346,7 +351,7 @@ def run_bench(args) -> int:
             plan = build_plan(args, str(base), str(base), device, dtype, defaults)
             print(f"bench {label}: {plan['steps']} steps x {plan['micro_batch']} conversations x "
                   f"{plan['grad_accum']} accumulation, LoRA r={plan['lora']['r']}, {dtype} on {device}, "
-                  f"{plan['threads']} threads", flush=True)
+                  f"{plan['threads']} threads; (c) {ENGINE_ROWS[plan['engine_rows']]}", flush=True)
             res = bench_one(plan, model_cfg, workdir, label)
             results.append(res)
             print(format_table(res))
@@ -368,7 +373,8 @@ def write_report(results: list[dict], out_dir: Path, device: str, load_before) -
            "baselines": {"hf_padded": "transformers Trainer + PEFT LoraConfig, apply_chat_template(return_assistant_tokens_mask) "
                                       "labels, DataCollatorForSeq2Seq(padding=True), train_sampling_strategy=sequential",
                          "hf_flat": "as hf_padded with DataCollatorWithFlattening (padding-free rows, position_ids)",
-                         "fastchat_ft": "fastchat_ft.engine.train.train with the same micro-batches as packed rows"},
+                         "fastchat_ft": "fastchat_ft.engine.train.train: "
+                                        + "; ".join(sorted({ENGINE_ROWS[r["plan"]["engine_rows"]] for r in results}))},
            "results": results}
     json_path = out_dir / f"vs_hf_trainer-{slug}.json"
     tmp_path = json_path.with_suffix(".json.tmp")

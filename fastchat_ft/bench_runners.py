@@ -247,9 +247,13 @@ def run_engine(plan: dict) -> dict:
 
     b = plan["micro_batch"]
     sched = plan["schedule"]
-    micro = [pack_conversations([convs[i] for i in sched[k:k + b]]) for k in range(0, len(sched), b)]
+    # one row per micro-batch, or (engine_rows "step") one row per optimizer step, i.e. grad_accum 1
+    whole_step = plan.get("engine_rows") == "step"
+    accum = 1 if whole_step else plan["grad_accum"]
+    group = b * plan["grad_accum"] if whole_step else b
+    micro = [pack_conversations([convs[i] for i in sched[k:k + group]]) for k in range(0, len(sched), group)]
     val_rows = [pack_conversations(val_convs[k:k + b]) for k in range(0, len(val_convs), b)]
-    rows = rows_in_engine_order(micro, plan["grad_accum"], plan["seed"])
+    rows = rows_in_engine_order(micro, accum, plan["seed"])
     data = data_mod.RunData(rows, val_rows, [Path(plan["train_file"])], [Path(plan["val_file"])], {})
 
     lora = plan["lora"]
@@ -259,7 +263,7 @@ def run_engine(plan: dict) -> dict:
         "sequence_len": max(len(r["input_ids"]) for r in rows), "adapter": "lora", "lora_r": lora["r"],
         "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"], "lora_target_modules": lora["target_modules"],
         "learning_rate": plan["lr"], "max_steps": plan["steps"], "micro_batch_size": 1,
-        "gradient_accumulation_steps": plan["grad_accum"], "warmup_ratio": 0.0, "lr_scheduler": "cosine",
+        "gradient_accumulation_steps": accum, "warmup_ratio": 0.0, "lr_scheduler": "cosine",
         "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": plan["seed"], "output_dir": out_dir,
         "eval_steps": plan["steps"], "save_steps": plan["steps"], "sample_prompts": 0, "logging_steps": 1,
         "bf16": plan["dtype"] == "bfloat16"})

@@ -138,6 +138,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: all cores on CPU)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--engine-rows", choices=["micro_batch", "step"], default="micro_batch",
+                   help="(c)'s layout: one packed row per micro-batch (default, as HF), or each optimizer step's "
+                        "conversations as one packed row (same effective batch, one forward per step)")
 
 
 def _add_distill(p: argparse.ArgumentParser) -> None:
