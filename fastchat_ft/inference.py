@@ -216,7 +216,20 @@ def load_hf_model(folder: Path, *, dtype=None, trust_remote_code: bool = False, 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    from fastchat_ft.model.load import TOKENIZER_FILES
+
+    # without this check transformers ends in a long ValueError about sentencepiece/tiktoken that names no folder
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError("the model folder has no tokenizer (" + ", ".join(TOKENIZER_FILES) + ")", file=str(folder),
+                         fix="copy the model's tokenizer files into this folder (tokenizer.save_pretrained(folder))")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError("this tokenizer needs its own Python code (trust_remote_code)", file=str(folder),
+                             fix="pass --trust-remote-code only if you trust this folder's code") from None
+        raise ModelError(f"transformers could not load the tokenizer: {str(e).splitlines()[0]}", file=str(folder),
+                         fix="check that tokenizer.json / tokenizer_config.json are complete and readable") from e
     if not getattr(tok, "chat_template", None):
         raise ModelError("the tokenizer has no chat template", file=str(folder),
                          fix="save the tokenizer with its chat_template (tokenizer_config.json or chat_template.jinja)")

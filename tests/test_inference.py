@@ -114,3 +114,19 @@ def test_sampling_is_seeded(chatty_run):
     b = ChatStream(loaded.model, loaded.tokenizer, msgs, max_new_tokens=10, temperature=1.0, seed=5).run()
     greedy = ChatStream(loaded.model, loaded.tokenizer, msgs, max_new_tokens=10).run()
     assert a == b and a != greedy
+
+
+def test_model_folder_without_a_usable_tokenizer_is_a_user_error(tiny_run, tmp_path):
+    """eval / generate / export / serve load through load_model: a folder with weights but no tokenizer, or a
+    broken tokenizer.json, must be a ModelError naming the folder, not transformers' sentencepiece traceback."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(tiny_run["base"] / name, bare / name)
+    with pytest.raises(ModelError, match="no tokenizer") as err:
+        load_model(bare, device="cpu")
+    assert err.value.file == str(bare)
+    (bare / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelError, match="could not load the tokenizer") as err:
+        load_model(bare, device="cpu")
+    assert err.value.file == str(bare)
