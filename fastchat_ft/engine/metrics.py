@@ -16,6 +16,7 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.records: list[dict] = []
+        self._shown: dict = {}  # the progress bar's postfix: latest loss, lr, tokens/s, val_loss
         if start_step and self.path.is_file():  # resume: keep history up to the checkpoint, drop the rest
             for line in self.path.read_text().splitlines():
                 rec = json.loads(line)
@@ -38,9 +39,13 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, record["step"])
         if advance:
             self.bar.update(advance)
-        shown = {k: record[k] for k in ("loss", "lr", "tokens_per_s", "val_loss") if record.get(k) is not None}
-        if shown:
-            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
+        # merged into what the bar already shows: an evaluation record (val_loss only) must not blank the
+        # training loss, lr and tokens/s until the next logged step
+        new = {k: record[k] for k in ("loss", "lr", "tokens_per_s", "val_loss") if record.get(k) is not None}
+        if new:
+            self._shown.update(new)
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in self._shown.items()},
+                                 refresh=False)
 
     def message(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr) if not self.bar.disable else print(text, file=sys.stderr)
