@@ -61,7 +61,7 @@ def run_export(args) -> int:
                            max_new_tokens=getattr(args, "check_max_new_tokens", None))
         from fastchat_ft.model_card import write_model_card
         write_model_card(stage, source, summary, artifacts, check)
-    except BaseException:
+    except BaseException as e:
         failed = out.with_name(out.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)
         if stage.exists():
@@ -69,6 +69,10 @@ def run_export(args) -> int:
             stage.rename(failed)
             stage_paths_relocate(failed, stage_abs)
             print(f"export failed; what was written is kept in {failed} for inspection")
+            if isinstance(e, FastchatError) and e.file and str(e.file).startswith(str(stage)):
+                # the error must name the folder the user can open, not the staging folder just renamed
+                e.file = str(failed) + str(e.file)[len(str(stage)):]
+                e.args = (e._format(),)
         raise
     _readable_by_all(stage)
     stage_abs = stage.resolve()

@@ -88,9 +88,11 @@ def test_export_refuses_to_overwrite_or_write_inside_run(tiny_run, merged_export
 
 def test_self_check_fails_on_a_model_that_never_stops(chatty_run, tmp_path, capsys):
     out = tmp_path / "chatty"
-    with pytest.raises(ModelError, match="did not stop"):
+    with pytest.raises(ModelError, match="did not stop") as err:
         run_export(_args(chatty_run["run"], out))
     assert not out.exists() and (tmp_path / "chatty.failed" / "config.json").is_file()
+    assert err.value.file == str(tmp_path / "chatty.failed")  # the kept folder, not the vanished staging one
+    assert str(err.value).startswith(str(tmp_path / "chatty.failed"))
     assert "[FAIL] stops within" in capsys.readouterr().out
     assert main(["export", str(chatty_run["run"]), "--out", str(tmp_path / "chatty2")]) == 1  # CLI: error, no traceback
 
