@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,10 @@ def load_hf_model(folder: Path, *, dtype=None, trust_remote_code: bool = False, 
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
             use_safetensors=_use_safetensors(folder), low_cpu_mem_usage=True)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused an object in a pickle weights file
+        raise ModelError("a pickle weights file in this folder holds more than tensors (it could run code on load); "
+                         f"refused: {str(e).splitlines()[0]}", file=str(folder),
+                         fix="use a folder with .safetensors weights (convert it where you trust its origin)") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError("this model needs its own Python code (trust_remote_code)", file=str(folder),

@@ -4,6 +4,7 @@ tokens added (embeddings resized, new rows trainable) when the tokenizer lacks t
 """
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def load_model(folder: Path, *, dtype: torch.dtype = torch.float32, trust_remote
             quantization_config=quantization_config, attn_implementation=attn_implementation,
             # bitsandbytes quantises while loading onto the GPU
             device_map={"": torch.cuda.current_device()} if quantization_config is not None else None)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused an object in a pickle weights file
+        raise ModelError("a pickle weights file in this folder holds more than tensors (it could run code on load); "
+                         f"refused: {str(e).splitlines()[0]}", file=str(folder),
+                         fix="use a folder with .safetensors weights (convert it where you trust its origin)") from None
     except ValueError as e:
         msg = str(e)
         if "trust_remote_code" in msg:
