@@ -118,6 +118,16 @@ def test_json_array_files_and_sharegpt(tmp_path, smollm):
     assert (info.value.line, info.value.column) == (3, 17)
 
 
+
+def test_summary_line_states_the_layout(tmp_path, smollm, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [conv(), conv("Another question?", "Another answer.")])
+    dataset(path, smollm, max_seq_len=64, verbose=True)
+    assert "packed into 1 sequences of 64, efficiency" in capsys.readouterr().err
+    dataset(path, smollm, max_seq_len=64, packing=False, verbose=True)
+    err = capsys.readouterr().err
+    assert "not packed: 2 sequences, one conversation each" in err and "efficiency" not in err
+
+
 # ------------------------------------------------------------------------------------ labels
 
 def trained_text(tok_path, ids, labels):

@@ -70,8 +70,10 @@ class ChatDataset:
             self._build(entry, folder)
         self._pack()
         if verbose:
-            print(f"fastchat-ft data: {self.stats.summary()}; packed into {self.stats.bins} sequences of "
-                  f"{max_seq_len}, efficiency {self.stats.packing_efficiency:.2%}", file=sys.stderr)
+            layout = (f"packed into {self.stats.bins} sequences of {max_seq_len}, efficiency "
+                      f"{self.stats.packing_efficiency:.2%}" if packing else
+                      f"not packed: {self.stats.bins} sequences, one conversation each")
+            print(f"fastchat-ft data: {self.stats.summary()}; {layout}", file=sys.stderr)
             if self.stats.self_check_failed or self.stats.inexact:
                 for line in self.stats.examples:
                     print(f"  {line}", file=sys.stderr)
