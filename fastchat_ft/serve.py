@@ -199,16 +199,23 @@ def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], 
     max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or default_max_tokens
     temperature = req.get("temperature")
     opts = {"max_new_tokens": _positive_int(max_tokens, "max_tokens"),
-            "temperature": 1.0 if temperature is None else float(temperature),
-            "top_p": float(req.get("top_p") if req.get("top_p") is not None else 1.0),
+            "temperature": 1.0 if temperature is None else _number(temperature, "temperature"),
+            "top_p": 1.0 if req.get("top_p") is None else _number(req["top_p"], "top_p"),
             "seed": req.get("seed")}
     if not 0 <= opts["temperature"] <= 2 or not 0 < opts["top_p"] <= 1:
         raise RequestError("temperature must be in [0, 2] and top_p in (0, 1]", param="temperature")
     return clean, opts, bool(req.get("stream"))
 
 
+def _number(v, name: str) -> float:
+    # float("hot") would raise inside the handler and drop the connection instead of answering 400
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"'{name}' must be a number", param=name)
+    return float(v)
+
+
 def _positive_int(v, name: str) -> int:
-    if not isinstance(v, int) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise RequestError(f"'{name}' must be a positive integer", param=name)
     return v
 

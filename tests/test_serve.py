@@ -95,3 +95,16 @@ def test_vllm_command_for_lora_and_model(tiny_run):
     assert f"finetuned={tiny_run['run'] / 'final'}" in cmd and "--enable-lora" in cmd
     cmd = vllm_command(str(tiny_run["base"]), "127.0.0.1", 8123)
     assert cmd[cmd.index("--model") + 1] == str(tiny_run["base"]) and "--enable-lora" not in cmd
+
+
+@pytest.mark.parametrize("field, value", [("temperature", "hot"), ("top_p", [1]), ("max_tokens", True),
+                                          ("temperature", None)])
+def test_request_fields_of_the_wrong_type_are_a_400_not_a_dropped_connection(field, value):
+    from fastchat_ft.serve import RequestError, parse_chat_request
+    req = {"messages": [{"role": "user", "content": "hi"}], field: value}
+    if value is None:  # absent/null: the OpenAI default, not an error
+        assert parse_chat_request(req, 8)[1]["temperature"] == 1.0
+        return
+    with pytest.raises(RequestError, match=field) as err:
+        parse_chat_request(req, 8)
+    assert err.value.param == field and err.value.status == 400
