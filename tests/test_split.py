@@ -104,3 +104,18 @@ def test_cli_json_array_input(tmp_path, capsys):
     got = [json.loads(x) for x in (tmp_path / "sg.train.jsonl").read_text().splitlines()]
     got += [json.loads(x) for x in (tmp_path / "sg.val.jsonl").read_text().splitlines()]
     assert sorted(map(json.dumps, got)) == sorted(map(json.dumps, recs))
+
+
+def test_split_files_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
+    import os
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question number {i} about topic {i * 7}"},
+                                                  {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+                         for i in range(10)))
+    old = os.umask(0o022)
+    try:
+        res = split_file(f, val_ratio=0.2, seed=1, out_dir=tmp_path / "out")
+    finally:
+        os.umask(old)
+    for side in ("train", "val"):
+        assert os.stat(res[side]["path"]).st_mode & 0o777 == 0o644, side

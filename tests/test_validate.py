@@ -247,3 +247,16 @@ def test_template_tokenizer_maps_to_the_matching_builtin_with_a_warning():
         assert resolve_template("tokenizer", shared_path("tokenizers", "llama3")) == "llama3"
     with pytest.raises(DataError, match="unknown template"):
         resolve_template("vicuna", None)
+
+
+def test_fix_outputs_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
+    import os
+    f = tmp_path / "d.jsonl"
+    write_lines(f, [json.dumps({"messages": [u("hi"), a("yo")]}).encode(), b"{broken"])
+    old = os.umask(0o027)
+    try:
+        assert main(["validate", str(f), "--fix", str(tmp_path / "clean.jsonl")]) == 1
+    finally:
+        os.umask(old)
+    for name in ("clean.jsonl", "clean.rejects.jsonl"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastchat_ft.data.validate import _records_raw, iter_batches, open_scanner
+from fastchat_ft.data.validate import _records_raw, iter_batches, make_usual_mode, open_scanner
 from fastchat_ft.errors import DataError
 
 
@@ -72,6 +72,8 @@ def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0
                 side = int(val[ordinal])
                 (fv if side else ft).write(raw + b"\n")
                 counts[side] += 1
+        for _, tmp in fds:
+            make_usual_mode(tmp)
         os.replace(fds[0][1], train_path)
         os.replace(fds[1][1], val_path)
     finally:

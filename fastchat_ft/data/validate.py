@@ -250,6 +250,8 @@ def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path,
         with os.fdopen(fd_k, "wb") as fk, os.fdopen(fd_r, "wb") as fr:
             for keep, chunk in split_records():
                 (fk if keep else fr).write(chunk)
+        for t in (tmp_k, tmp_r):
+            make_usual_mode(t)
         os.replace(tmp_k, dst)
         os.replace(tmp_r, rej)
     finally:
@@ -257,6 +259,14 @@ def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path,
             if os.path.exists(t):
                 os.unlink(t)
     return dst, rej, kept, dropped
+
+
+def make_usual_mode(path) -> None:
+    """mkstemp creates 0600 files: give a written dataset the mode a plain open() would (0666 less the umask), so
+    other users and containers can read it like the input."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def print_report(report: ValidationReport, max_issues: int, out=sys.stdout) -> None:
