@@ -41,10 +41,12 @@ class MetricsLogger:
             self.bar.update(advance)
         # merged into what the bar already shows: an evaluation record (val_loss only) must not blank the
         # training loss, lr and tokens/s until the next logged step
-        new = {k: record[k] for k in ("loss", "lr", "tokens_per_s", "val_loss") if record.get(k) is not None}
+        keys = ("loss", "lr", "tokens_per_s", "val_loss")
+        new = {k: record[k] for k in keys if record.get(k) is not None}
         if new:
             self._shown.update(new)
-            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in self._shown.items()},
+            shown = {k: self._shown[k] for k in keys if k in self._shown}  # a fixed order, whatever logged first
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},
                                  refresh=False)
 
     def message(self, text: str) -> None:
