@@ -111,3 +111,21 @@ def test_qlora_without_cuda_or_bitsandbytes_is_a_clear_error():
     with pytest.raises(ModelError, match="QLoRA needs a CUDA GPU") as e:
         quantize_config()
     assert "adapter: lora" in e.value.fix
+
+
+def test_cpu_and_cuda_out_of_memory_become_the_advice_and_other_errors_pass_through():
+    import torch
+
+    from fastchat_ft.engine.train import _oom_advice
+
+    cfg = config.TrainConfig()
+    for oom in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                             "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")):
+        with pytest.raises(ModelError, match="out of memory") as e:
+            with _oom_advice(cfg):
+                raise oom
+        assert "micro_batch_size" in str(e.value)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with _oom_advice(cfg):
+            raise RuntimeError("shape mismatch")

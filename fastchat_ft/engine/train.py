@@ -222,6 +222,10 @@ def _oom_advice(cfg):
         yield
     except torch.cuda.OutOfMemoryError:
         raise ModelError(diag.oom_advice(cfg, None)) from None
+    except RuntimeError as e:  # CPU allocations fail with a plain RuntimeError from DefaultCPUAllocator
+        if "can't allocate memory" not in str(e):
+            raise
+        raise ModelError(diag.oom_advice(cfg, None)) from None
 
 
 class Reporter:
