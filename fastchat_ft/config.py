@@ -208,7 +208,18 @@ def from_dict(data: dict, source: str | None = None) -> TrainConfig:
             hint = _suggest(key, FIELDS)
             raise ConfigError(f"unknown key '{key}'", file=source, field=str(key),
                               fix=f"did you mean '{hint}'?" if hint else "see fastchat_ft/assets/default.yaml for the keys")
-    return validate(TrainConfig(**data), source)
+    cfg = validate(TrainConfig(**data), source)
+    if "chat_template" not in data:
+        # Axolotl-style configs name the template per dataset; every file is packed with one template, so the
+        # datasets' own choice applies when no top-level chat_template is given (it was silently ignored before)
+        named = sorted({e["chat_template"] for e in cfg.datasets + cfg.test_datasets if e.get("chat_template")})
+        if len(named) > 1:
+            raise ConfigError(f"the datasets name different chat_templates ({', '.join(named)})", file=source,
+                              field="datasets", fix="every file is rendered with one template: set a top-level "
+                              "chat_template, or the same chat_template on every dataset")
+        if named:
+            cfg.chat_template = named[0]
+    return cfg
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -96,3 +96,18 @@ def test_save_then_load_round_trips_and_relative_paths_follow_the_file(tmp_path)
     again = config.load(out)
     assert again.to_dict() == cfg.to_dict() and again.config_hash() == cfg.config_hash()
     assert yaml.safe_load(out.read_text())["lora_r"] == 4
+
+
+def test_a_dataset_level_chat_template_applies_when_no_top_level_one_is_given():
+    cfg = config.from_dict({"datasets": [{"path": "a.jsonl", "type": "chat_template", "chat_template": "llama3"}]})
+    assert cfg.chat_template == "llama3"  # Axolotl's per-dataset key, not silently chatml
+    both = {"datasets": [{"path": "a.jsonl", "chat_template": "llama3"}],
+            "test_datasets": [{"path": "b.jsonl", "chat_template": "llama3"}]}
+    assert config.from_dict(both).chat_template == "llama3"
+    top = config.from_dict({"chat_template": "tokenizer", "datasets": [{"path": "a.jsonl", "chat_template": "chatml"}]})
+    assert top.chat_template == "tokenizer"  # an explicit top-level value (or --set) decides for every file
+    with pytest.raises(ConfigError, match="different chat_templates") as e:
+        config.from_dict({"datasets": [{"path": "a.jsonl", "chat_template": "llama3"},
+                                       {"path": "b.jsonl", "chat_template": "mistral"}]})
+    assert e.value.field == "datasets" and "top-level chat_template" in e.value.fix
+    assert config.from_dict({"datasets": ["a.jsonl"]}).chat_template == "chatml"
