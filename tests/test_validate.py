@@ -260,3 +260,10 @@ def test_fix_outputs_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
         os.umask(old)
     for name in ("clean.jsonl", "clean.rejects.jsonl"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_a_folder_or_missing_path_is_named_as_such(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 1
+    assert "a folder, not a dataset file" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "missing.jsonl")]) == 1
+    assert "no such file" in capsys.readouterr().err

@@ -136,6 +136,8 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
                  count_bigrams: bool = False, threads: int = 0, batch_records: int = 4096):
     """The native DatasetScanner over `path` (file errors become DataError)."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError("this is a folder, not a dataset file", file=str(p), fix="give one .jsonl or .json file")
     if not p.is_file():
         raise DataError("no such file", file=str(p), fix="check the path")
     bos = eos = ""
