@@ -341,7 +341,7 @@ def run_bench(args) -> int:
             dtype, defaults = ("float32", CPU_DEFAULTS) if device == "cpu" else ("bfloat16", GPU_DEFAULTS)
         else:
             dtype, defaults = "bfloat16", GPU_DEFAULTS
-            tok_dir = resolve_base_model(None)
+            tok_dir = Path(args.tokenizer) if getattr(args, "tokenizer", None) else resolve_base_model(None)
             names = args.models.split(",") if args.models else list(GPU_MODELS)
             models = [(n, None) for n in names]
         for label, base in models:

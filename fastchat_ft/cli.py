@@ -129,6 +129,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--base-model", help="HF model folder (default: SmolLM2-135M-Instruct on CPU, random Llama 1B/8B on GPU)")
     p.add_argument("--models", help="GPU mode: comma-separated subset of llama-1b,llama-8b")
+    p.add_argument("--tokenizer", help="GPU mode: folder with the tokenizer files of the random-weight models "
+                   "(default: the default model's; a GPU machine without it can carry just these files)")
     p.add_argument("--data", help="ChatML training file (default: the bundled demo)")
     p.add_argument("--val-data", help="ChatML validation file (default: the bundled demo's)")
     p.add_argument("--micro-batch", type=int, default=None, help="conversations per micro-batch")
