@@ -66,6 +66,7 @@ class TrainConfig:
     parallelism: str = "auto"              # under torchrun: auto (FSDP2 for full fine-tuning, DDP for LoRA/QLoRA) | ddp | fsdp
     # --- evaluation, logging, checkpoints ---
     output_dir: str = "runs/fastchat-ft"
+    overwrite_output_dir: bool = False     # allow a new run over a finished or checkpointed one in output_dir
     logging_steps: int = 1
     eval_steps: int | None = None          # evaluate every N optimizer steps; None = evals_per_epoch
     evals_per_epoch: int = 2

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import shared_path
 from fastchat_ft import config
+from fastchat_ft.errors import ConfigError
 from fastchat_ft.engine import train as train_mod
 from fastchat_ft.engine.data import RunData
 from fastchat_ft.engine.diagnostics import TrainingDiverged
@@ -64,6 +65,19 @@ def test_run_directory_follows_the_contract(tiny_dir, tmp_path):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {0, 3, 6} and all("output" in s for s in samples)
     assert config.load(out / "training_config.yaml").lora_r == 4
+
+
+def test_a_new_run_never_replaces_an_earlier_one_silently(tiny_dir, tmp_path):
+    out, data = tmp_path / "run", make_data(tmp_path)
+    train_mod.train(make_cfg(tiny_dir, out, max_steps=1, eval_steps=100, save_steps=100), data=data, show_bar=False)
+    before = (out / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError) as err:
+        train_mod.train(make_cfg(tiny_dir, out, max_steps=1), data=data, show_bar=False)
+    assert err.value.field == "output_dir" and "--resume" in err.value.fix and "final" in str(err.value)
+    assert (out / "metrics.jsonl").read_bytes() == before  # nothing of the earlier run was touched
+    summary = train_mod.train(make_cfg(tiny_dir, out, max_steps=1, overwrite_output_dir=True), data=data,
+                              show_bar=False)
+    assert summary["steps"] == 1
 
 
 @pytest.mark.parametrize("adapter", ["lora", None])

@@ -27,7 +27,7 @@ from fastchat_ft.engine.metrics import MetricsLogger, append_samples
 from fastchat_ft.engine.rundir import generate_samples, write_run_files
 from fastchat_ft.engine.schedule import build_scheduler
 from fastchat_ft.engine.validation import EvalResult, evaluate
-from fastchat_ft.errors import ModelError
+from fastchat_ft.errors import ConfigError, ModelError
 from fastchat_ft.model import load as load_mod
 from fastchat_ft.model import lora as lora_mod
 
@@ -143,6 +143,15 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=fused or None)
 
 
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A new run never silently replaces an earlier run's checkpoints, final model and metrics."""
+    earlier = [n for n in ("final", "checkpoints") if (run_dir / n).is_dir() and any((run_dir / n).iterdir())]
+    if earlier:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(earlier)})", field="output_dir",
+                          fix="continue it with --resume, train into a new --output-dir, or replace it with "
+                              "--set overwrite_output_dir=true")
+
+
 def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_batches: bool = False,
           data: data_mod.RunData | None = None, show_bar: bool = True, stop_after: int | None = None) -> dict:
     """Run (or with dry_run, check and estimate) one training run described by `cfg`. `data` injects
@@ -151,6 +160,8 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
     random.seed(cfg.seed + rank)
     run_dir = Path(cfg.output_dir)
+    if not (resume or dry_run or cfg.overwrite_output_dir):
+        refuse_to_overwrite(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
     s = dist_mod.rank_zero_first(lambda: build(cfg, run_dir, data))
