@@ -95,6 +95,14 @@ def step_rows(n_rows: int, micro_batch_size: int, accum: int, seed: int, epoch: 
     return [chunk[i:i + micro_batch_size].tolist() for i in range(0, len(chunk), micro_batch_size)]
 
 
+def rank_step(rows, cfg, per_step: int, epoch: int, step_in_epoch: int, rank: int) -> tuple[list[list[int]], list[dict]]:
+    """The whole step's micro-batch row indices (every rank's) and this rank's collated micro-batches: rank r
+    takes the r-th run of gradient_accumulation_steps micro-batches."""
+    idx = step_rows(len(rows), cfg.micro_batch_size, per_step, cfg.seed, epoch, step_in_epoch)
+    accum = cfg.gradient_accumulation_steps
+    return idx, micro_batches(rows, idx[rank * accum:(rank + 1) * accum])
+
+
 def micro_batches(rows, indices: list[list[int]]) -> list[dict]:
     out = []
     for idx in indices:

@@ -198,10 +198,8 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     with ckpt.StopFlag() as stop, _oom_advice(cfg):
         while state.step < total_steps and not stop.requested:
             t0 = time.perf_counter()
-            idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, per_step, cfg.seed, state.epoch,
-                                     state.batch_in_epoch)
-            mine = idx[rank * cfg.gradient_accumulation_steps:(rank + 1) * cfg.gradient_accumulation_steps]
-            batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, mine)]
+            idx, mine = data_mod.rank_step(rows, cfg, per_step, state.epoch, state.batch_in_epoch, rank)
+            batches = [to_device(b, s.device) for b in mine]
             t_data = time.perf_counter() - t0
             if sharded:
                 n_forwards = fsdp.micro_batches_per_rank(len(idx), cfg.gradient_accumulation_steps)
