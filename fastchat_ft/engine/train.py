@@ -22,6 +22,7 @@ from fastchat_ft.engine import data as data_mod
 from fastchat_ft.engine import diagnostics as diag
 from fastchat_ft.engine import distributed as dist_mod
 from fastchat_ft.engine import fsdp
+from fastchat_ft.engine.cpu_allocator import tune_cpu_allocator
 from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.engine.metrics import MetricsLogger, append_samples
 from fastchat_ft.engine.rundir import generate_samples, write_run_files
@@ -72,6 +73,8 @@ def pick_device(cfg) -> tuple[torch.device, torch.dtype | None]:
 
 def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
     device, amp_dtype = pick_device(cfg)
+    if device.type == "cpu":  # before the model and the first step allocate: reuse freed activations
+        tune_cpu_allocator()
     base_dir = load_mod.resolve_base_model(cfg.base_model)
     tokenizer = load_mod.load_hf_tokenizer(base_dir, cfg.trust_remote_code)
     # the tokenizer is settled first: the data is tokenized with it and the embeddings are sized to it
