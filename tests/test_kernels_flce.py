@@ -414,3 +414,26 @@ def test_torch_path_frozen_head_gets_no_weight_gradient_work(monkeypatch):
     with torch.no_grad():
         run("torch", monkeypatch, h, w, y)
     assert wants[-1] == (False, False, False)  # evaluation does no gradient work
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_torch_path_vocab_sliced_logits_match_float64(with_bias, softcap, monkeypatch):
+    # the CPU path computes the logits GEMM in vocab slices (CPU_VOCAB_BLOCK); a small block makes a 301-row head
+    # run 7 slices, the last one partial, and the result must not change
+    flce = importlib.import_module("fastchat_ft.kernels.fused_linear_cross_entropy")
+
+    monkeypatch.setattr(flce, "CPU_VOCAB_BLOCK", 48)
+    slices = []
+    original = flce._logits
+    monkeypatch.setattr(flce, "_logits", lambda x, w, b: slices.append(w.shape[0]) or original(x, w, b))
+    h, w, b, y = make_inputs(torch.float32, bias=with_bias)
+    w.requires_grad_(False)
+    loss = run("torch", monkeypatch, h, w, y, bias=b, softcap=softcap, chunk_size=16)
+    loss.backward()
+    assert slices and all(v == 301 for v in slices)
+    h64, w64, b64 = leaf64(h), leaf64(w).requires_grad_(False), leaf64(b)
+    ref = float64_loss(h64, w64, y, b64, softcap=softcap)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= TOL[torch.float32][0] * abs(ref.item())
+    assert_close_grads((h, b), (h64, b64), torch.float32)
