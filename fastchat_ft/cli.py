@@ -140,6 +140,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: all cores on CPU)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of (a), (b), (c) in turn; each is reported by its median round (shared machines are noisy)")
     p.add_argument("--engine-rows", choices=["micro_batch", "step"], default="micro_batch",
                    help="(c)'s layout: one packed row per micro-batch (default, as HF), or each optimizer step's "
                         "conversations as one packed row (same effective batch, one forward per step)")

@@ -135,3 +135,19 @@ def test_engine_step_rows_train_like_micro_batch_rows(tmp_path):
     np.testing.assert_allclose(whole["losses"], per_micro["losses"], rtol=2e-5, atol=0)
     assert abs(whole["val_loss_end"] - per_micro["val_loss_end"]) <= 2e-5 * abs(per_micro["val_loss_end"])
     assert abs(whole["losses"][2] - whole["losses"][0]) > 1e-3  # training moved the loss, so the check has teeth
+
+
+def test_rounds_report_each_runners_median_round_and_keep_every_round():
+    def summary(tps):
+        return {"tokens": {"timed_non_padding": 10}, **{n: {"tokens_per_s": t, "peak_memory_mb": 100 + t, "mark": t}
+                                                        for n, t in zip(bench.RUNNERS, tps)}}
+    runs = bench.combine_rounds([summary((100, 7, 30)), summary((300, 5, 10)), summary((200, 6, 20))])
+    assert [runs[n]["mark"] for n in bench.RUNNERS] == [200, 6, 20]  # the middle round of each, chosen apart
+    assert runs["hf_padded"]["tokens_per_s_rounds"] == [100, 300, 200]
+    assert runs["fastchat_ft"]["peak_memory_mb_rounds"] == [130, 110, 120] and runs["fastchat_ft"]["median_of_rounds"] == 3
+    two = bench.combine_rounds([summary((100, 1, 1)), summary((300, 2, 2))])
+    assert two["hf_padded"]["mark"] == 100  # even count: the lower middle
+    table = bench.format_table({"runs": {**runs, **{n: {**runs[n], **{k: 1.0 for k in (
+        "data_prep_s", "tokens_per_cpu_s", "trainable_tokens_per_s", "step_time_s", "mfu", "final_train_loss",
+        "val_loss_start", "val_loss_end")}} for n in bench.RUNNERS}}})
+    assert "every round" in table and "100/300/200" in table
