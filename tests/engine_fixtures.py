@@ -1,0 +1,33 @@
+"""A tiny engine run for end-to-end tests: a random tiny Llama with the SmolLM2 tokenizer, the first lines of the
+bundled demo data as train/val files, and a training YAML; plus a subprocess runner for CLI/torchrun runs."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from conftest import shared_path
+from fastchat_ft import config
+from fastchat_ft.model.tiny import build_tiny_model
+
+DEMO = Path(config.__file__).parent / "assets" / "demo"
+
+
+def tiny_run_config(folder: Path, train_lines: int, val_lines: int, **settings) -> tuple[Path, Path]:
+    """Write folder/tiny (the model), folder/{train,val}.jsonl and folder/c.yaml (settings over the data keys);
+    returns (config path, model folder)."""
+    model = build_tiny_model(folder / "tiny", shared_path("tokenizers", "smollm2"))
+    for name, lines in (("train.jsonl", train_lines), ("val.jsonl", val_lines)):
+        (folder / name).write_text("".join((DEMO / name).read_text().splitlines(keepends=True)[:lines]))
+    cfg = folder / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "base_model": str(model), "datasets": [{"path": "train.jsonl", "type": "chat_template"}],
+        "test_datasets": [{"path": "val.jsonl"}], "output_dir": "unused", **settings}))
+    return cfg, model
+
+
+def run_ok(cmd: list[str], env: dict, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
