@@ -3,32 +3,19 @@ demo data: the run directory appears, and config mistakes are reported without a
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import shared_path
+from engine_fixtures import tiny_run_config
 from fastchat_ft import cli, config
-from fastchat_ft.model.tiny import build_tiny_model
-
-DEMO = Path(config.__file__).parent / "assets" / "demo"
 
 
 @pytest.fixture()
 def tiny_setup(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
-    model = build_tiny_model(tmp_path / "tiny", shared_path("tokenizers", "smollm2"))
-    train = tmp_path / "train.jsonl"
-    val = tmp_path / "val.jsonl"
-    train.write_text("".join((DEMO / "train.jsonl").read_text().splitlines(keepends=True)[:40]))
-    val.write_text("".join((DEMO / "val.jsonl").read_text().splitlines(keepends=True)[:6]))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base_model": str(model), "datasets": [{"path": "train.jsonl", "type": "chat_template"}],
-        "test_datasets": [{"path": "val.jsonl"}], "sequence_len": 128, "micro_batch_size": 4,
-        "gradient_accumulation_steps": 1, "num_epochs": 2, "learning_rate": 1e-2, "lora_r": 8, "lora_alpha": 16,
-        "evals_per_epoch": 1, "sample_prompts": 1, "sample_max_new_tokens": 4, "output_dir": "unused"}))
+    cfg, _ = tiny_run_config(tmp_path, 40, 6, sequence_len=128, micro_batch_size=4, gradient_accumulation_steps=1,
+                             num_epochs=2, learning_rate=1e-2, lora_r=8, lora_alpha=16, evals_per_epoch=1,
+                             sample_prompts=1, sample_max_new_tokens=4)
     return tmp_path, cfg
 
 

@@ -5,7 +5,6 @@ final/ is a normal HF folder, the checkpoints hold DCP shards, and a resume from
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,15 +12,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 
-from conftest import shared_path
+from engine_fixtures import run_ok as _run
+from engine_fixtures import tiny_run_config
 from fastchat_ft import config
 from fastchat_ft.engine import fsdp
 from fastchat_ft.engine.data import micro_batches, step_rows
 from fastchat_ft.engine.distributed import broadcast_parameters, shutdown
 from fastchat_ft.engine.loss import backward_step, to_device
-from fastchat_ft.model.tiny import build_tiny_model, random_packed_rows, tiny_llama_config
+from fastchat_ft.model.tiny import random_packed_rows, tiny_llama_config
 
 VOCAB, MICRO, ACCUM = 211, 2, 2
 
@@ -80,33 +79,20 @@ def test_fsdp_step_gradients_match_one_process(tmp_path, kw):
 
 # ----------------------------------------------------------------------------------------------- end to end
 
-DEMO = Path(config.__file__).parent / "assets" / "demo"
 STEPS = 5  # 13 packed rows = 7 micro-batches: step 4 gives rank 1 none (blank forward), step 5 starts epoch 2
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    model = build_tiny_model(tmp / "tiny", shared_path("tokenizers", "smollm2"))
-    (tmp / "train.jsonl").write_text("".join((DEMO / "train.jsonl").read_text().splitlines(keepends=True)[:24]))
-    (tmp / "val.jsonl").write_text("".join((DEMO / "val.jsonl").read_text().splitlines(keepends=True)[:4]))
-    cfg = tmp / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base_model": str(model), "datasets": [{"path": "train.jsonl", "type": "chat_template"}],
-        "test_datasets": [{"path": "val.jsonl"}], "sequence_len": 128, "micro_batch_size": 2, "adapter": None,
-        "gradient_accumulation_steps": 1, "max_steps": STEPS, "learning_rate": 1e-3, "eval_steps": STEPS,
-        "save_steps": 2, "sample_prompts": 1, "sample_max_new_tokens": 4, "seed": 5, "output_dir": "unused"}))
+    cfg, _ = tiny_run_config(tmp, 24, 4, sequence_len=128, micro_batch_size=2, adapter=None,
+                             gradient_accumulation_steps=1, max_steps=STEPS, learning_rate=1e-3, eval_steps=STEPS,
+                             save_steps=2, sample_prompts=1, sample_max_new_tokens=4, seed=5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCHAT_FT_CACHE": str(tmp / "cache")}
     cli = [sys.executable, "-m", "fastchat_ft", "train", str(cfg)]
     _run(cli + ["--output-dir", str(tmp / "one"), "--set", "gradient_accumulation_steps=2"], env, tmp)
     two = _run(cli + ["--output-dir", str(tmp / "two"), "--nproc", "2"], env, tmp)
     return tmp, cli, env, two
-
-
-def _run(cmd, env, tmp):
-    out = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 def _records(run: Path) -> list[dict]:

@@ -3,41 +3,24 @@ with a tiny random Llama and the real loader: the run completes, one process wri
 logged losses equal a 1-process run with the same global batch (2 ranks x 1 micro-batch = 1 rank x 2)."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import shared_path
-from fastchat_ft import config
-from fastchat_ft.model.tiny import build_tiny_model
-
-DEMO = Path(config.__file__).parent / "assets" / "demo"
+from engine_fixtures import run_ok as _run
+from engine_fixtures import tiny_run_config
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torchrun")
-    model = build_tiny_model(tmp / "tiny", shared_path("tokenizers", "smollm2"))
-    (tmp / "train.jsonl").write_text("".join((DEMO / "train.jsonl").read_text().splitlines(keepends=True)[:24]))
-    (tmp / "val.jsonl").write_text("".join((DEMO / "val.jsonl").read_text().splitlines(keepends=True)[:4]))
-    cfg = tmp / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base_model": str(model), "datasets": [{"path": "train.jsonl", "type": "chat_template"}],
-        "test_datasets": [{"path": "val.jsonl"}], "sequence_len": 128, "micro_batch_size": 2,
-        "gradient_accumulation_steps": 1, "max_steps": STEPS, "learning_rate": 1e-2, "lora_r": 8, "lora_alpha": 16,
-        "eval_steps": STEPS, "sample_prompts": 0, "seed": 5, "output_dir": "unused"}))
+    cfg, _ = tiny_run_config(tmp, 24, 4, sequence_len=128, micro_batch_size=2, gradient_accumulation_steps=1,
+                             max_steps=STEPS, learning_rate=1e-2, lora_r=8, lora_alpha=16, eval_steps=STEPS,
+                             sample_prompts=0, seed=5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCHAT_FT_CACHE": str(tmp / "cache")}
     return tmp, cfg, env
-
-
-def _run(cmd, env, tmp):
-    out = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
 
 
 def _losses(run: Path) -> list[float]:

@@ -2,31 +2,19 @@
 with the SmolLM2 tokenizer): the artifacts come from the run, the merged weights equal peft's reading of the
 engine's checkpoint, and eval's loss equals the validation loss the engine logged at the end."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import shared_path
+from engine_fixtures import tiny_run_config
 from fastchat_ft import cli
 
 
 @pytest.fixture(scope="module")
 def engine_run(tmp_path_factory):
-    from fastchat_ft import config
-    from fastchat_ft.model.tiny import build_tiny_model
     tmp = tmp_path_factory.mktemp("engine_run")
-    demo = Path(config.__file__).parent / "assets" / "demo"
-    model = build_tiny_model(tmp / "tiny", shared_path("tokenizers", "smollm2"))
-    (tmp / "train.jsonl").write_text("".join((demo / "train.jsonl").read_text().splitlines(keepends=True)[:32]))
-    (tmp / "val.jsonl").write_text("".join((demo / "val.jsonl").read_text().splitlines(keepends=True)[:6]))
-    cfg = tmp / "c.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "base_model": str(model), "datasets": [{"path": "train.jsonl", "type": "chat_template"}],
-        "test_datasets": [{"path": "val.jsonl"}], "sequence_len": 256, "micro_batch_size": 4,
-        "gradient_accumulation_steps": 1, "num_epochs": 1, "learning_rate": 1e-2, "lora_r": 8, "lora_alpha": 16,
-        "output_dir": "unused", "seed": 1}))
+    cfg, model = tiny_run_config(tmp, 32, 6, sequence_len=256, micro_batch_size=4, gradient_accumulation_steps=1,
+                                 num_epochs=1, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=1)
     mp = pytest.MonkeyPatch()
     mp.setenv("FASTCHAT_FT_CACHE", str(tmp / "cache"))
     torch.set_num_threads(1)
