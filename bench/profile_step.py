@@ -5,6 +5,8 @@ engine with each optimizer step's conversations packed into ONE row (one forward
 micro-batch; the loss is normalised per step, so loss and gradients are the same up to float reassociation).
 
 Run: OMP_NUM_THREADS=2 .venv/bin/python bench/profile_step.py [--steps 3] [--threads 2] [--top 0]
+Both steps run with the engine's CPU malloc settings (fastchat_ft/engine/cpu_allocator.py), so the comparison here
+isolates the step itself; `fastchat-ft bench` runs HF as its users do.
 Writes bench/results/profile_step-cpu.json. Not a training run: no optimizer step (the same for both).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from machine import cpu_name  # noqa: E402
 from fastchat_ft.bench import schedule  # noqa: E402
 from fastchat_ft.bench_runners import engine_conversations, seeded_lora_init  # noqa: E402
 from fastchat_ft.config import ALL_LINEAR, ASSETS  # noqa: E402
+from fastchat_ft.engine.cpu_allocator import tune_cpu_allocator  # noqa: E402
 from fastchat_ft.engine.loss import backward_step, to_device  # noqa: E402
 from fastchat_ft.model import load as load_mod  # noqa: E402
 from fastchat_ft.model import lora as lora_mod  # noqa: E402
@@ -132,6 +135,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=0, help="also print the N most expensive ops of each run")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "profile_step-cpu.json"))
     args = ap.parse_args()
+    tune_cpu_allocator()  # as `fastchat-ft train` does on CPU; here it serves HF's step too (one process)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
