@@ -37,6 +37,12 @@ class TrainConfig:
     sample_packing: bool = True            # pack conversations into rows; attention never crosses conversations
     excess_length_strategy: str = "drop"   # drop | truncate (at a turn boundary)
     train_on_inputs: bool = False          # True: also learn the prompt tokens (rarely what you want for chat)
+    # loader options: one set for every file (the native loader renders all files of a run with one option set)
+    train_on: str | None = None            # assistant | all | last_assistant; null = all if train_on_inputs else assistant
+    system_prompt: str | None = None       # system turn given to conversations that have none (theirs is kept)
+    think: str = "keep"                    # keep | strip_history (drop <think> blocks of earlier assistant turns)
+    allow_special_in_content: bool = False  # True: special-token text in content acts as a control token (HF's way)
+    on_error: str = "raise"                # raise: stop at a bad record (file:line) | skip: leave it out, list it in <file>.rejects.jsonl
     # --- adapter ---
     adapter: str | None = "lora"           # lora | qlora (CUDA + bitsandbytes) | null (full fine-tuning)
     lora_r: int = 16                       # rank: 8-64 covers most chat tuning; memory grows linearly
@@ -81,6 +87,10 @@ class TrainConfig:
             return float(self.learning_rate)
         return 2e-4 if self.adapter else 2e-5
 
+    def resolved_train_on(self) -> str:
+        """What the loader trains on: train_on, else Axolotl's train_on_inputs mapped to all / assistant."""
+        return self.train_on or ("all" if self.train_on_inputs else "assistant")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -99,7 +109,11 @@ CHOICES = {
     "lr_scheduler": ("cosine", "linear", "constant"),
     "bf16": ("auto", True, False),
     "parallelism": ("auto", "ddp", "fsdp"),
+    "train_on": ("assistant", "all", "last_assistant", None),
+    "think": ("keep", "strip_history"),
+    "on_error": ("raise", "skip"),
 }
+LOADER_KEYS = ("train_on", "system_prompt", "think", "allow_special_in_content", "on_error")
 POSITIVE = ("sequence_len", "micro_batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha",
             "num_epochs", "logging_steps", "evals_per_epoch", "save_total_limit", "dry_run_steps")
 
@@ -144,6 +158,10 @@ def _check_datasets(key: str, entries: list, source: str | None) -> list:
             raise ConfigError(f"entry {i} must be a mapping with a 'path'", file=source, field=key,
                               fix=f"write {key}: [{{path: data.jsonl, type: chat_template}}]")
         for k in entry:
+            if k in LOADER_KEYS:
+                raise ConfigError(f"'{k}' in entry {i} cannot differ per dataset", file=source, field=key,
+                                  fix=f"set {k} at the top level of the config: the loader renders every file of "
+                                      "a run with one option set")
             if k not in ("path", "type", "chat_template", "split"):
                 hint = _suggest(k, ("path", "type", "chat_template"))
                 raise ConfigError(f"unknown key '{k}' in entry {i}", file=source, field=key,
@@ -174,7 +192,7 @@ def validate(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
             hint = _suggest(value, [c for c in CHOICES[key] if c is not None])
             shown = ", ".join("null" if c is None else str(c) for c in CHOICES[key])
             raise ConfigError(f"'{value}' is not one of: {shown}", file=source, field=key,
-                              fix=f"did you mean '{hint}'?" if hint else f"use one of: {shown}")
+                              fix=f"did you mean '{hint}'? (allowed: {shown})" if hint else f"use one of: {shown}")
         if key in POSITIVE and value <= 0:
             raise ConfigError(f"must be > 0, got {value}", file=source, field=key, fix=f"set {key} to a positive value")
     for key in ("learning_rate", "lora_dropout", "warmup_ratio", "val_set_size", "weight_decay", "max_grad_norm"):
@@ -195,6 +213,10 @@ def validate(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
     if cfg.parallelism == "fsdp" and cfg.adapter:
         raise ConfigError("FSDP2 shards full fine-tuning; LoRA/QLoRA train a few weights and use DDP", file=source,
                           field="parallelism", fix="set parallelism: auto (or ddp), or adapter: null for full fine-tuning")
+    if cfg.train_on is not None and cfg.train_on_inputs and cfg.train_on != "all":
+        raise ConfigError(f"train_on: {cfg.train_on} contradicts train_on_inputs: true (which means train_on: all)",
+                          file=source, field="train_on", fix="remove train_on_inputs (train_on replaces it), "
+                          "or set train_on: all")
     cfg.datasets = _check_datasets("datasets", cfg.datasets, source)
     cfg.test_datasets = _check_datasets("test_datasets", cfg.test_datasets, source)
     return cfg
@@ -210,6 +232,13 @@ def from_dict(data: dict, source: str | None = None) -> TrainConfig:
             raise ConfigError(f"unknown key '{key}'", file=source, field=str(key),
                               fix=f"did you mean '{hint}'?" if hint else "see fastchat_ft/assets/default.yaml for the keys")
     cfg = validate(TrainConfig(**data), source)
+    if cfg.train_on is not None:
+        if "train_on_inputs" in data and cfg.train_on_inputs != (cfg.train_on == "all"):
+            raise ConfigError(f"train_on: {cfg.train_on} contradicts train_on_inputs: {str(cfg.train_on_inputs).lower()}",
+                              file=source, field="train_on",
+                              fix="remove train_on_inputs (train_on replaces it), or make them agree "
+                                  "(train_on_inputs: true is train_on: all)")
+        cfg.train_on_inputs = cfg.train_on == "all"  # the saved config reads back without a contradiction
     if "chat_template" not in data:
         # Axolotl-style configs name the template per dataset; every file is packed with one template, so the
         # datasets' own choice applies when no top-level chat_template is given (it was silently ignored before)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class RunData:
     train_files: list[Path] = field(default_factory=list)
     val_files: list[Path] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    held_out: dict = field(default_factory=dict)  # val_set_size: {training file: lines of the held-out conversations}
 
 
 def row_tokens(row: dict) -> int:
@@ -47,17 +49,46 @@ class Rows:
         return self.source[self.indices[i]]
 
 
+def loader_options(cfg) -> dict:
+    """The ChatDataset keywords the training config sets; training and validation files get the same ones."""
+    return dict(template=cfg.chat_template, max_seq_len=cfg.sequence_len, packing=cfg.sample_packing, seed=cfg.seed,
+                train_on=cfg.resolved_train_on(), overlong=cfg.excess_length_strategy, think=cfg.think,
+                system_prompt=cfg.system_prompt, allow_special_in_content=cfg.allow_special_in_content,
+                on_error=cfg.on_error)
+
+
 def pack_files(paths: list[Path], tokenizer_dir: Path, cfg) -> tuple[object, dict]:
-    """Tokenize, mask and pack files with the native loader (cached on disk); rows are indexable."""
+    """Tokenize, mask and pack files with the native loader (cached on disk; the cache key covers every
+    option); rows are indexable. With on_error: skip, says how many records were left out and where they are."""
     from fastchat_ft.data import ChatDataset
     from fastchat_ft.data.dataset import default_cache_dir
 
     default_cache_dir().mkdir(parents=True, exist_ok=True)  # the loader expects its cache folder to exist
-    ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), template=cfg.chat_template,
-                     max_seq_len=cfg.sequence_len, packing=cfg.sample_packing, seed=cfg.seed,
-                     train_on="all" if cfg.train_on_inputs else "assistant", overlong=cfg.excess_length_strategy)
-    stats = ds.stats
-    return ds, {k: v for k, v in vars(stats).items() if isinstance(v, (int, float))}
+    options = loader_options(cfg)
+    ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), **options)
+    stats = {k: v for k, v in vars(ds.stats).items() if isinstance(v, (int, float))}
+    if ds.stats.errors:
+        rejects = Path(ds.rejects_path)
+        if not rejects.is_file():
+            # served from the cache: the loader writes the rejects file only when it builds, so build once more
+            # (not cached) to list them again rather than point the user at a file that is gone
+            ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), cache=False, **options)
+        print(f"fastchat-ft data: on_error: skip left out {ds.stats.errors} bad record(s) of "
+              f"{', '.join(map(str, paths))}; each is listed with its file:line and reason in {rejects}",
+              file=sys.stderr)
+        stats["rejects_file"] = str(rejects)
+    return ds, stats
+
+
+def held_out_conversations(rows) -> dict[str, list[int]]:
+    """{source file: sorted lines} of every conversation packed into `rows` (the loader's "file:line" sources;
+    line is a JSONL record's line, or where a JSON array element starts)."""
+    out: dict[str, list[int]] = {}
+    for i in range(len(rows)):
+        for src in rows[i].get("sources") or []:
+            path, _, line = str(src).rpartition(":")
+            out.setdefault(path, []).append(int(line))
+    return {path: sorted(lines) for path, lines in out.items()}
 
 
 def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
@@ -71,15 +102,17 @@ def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
             raise DataError("dataset file not found", file=str(p), fix="check the path (relative paths are relative to the config file)")
     train, stats = pack_files(train_files, tokenizer_dir, cfg)
     val = pack_files(val_files, tokenizer_dir, cfg)[0] if val_files else []
+    held_out = {}
     if not val_files and cfg.val_set_size > 0:
         # rows hold whole conversations, so holding out rows never splits a conversation
         n_val = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
         order = np.random.default_rng(cfg.seed).permutation(len(train))
         val, train = Rows(train, sorted(order[:n_val])), Rows(train, sorted(order[n_val:]))
+        held_out = held_out_conversations(val)  # the run folder records these as the validation split
     if len(train) == 0 or stats.get("trainable_tokens", 1) == 0:
         raise DataError("no trainable tokens in the training data", file=str(train_files[0]),
                         fix="check the roles (assistant turns are what is learned) with `fastchat-ft validate`")
-    return RunData(train, val, train_files, val_files, stats)
+    return RunData(train, val, train_files, val_files, stats, held_out)
 
 
 def steps_per_epoch(n_rows: int, micro_batch_size: int, accum: int) -> int:

@@ -48,19 +48,15 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     config_mod.save(cfg, run_dir / "training_config.yaml")
     data_dir = run_dir / "data"
     data_dir.mkdir(exist_ok=True)
-    files = {"train": s.data.train_files, "val": s.data.val_files}
-    splits = {k: [{"path": str(Path(p).resolve()), "sha256": file_digest(p), "bytes": Path(p).stat().st_size}
-                  for p in v] for k, v in files.items()}
-    for kind, paths in files.items():
-        if len(paths) == 1 and Path(paths[0]).stat().st_size <= COPY_LIMIT:
-            shutil.copyfile(paths[0], data_dir / f"{kind}.jsonl")
-    (data_dir / "splits.json").write_text(json.dumps(splits, indent=2))
+    held_out = getattr(s.data, "held_out", None) or {}
+    splits = (record_held_out_split(data_dir, s.data.train_files, held_out, cfg) if held_out
+              else record_file_splits(data_dir, {"train": s.data.train_files, "val": s.data.val_files}))
     device = torch.cuda.get_device_name() if s.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     manifest_path = run_dir / "run_manifest.json"
     manifest = json.loads(manifest_path.read_text()) if resumed and manifest_path.is_file() else {}
     manifest.update({
         "command": "fastchat-ft train", "base_model": str(s.model_info["base_dir"]), "tokenizer": str(s.tokenizer_dir),
-        "data": splits, "packed_rows": {"train": len(s.data.train), "val": len(s.data.val)},
+        "data": _without_lines(splits), "packed_rows": {"train": len(s.data.train), "val": len(s.data.val)},
         "loader_stats": {k: v for k, v in (s.data.stats or {}).items() if isinstance(v, (int, float, str))},
         "versions": package_versions(), "git_revision": _git_revision(), "device": device,
         "python": platform.python_version(), "config_hash": cfg.config_hash(),
@@ -69,6 +65,97 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     if resumed:
         manifest.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_json(manifest_path, manifest)
+
+
+def _file_entry(path) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": file_digest(path), "bytes": Path(path).stat().st_size}
+
+
+def record_file_splits(data_dir: Path, files: dict) -> dict:
+    """Whole files per split (test_datasets, or no validation): splits.json names them; one small file per split
+    is copied as data/<split>.jsonl."""
+    splits = {k: [_file_entry(p) for p in v] for k, v in files.items()}
+    for kind, paths in files.items():
+        if len(paths) == 1 and Path(paths[0]).stat().st_size <= COPY_LIMIT:
+            shutil.copyfile(paths[0], data_dir / f"{kind}.jsonl")
+    _write_json(data_dir / "splits.json", splits)
+    return splits
+
+
+def record_held_out_split(data_dir: Path, train_files: list, held_out: dict, cfg) -> dict:
+    """val_set_size held out some conversations of the training files: splits.json gives, per file, the lines
+    of the held-out conversations (val: `lines`; train: the file less `held_out_lines`); data/val.jsonl holds the
+    held-out records and data/train.jsonl the rest (when the files total at most COPY_LIMIT), so eval's
+    memorisation check and the export, which read those first, never count a held-out answer as training data."""
+    by = f"val_set_size {cfg.val_set_size:g}, seed {cfg.seed}"
+    train, val = [], []
+    for p in train_files:
+        lines = held_out.get(str(p), [])
+        entry = _file_entry(p)
+        train.append(dict(entry, held_out_lines=lines))
+        if lines:
+            val.append(dict(entry, lines=lines, held_out_by=by))
+    for name in ("train.jsonl", "val.jsonl"):  # a resumed run rewrites them: never leave a stale copy behind
+        (data_dir / name).unlink(missing_ok=True)
+    # the held-out share is always written out (the files' own path would mean the whole training file);
+    # the training side only within COPY_LIMIT, else splits.json's path + held_out_lines describe it
+    _write_split_records(data_dir, train_files, held_out,
+                         with_train=sum(Path(p).stat().st_size for p in train_files) <= COPY_LIMIT)
+    splits = {"train": train, "val": val}
+    _write_json(data_dir / "splits.json", splits)
+    return splits
+
+
+def _write_split_records(data_dir: Path, files: list, held_out: dict, with_train: bool) -> None:
+    """data/val.jsonl (and data/train.jsonl when with_train): every record of `files`, one JSON object a line,
+    on the side its (file, line) belongs to. Written to temporary names, then renamed."""
+    kinds = ("train", "val") if with_train else ("val",)
+    outs = {k: open(data_dir / f"{k}.jsonl.tmp", "wb") for k in kinds}
+    try:
+        for p in files:
+            lines = set(held_out.get(str(p), []))
+            for line, record in _records_with_lines(Path(p)):
+                side = "val" if line in lines else "train"
+                if side in outs:
+                    outs[side].write(record + b"\n")
+    finally:
+        for f in outs.values():
+            f.close()
+    for k in outs:
+        os.replace(data_dir / f"{k}.jsonl.tmp", data_dir / f"{k}.jsonl")
+
+
+def _records_with_lines(path: Path):
+    """(line, record bytes) of a .jsonl file (its non-blank lines as they are, streamed) or a .json array (each element, at
+    the line where it starts): the same line numbers the loader gives its conversations."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    if not head.startswith("["):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                line = (raw[3:] if number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw).rstrip(b"\r\n")
+                if line.strip():
+                    yield number, line
+        return
+    text = path.read_text(encoding="utf-8-sig")
+    decoder, i, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        line += text.count("\n", counted, i)  # newlines between the last element's start and this one's
+        counted = i
+        obj, end = decoder.raw_decode(text, i)
+        yield line, json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        i = end
+
+
+def _without_lines(splits: dict) -> dict:
+    """The manifest names the files and counts the held-out conversations; splits.json has the lines."""
+    return {k: [{(f"{key}_count" if isinstance(v, list) else key): (len(v) if isinstance(v, list) else v)
+                 for key, v in e.items()} for e in entries]
+            for k, entries in splits.items()}
 
 
 def generate_samples(s, prompts: list[dict], max_new_tokens: int) -> list[dict]:

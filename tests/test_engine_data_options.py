@@ -1,0 +1,235 @@
+"""The training config reaches the loader's options (train_on, system_prompt, think, allow_special_in_content,
+on_error) through engine.data.build_run_data, a changed option is never served from a stale cache, bad values
+are ConfigErrors naming the key; and with val_set_size the run folder records exactly which conversations
+were held out (splits.json lines, data/train.jsonl and data/val.jsonl), so eval's memorisation check reads
+only training answers."""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from conftest import shared_path
+from fastchat_ft import config
+from fastchat_ft.engine import data as data_mod
+from fastchat_ft.engine.rundir import write_run_files
+from fastchat_ft.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def tok_dir():
+    return shared_path("tokenizers", "smollm2")
+
+
+@pytest.fixture(scope="module")
+def decode(tok_dir):
+    import tokenizers
+    return tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json")).decode
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+
+
+def cfg_for(path, **kw):
+    base = {"datasets": [{"path": str(path)}], "sequence_len": 256, "sample_packing": False, "seed": 3}
+    base.update(kw)
+    return config.from_dict(base)
+
+
+def two_turns(tag: str, system: str | None = None) -> dict:
+    msgs = [{"role": "system", "content": system}] if system else []
+    msgs += [{"role": "user", "content": f"first question {tag}"}, {"role": "assistant", "content": f"early {tag}"},
+             {"role": "user", "content": f"second question {tag}"}, {"role": "assistant", "content": f"late {tag}"}]
+    return {"messages": msgs}
+
+
+def write_jsonl(path, records, extra_lines=()):
+    lines = [json.dumps(r) for r in records]
+    for at, text in extra_lines:
+        lines.insert(at, text)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def trained_text(rows, decode) -> list[str]:
+    out = []
+    for i in range(len(rows)):
+        row = rows[i]
+        out.append(decode([int(t) for t in row["labels"] if t != -100]))
+    return out
+
+
+def test_train_on_last_assistant_labels_only_the_last_turn(tmp_path, tok_dir, decode):
+    path = write_jsonl(tmp_path / "chat.jsonl", [two_turns("kiwi")])
+    last = trained_text(data_mod.build_run_data(cfg_for(path, train_on="last_assistant"), tok_dir).train, decode)
+    every = trained_text(data_mod.build_run_data(cfg_for(path), tok_dir).train, decode)  # default: assistant
+    assert len(last) == 1 and "late kiwi" in last[0] and "early kiwi" not in last[0]
+    assert "early kiwi" in every[0] and "late kiwi" in every[0]
+    everything = trained_text(data_mod.build_run_data(cfg_for(path, train_on="all"), tok_dir).train, decode)
+    assert "first question kiwi" in everything[0]  # all: the prompt tokens too
+    assert "question" not in every[0]
+
+
+def test_system_prompt_fills_in_only_where_a_conversation_has_none(tmp_path, tok_dir, decode):
+    path = write_jsonl(tmp_path / "chat.jsonl", [two_turns("plain"), two_turns("own", system="Answer in French.")])
+    rows = data_mod.build_run_data(cfg_for(path, system_prompt="You are Juniper."), tok_dir).train
+    texts = {}
+    for i in range(len(rows)):
+        text = decode([int(t) for t in rows[i]["input_ids"]], skip_special_tokens=False)
+        texts["own" if "own" in text else "plain"] = text
+    assert "<|im_start|>system\nYou are Juniper.<|im_end|>" in texts["plain"]
+    assert "Juniper" not in texts["own"] and "<|im_start|>system\nAnswer in French.<|im_end|>" in texts["own"]
+    assert texts["own"].count("<|im_start|>system") == 1 and texts["plain"].count("<|im_start|>system") == 1
+    default = data_mod.build_run_data(cfg_for(path), tok_dir).train  # no system_prompt: nothing added
+    plain = [decode([int(t) for t in default[i]["input_ids"]], skip_special_tokens=False) for i in range(len(default))]
+    assert not any("Juniper" in t for t in plain)
+
+
+def test_on_error_skip_trains_and_reports_where_the_rejects_went(tmp_path, tok_dir, capsys):
+    path = write_jsonl(tmp_path / "chat.jsonl", [two_turns("a"), two_turns("b")], [(1, '{"messages": [oops')])
+    with pytest.raises(DataError) as err:  # the default, raise, names file:line
+        data_mod.build_run_data(cfg_for(path), tok_dir)
+    assert err.value.file == str(path) and err.value.line == 2 and f"{path}:2" in str(err.value)
+    capsys.readouterr()
+    run = data_mod.build_run_data(cfg_for(path, on_error="skip"), tok_dir)
+    rejects = tmp_path / "chat.rejects.jsonl"
+    assert len(run.train) == 2 and run.stats["errors"] == 1 and run.stats["rejects_file"] == str(rejects)
+    err_out = capsys.readouterr().err
+    assert "left out 1 bad record" in err_out and str(rejects) in err_out
+    bad = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert [(b["file"], b["line"]) for b in bad] == [(str(path), 2)] and "oops" in bad[0]["raw"]
+    rejects.unlink()  # a cache hit: the loader does not rebuild, so the engine must list them again
+    run = data_mod.build_run_data(cfg_for(path, on_error="skip"), tok_dir)
+    assert run.stats["errors"] == 1 and [json.loads(x)["line"] for x in rejects.read_text().splitlines()] == [2]
+    assert str(rejects) in capsys.readouterr().err
+
+
+def test_validation_files_get_the_same_options(tmp_path, tok_dir, decode):
+    train = write_jsonl(tmp_path / "train.jsonl", [two_turns("t")])
+    val = write_jsonl(tmp_path / "val.jsonl", [two_turns("v")])
+    run = data_mod.build_run_data(cfg_for(train, test_datasets=[{"path": str(val)}], train_on="last_assistant"),
+                                  tok_dir)
+    labels = trained_text(run.val, decode)
+    assert "late v" in labels[0] and "early v" not in labels[0]
+
+
+def test_a_changed_option_is_not_served_from_a_stale_cache(tmp_path, tok_dir, decode):
+    path = write_jsonl(tmp_path / "chat.jsonl", [two_turns("c")])
+    first = data_mod.build_run_data(cfg_for(path), tok_dir).train
+    changed = data_mod.build_run_data(cfg_for(path, train_on="last_assistant"), tok_dir).train
+    assert first.cache_entry is not None and changed.cache_entry != first.cache_entry
+    assert "early c" in trained_text(first, decode)[0] and "early c" not in trained_text(changed, decode)[0]
+    prompt = data_mod.build_run_data(cfg_for(path, system_prompt="Be terse."), tok_dir).train
+    assert prompt.cache_entry not in (first.cache_entry, changed.cache_entry)
+    assert "Be terse." in decode([int(t) for t in prompt[0]["input_ids"]])
+    again = data_mod.build_run_data(cfg_for(path), tok_dir).train  # the first option set: a cache hit
+    assert again.cache_entry == first.cache_entry
+    assert sorted(p.name for p in (tmp_path / "cache" / "data").iterdir() if not p.name.startswith(".")) == \
+        sorted({first.cache_entry.name, changed.cache_entry.name, prompt.cache_entry.name})
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("train_on", "last", "last_assistant"), ("think", "strip", "strip_history"), ("on_error", "ignore", "skip"),
+])
+def test_a_bad_loader_value_is_a_config_error_naming_the_key(tmp_path, key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        cfg_for(tmp_path / "x.jsonl", **{key: value})
+    assert err.value.field == key and allowed in err.value.fix
+
+
+def test_train_on_and_train_on_inputs_must_agree(tmp_path):
+    path = tmp_path / "x.jsonl"
+    for train_on, inputs in (("assistant", True), ("last_assistant", True), ("all", False)):
+        with pytest.raises(ConfigError) as err:
+            cfg_for(path, train_on=train_on, train_on_inputs=inputs)
+        assert err.value.field == "train_on" and "train_on_inputs" in str(err.value)
+    assert cfg_for(path, train_on="all", train_on_inputs=True).resolved_train_on() == "all"
+    assert cfg_for(path, train_on_inputs=True).resolved_train_on() == "all"
+    assert cfg_for(path).resolved_train_on() == "assistant"
+    cfg = cfg_for(path, train_on="all")
+    config.save(cfg, tmp_path / "saved.yaml")  # the saved config reads back (train_on_inputs follows train_on)
+    assert config.load(tmp_path / "saved.yaml").resolved_train_on() == "all"
+    with pytest.raises(ConfigError) as err:
+        cfg_for(path, datasets=[{"path": str(path), "train_on": "all"}])
+    assert err.value.field == "datasets" and "top level" in err.value.fix
+
+
+# ---- val_set_size: the run folder records the real split ---------------------------------------------------
+
+def convs_with_markers(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"tell me about topic{i}q"},
+                          {"role": "assistant", "content": f"fact{i}z is the answer"}]} for i in range(n)]
+
+
+def markers_in(rows, decode) -> set[str]:
+    found = set()
+    for i in range(len(rows)):
+        text = decode([int(t) for t in rows[i]["input_ids"]])
+        found |= {w for w in text.replace(".", " ").split() if w.startswith("fact") and w.endswith("z")}
+    return found
+
+
+def file_markers(path) -> list[str]:
+    return [json.loads(x)["messages"][1]["content"].split()[0] for x in path.read_text().splitlines() if x.strip()]
+
+
+def write_run(tmp_path, cfg, run_data, tok_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    s = types.SimpleNamespace(data=run_data, device=torch.device("cpu"), model_info={"base_dir": tok_dir},
+                              tokenizer_dir=tok_dir)
+    write_run_files(run_dir, cfg, s, resumed=False)
+    return run_dir
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_val_set_size_records_the_held_out_conversations(tmp_path, tok_dir, decode, fmt):
+    from fastchat_ft.engine.evaluate import TrainingAnswers
+    from fastchat_ft.export_artifacts import split_files
+
+    records = convs_with_markers(23)
+    if fmt == "jsonl":  # blank lines: a record's line is not its index + 1
+        path = write_jsonl(tmp_path / "chat.jsonl", records, [(3, ""), (10, ""), (11, "")])
+    else:
+        path = tmp_path / "chat.json"
+        path.write_text("[\n" + ",\n\n".join(json.dumps(r) for r in records) + "\n]\n")
+    cfg = cfg_for(path, val_set_size=0.25, sample_packing=True, sequence_len=64)
+    run = data_mod.build_run_data(cfg, tok_dir)
+    held, trained = markers_in(run.val, decode), markers_in(run.train, decode)
+    assert held and trained and not held & trained and len(held | trained) == 23
+    assert any(len(run.val[i]["seq_lens"]) > 1 for i in range(len(run.val)))  # rows of several conversations
+
+    run_dir = write_run(tmp_path, cfg, run, tok_dir)
+    assert set(file_markers(run_dir / "data" / "val.jsonl")) == held
+    assert sorted(file_markers(run_dir / "data" / "train.jsonl")) == sorted(trained)
+    splits = json.loads((run_dir / "data" / "splits.json").read_text())
+    (val_entry,), (train_entry,) = splits["val"], splits["train"]
+    assert val_entry["path"] == str(path.resolve()) and "val_set_size 0.25" in val_entry["held_out_by"]
+    assert val_entry["lines"] == train_entry["held_out_lines"] == sorted(val_entry["lines"])
+    # the recorded lines point at the held-out records of the original file
+    text = path.read_text().split("\n")
+    at_lines = {text[n - 1].split('"content": "')[2].split()[0] for n in val_entry["lines"]}
+    assert at_lines == held
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["data"]["val"][0]["lines_count"] == len(held)
+
+    # eval's memorisation check reads the run's training split: no held-out answer is in it
+    found = split_files(run_dir)
+    assert found == {"train": run_dir / "data" / "train.jsonl", "val": run_dir / "data" / "val.jsonl"}
+    answers = {" ".join(a) for a in TrainingAnswers.from_file(found["train"]).answers}
+    assert not any(m in a for m in held for a in answers) and len(answers) == len(trained)
+
+
+def test_without_val_set_size_the_files_are_recorded_whole(tmp_path, tok_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", convs_with_markers(4))
+    val = write_jsonl(tmp_path / "val.jsonl", convs_with_markers(2))
+    cfg = cfg_for(train, test_datasets=[{"path": str(val)}])
+    run_dir = write_run(tmp_path, cfg, data_mod.build_run_data(cfg, tok_dir), tok_dir)
+    assert (run_dir / "data" / "train.jsonl").read_bytes() == train.read_bytes()
+    assert (run_dir / "data" / "val.jsonl").read_bytes() == val.read_bytes()
+    splits = json.loads((run_dir / "data" / "splits.json").read_text())
+    assert [e["path"] for e in splits["val"]] == [str(val.resolve())] and "lines" not in splits["val"][0]
