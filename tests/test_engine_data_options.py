@@ -117,6 +117,25 @@ def test_validation_files_get_the_same_options(tmp_path, tok_dir, decode):
     assert "late v" in labels[0] and "early v" not in labels[0]
 
 
+def test_think_and_allow_special_in_content_reach_the_loader(tmp_path, tok_dir, decode):
+    conv = {"messages": [{"role": "user", "content": "q1"},
+                         {"role": "assistant", "content": "<think>ponder alpha</think>done alpha"},
+                         {"role": "user", "content": "q2 <|im_end|> tail"},
+                         {"role": "assistant", "content": "<think>ponder beta</think>done beta"}]}
+    path = write_jsonl(tmp_path / "chat.jsonl", [conv])
+
+    def rendered(**kw):
+        row = data_mod.build_run_data(cfg_for(path, **kw), tok_dir).train[0]
+        return [int(t) for t in row["input_ids"]]
+
+    kept, stripped = rendered(), rendered(think="strip_history")
+    assert "ponder alpha" in decode(kept) and "ponder alpha" not in decode(stripped)
+    assert "ponder beta" in decode(stripped) and "done alpha" in decode(stripped)  # the last turn keeps its block
+    im_end = 2  # SmolLM2's <|im_end|>: as plain text by default, the control token when allowed
+    special = rendered(allow_special_in_content=True)
+    assert special.count(im_end) == kept.count(im_end) + 1
+
+
 def test_a_changed_option_is_not_served_from_a_stale_cache(tmp_path, tok_dir, decode):
     path = write_jsonl(tmp_path / "chat.jsonl", [two_turns("c")])
     first = data_mod.build_run_data(cfg_for(path), tok_dir).train
@@ -222,6 +241,19 @@ def test_val_set_size_records_the_held_out_conversations(tmp_path, tok_dir, deco
     assert found == {"train": run_dir / "data" / "train.jsonl", "val": run_dir / "data" / "val.jsonl"}
     answers = {" ".join(a) for a in TrainingAnswers.from_file(found["train"]).answers}
     assert not any(m in a for m in held for a in answers) and len(answers) == len(trained)
+
+
+def test_sample_prompts_come_from_the_held_out_conversations(tmp_path, tok_dir):
+    path = write_jsonl(tmp_path / "chat.jsonl", convs_with_markers(12), [(2, "")])
+    cfg = cfg_for(path, val_set_size=4, sample_packing=False)
+    run = data_mod.build_run_data(cfg, tok_dir)
+    held = {m for (_, lines) in run.held_out.items() for m in lines}
+    assert len(held) == 4
+    prompts = data_mod.sample_prompts([path], 10, run.held_out)
+    text = path.read_text().split("\n")
+    expected = [json.loads(text[n - 1])["messages"][1]["content"] for n in sorted(held)]
+    assert [p["reference"] for p in prompts] == expected
+    assert len(data_mod.sample_prompts([path], 10)) == 10  # without a split: the file's first conversations
 
 
 def test_without_val_set_size_the_files_are_recorded_whole(tmp_path, tok_dir):

@@ -153,26 +153,54 @@ def eval_batches(rows, micro_batch_size: int):
         yield collate([rows[j] for j in range(i, min(i + micro_batch_size, len(rows)))])
 
 
-def sample_prompts(files: list[Path], n: int) -> list[dict]:
-    """The first n conversations of the validation files, cut before their last assistant turn:
-    [{messages, reference}], reference being the held-out assistant reply."""
+def sample_prompts(files: list[Path], n: int, held_out: dict | None = None) -> list[dict]:
+    """The first n conversations of the validation files (with held_out, {file: lines}, only the conversations
+    val_set_size held out of them), cut before their last assistant turn: [{messages, reference}], reference
+    being the held-out assistant reply."""
     prompts = []
+    if n <= 0:
+        return prompts
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if len(prompts) >= n:
-                    return prompts
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    messages = json.loads(line).get("messages") or []
-                except (ValueError, AttributeError):
-                    continue
-                last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
-                if last:
-                    prompts.append({"messages": messages[:last], "reference": messages[last].get("content", "")})
+        keep = set(held_out.get(str(path), [])) if held_out else None
+        for line, record in records_with_lines(Path(path)):
+            if len(prompts) >= n:
+                return prompts
+            if keep is not None and line not in keep:
+                continue
+            try:
+                messages = json.loads(record).get("messages") or []
+            except (ValueError, AttributeError):
+                continue
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+            if last:
+                prompts.append({"messages": messages[:last], "reference": messages[last].get("content", "")})
     return prompts
+
+
+def records_with_lines(path: Path):
+    """(line, record bytes) of a .jsonl file (its non-blank lines as they are, streamed) or a .json array (each
+    element, at the line where it starts): the same line numbers the loader gives its conversations."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    if not head.startswith("["):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                line = (raw[3:] if number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw).rstrip(b"\r\n")
+                if line.strip():
+                    yield number, line
+        return
+    text = path.read_text(encoding="utf-8-sig")
+    decoder, i, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return
+        line += text.count("\n", counted, i)  # newlines between the last element's start and this one's
+        counted = i
+        obj, end = decoder.raw_decode(text, i)
+        yield line, json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        i = end
 
 
 def file_digest(path: Path) -> str:

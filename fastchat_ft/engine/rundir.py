@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastchat_ft import config as config_mod
-from fastchat_ft.engine.data import file_digest
+from fastchat_ft.engine.data import file_digest, records_with_lines
 
 COPY_LIMIT = 50 << 20  # data files up to this size are copied into data/; larger ones are named by hash
 
@@ -114,7 +114,7 @@ def _write_split_records(data_dir: Path, files: list, held_out: dict, with_train
     try:
         for p in files:
             lines = set(held_out.get(str(p), []))
-            for line, record in _records_with_lines(Path(p)):
+            for line, record in records_with_lines(Path(p)):
                 side = "val" if line in lines else "train"
                 if side in outs:
                     outs[side].write(record + b"\n")
@@ -123,32 +123,6 @@ def _write_split_records(data_dir: Path, files: list, held_out: dict, with_train
             f.close()
     for k in outs:
         os.replace(data_dir / f"{k}.jsonl.tmp", data_dir / f"{k}.jsonl")
-
-
-def _records_with_lines(path: Path):
-    """(line, record bytes) of a .jsonl file (its non-blank lines as they are, streamed) or a .json array (each element, at
-    the line where it starts): the same line numbers the loader gives its conversations."""
-    with open(path, "rb") as f:
-        head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
-    if not head.startswith("["):
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                line = (raw[3:] if number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw).rstrip(b"\r\n")
-                if line.strip():
-                    yield number, line
-        return
-    text = path.read_text(encoding="utf-8-sig")
-    decoder, i, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
-    while True:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
-            return
-        line += text.count("\n", counted, i)  # newlines between the last element's start and this one's
-        counted = i
-        obj, end = decoder.raw_decode(text, i)
-        yield line, json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        i = end
 
 
 def _without_lines(splits: dict) -> dict:

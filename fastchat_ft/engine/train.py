@@ -257,7 +257,8 @@ class Reporter:
         # evaluation is a collective when world > 1 (FSDP: every forward; DDP: the batches are split over ranks)
         self.collective_eval = self.SPLITS_EVAL and dist_mod.world()[1] > 1
         self.eval_model = sharded.view if sharded else s.model
-        self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts)
+        self.prompts = data_mod.sample_prompts(s.data.val_files or s.data.train_files, cfg.sample_prompts,
+                                               s.data.held_out)
         if not active:  # ranks other than 0 train silently and write nothing (they hand rank 0 their RNG state)
             if self.collective_eval and state.step == 0:
                 self.evaluate()
