@@ -243,6 +243,27 @@ def test_val_set_size_records_the_held_out_conversations(tmp_path, tok_dir, deco
     assert not any(m in a for m in held for a in answers) and len(answers) == len(trained)
 
 
+def test_a_training_file_too_big_to_copy_is_read_less_its_held_out_lines(tmp_path, tok_dir, decode, monkeypatch):
+    from fastchat_ft.engine import rundir
+    from fastchat_ft.engine.evaluate import TrainingAnswers
+    from fastchat_ft.export_artifacts import split_files
+
+    path = write_jsonl(tmp_path / "chat.jsonl", convs_with_markers(15), [(5, "")])
+    cfg = cfg_for(path, val_set_size=0.3, sample_packing=True, sequence_len=64)
+    run = data_mod.build_run_data(cfg, tok_dir)
+    held = markers_in(run.val, decode)
+    monkeypatch.setattr(rundir, "COPY_LIMIT", 0)  # as if the training file were over the copy limit
+    run_dir = write_run(tmp_path, cfg, run, tok_dir)
+    assert not (run_dir / "data" / "train.jsonl").exists()
+    assert set(file_markers(run_dir / "data" / "val.jsonl")) == held  # the held-out share is always written
+    found = split_files(run_dir)
+    assert found["train"] == path.resolve() and found["val"] == run_dir / "data" / "val.jsonl"
+    words = lambda ta: {w for a in ta.answers for w in a}  # noqa: E731
+    assert held <= words(TrainingAnswers.from_file(found["train"]))  # the whole file, as before
+    kept = words(TrainingAnswers.from_file(found["train"], run_dir))  # what eval's memorisation check reads
+    assert not held & kept and len([w for w in kept if w.startswith("fact")]) == 15 - len(held)
+
+
 def test_sample_prompts_come_from_the_held_out_conversations(tmp_path, tok_dir):
     path = write_jsonl(tmp_path / "chat.jsonl", convs_with_markers(12), [(2, "")])
     cfg = cfg_for(path, val_set_size=4, sample_packing=False)

@@ -35,11 +35,11 @@ def run_eval(args) -> int:
         results["improvement"] = improvement(results["model"], results["baseline"])
     if args.samples:
         report = Path(args.report) if getattr(args, "report", None) else Path(f"eval-samples-{_slug(model)}.md")
-        train_file = getattr(args, "train_data", None) or split_files(model.source.run_dir or
-                                                                       _run_of(model.source.path)).get("train")
+        run_dir = model.source.run_dir or _run_of(model.source.path)
+        train_file = getattr(args, "train_data", None) or split_files(run_dir).get("train")
         write_samples_report(report, model, baseline, data, args.samples, results,
                              train_file=Path(train_file) if train_file else None,
-                             max_new_tokens=getattr(args, "max_new_tokens", 256))
+                             max_new_tokens=getattr(args, "max_new_tokens", 256), run_dir=run_dir)
         results["samples_report"] = str(report)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -165,8 +165,11 @@ class TrainingAnswers:
                 self.index.setdefault(bg, set()).add(i)
 
     @classmethod
-    def from_file(cls, path: Path) -> "TrainingAnswers":
-        convs = read_conversations(path)
+    def from_file(cls, path: Path, run_dir: Path | None = None) -> "TrainingAnswers":
+        from fastchat_ft.engine.rundir import training_conversations
+
+        held_out_removed = training_conversations(run_dir, path)  # the run's val_set_size split is not training data
+        convs = read_conversations(path) if held_out_removed is None else held_out_removed
         obj = cls([m["content"] for c in convs for m in c if m["role"] == "assistant"])
         obj.prompts = {" ".join(_words(m["content"])) for c in convs for m in c if m["role"] == "user"}
         return obj
@@ -204,11 +207,12 @@ def _longest_common_run(a: list[str], b: list[str]) -> tuple[int, int]:
 
 
 def write_samples_report(path: Path, model: LoadedModel, baseline: LoadedModel | None, data: Path, n: int,
-                         results: dict, *, train_file: Path | None, max_new_tokens: int = 256) -> None:
+                         results: dict, *, train_file: Path | None, max_new_tokens: int = 256,
+                         run_dir: Path | None = None) -> None:
     prompts = prompts_from(read_conversations(data), n)
     if not prompts:
         raise DataError("no conversation with an assistant reply to sample from", file=str(data))
-    train = TrainingAnswers.from_file(train_file) if train_file and train_file.is_file() else None
+    train = TrainingAnswers.from_file(train_file, run_dir) if train_file and train_file.is_file() else None
     lines = [f"# Eval samples: {model.source.path}", "",
              f"Data: `{data}`. Greedy decoding, at most {max_new_tokens} new tokens."]
     if baseline is not None:

@@ -125,6 +125,34 @@ def _write_split_records(data_dir: Path, files: list, held_out: dict, with_train
         os.replace(data_dir / f"{k}.jsonl.tmp", data_dir / f"{k}.jsonl")
 
 
+def training_conversations(run_dir: Path | None, path: Path) -> list[list[dict]] | None:
+    """The conversations of the run's training file `path` less those val_set_size held out (from splits.json),
+    for readers of the whole file when it was too big to copy as data/train.jsonl; None when the run held
+    nothing out of `path` (read it whole)."""
+    splits = run_dir / "data" / "splits.json" if run_dir else None
+    if splits is None or not splits.is_file():
+        return None
+    from fastchat_ft.export_artifacts import _messages  # the lenient record -> messages reader export uses
+
+    target = str(Path(path).resolve())
+    entries = json.loads(splits.read_text()).get("train")
+    held = next((set(e.get("held_out_lines") or []) for e in (entries if isinstance(entries, list) else [])
+                 if isinstance(e, dict) and e.get("path") == target), None)
+    if not held:
+        return None
+    convs = []
+    for line, record in records_with_lines(Path(path)):
+        if line in held:
+            continue
+        try:
+            messages = _messages(json.loads(record))
+        except ValueError:
+            continue
+        if messages:
+            convs.append(messages)
+    return convs
+
+
 def _without_lines(splits: dict) -> dict:
     """The manifest names the files and counts the held-out conversations; splits.json has the lines."""
     return {k: [{(f"{key}_count" if isinstance(v, list) else key): (len(v) if isinstance(v, list) else v)
