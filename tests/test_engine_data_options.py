@@ -286,3 +286,30 @@ def test_without_val_set_size_the_files_are_recorded_whole(tmp_path, tok_dir):
     assert (run_dir / "data" / "val.jsonl").read_bytes() == val.read_bytes()
     splits = json.loads((run_dir / "data" / "splits.json").read_text())
     assert [e["path"] for e in splits["val"]] == [str(val.resolve())] and "lines" not in splits["val"][0]
+
+
+def test_a_training_run_with_val_set_size_samples_and_records_the_held_out_share(tmp_path, tok_dir):
+    """The engine end to end (tiny model, the demo data, one step): the before/after samples answer held-out
+    prompts, and the run folder's val.jsonl + train.jsonl partition the training file."""
+    from fastchat_ft.config import ASSETS
+    from fastchat_ft.engine import train as train_mod
+    from fastchat_ft.model.tiny import build_tiny_model
+
+    torch.set_num_threads(1)
+    tiny = build_tiny_model(tmp_path / "tiny", tok_dir)
+    source = ASSETS / "demo" / "train.jsonl"
+    cfg = config.from_dict({"base_model": str(tiny), "datasets": [{"path": str(source)}], "val_set_size": 0.1,
+                            "output_dir": str(tmp_path / "run"), "max_steps": 1, "eval_steps": 1, "sample_prompts": 2,
+                            "sample_max_new_tokens": 2, "lora_r": 2, "lora_alpha": 4, "micro_batch_size": 2,
+                            "gradient_accumulation_steps": 1, "sequence_len": 256, "train_on": "last_assistant"})
+    train_mod.train(cfg, show_bar=False)
+    data = tmp_path / "run" / "data"
+    val = [json.loads(x) for x in (data / "val.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    originals = [json.loads(x) for x in source.read_text().splitlines() if x.strip()]
+    assert val and len(val) + len(train) == len(originals)
+    assert sorted(map(json.dumps, val + train)) == sorted(map(json.dumps, originals))
+    held_refs = {[m for m in v["messages"] if m["role"] == "assistant"][-1]["content"] for v in val}
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["reference"] in held_refs for s in samples)
+    assert config.load(tmp_path / "run" / "training_config.yaml").resolved_train_on() == "last_assistant"
