@@ -106,6 +106,10 @@ def test_on_error_skip_trains_and_reports_where_the_rejects_went(tmp_path, tok_d
     run = data_mod.build_run_data(cfg_for(path, on_error="skip"), tok_dir)
     assert run.stats["errors"] == 1 and [json.loads(x)["line"] for x in rejects.read_text().splitlines()] == [2]
     assert str(rejects) in capsys.readouterr().err
+    run_dir = write_run(tmp_path, cfg_for(path, on_error="skip"), run, tok_dir)
+    assert (run_dir / "data" / "rejects.jsonl").read_bytes() == rejects.read_bytes()  # the run folder keeps them
+    manifest = json.loads((run_dir / "run_manifest.json").read_text())
+    assert manifest["loader_stats"]["errors"] == 1 and manifest["loader_stats"]["rejects_file"] == str(rejects)
 
 
 def test_validation_files_get_the_same_options(tmp_path, tok_dir, decode):

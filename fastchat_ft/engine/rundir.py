@@ -51,6 +51,9 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     held_out = getattr(s.data, "held_out", None) or {}
     splits = (record_held_out_split(data_dir, s.data.train_files, held_out, cfg) if held_out
               else record_file_splits(data_dir, {"train": s.data.train_files, "val": s.data.val_files}))
+    rejects = Path(str((s.data.stats or {}).get("rejects_file") or ""))
+    if rejects.name and rejects.is_file() and rejects.stat().st_size <= COPY_LIMIT:
+        shutil.copyfile(rejects, data_dir / "rejects.jsonl")  # on_error: skip: the records left out, with reasons
     device = torch.cuda.get_device_name() if s.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     manifest_path = run_dir / "run_manifest.json"
     manifest = json.loads(manifest_path.read_text()) if resumed and manifest_path.is_file() else {}
