@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -74,7 +75,11 @@ def _exec_vllm(args) -> int:
 
 
 class ChatServer(ThreadingHTTPServer):
-    daemon_threads = True
+    # server_close() ends every connection and joins its handler thread. A daemon handler left blocked on a
+    # keep-alive connection would wake at interpreter exit, drop the last reference to the model and free its
+    # tensors during finalization, which aborts the process ("terminate called without an active exception").
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(self, address, loaded: LoadedModel, default_max_tokens: int = 512):
         super().__init__(address, ChatHandler)
@@ -82,6 +87,28 @@ class ChatServer(ThreadingHTTPServer):
         self.model_name = (loaded.source.run_dir or loaded.source.path).name or "model"
         self.default_max_tokens = default_max_tokens
         self.lock = threading.Lock()  # one generation at a time: a CPU/GPU model is not shared usefully
+        self._open: set = set()  # connections being served, so server_close() can end them
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self):
+        with self._open_lock:
+            open_now = list(self._open)
+        for sock in open_now:  # a handler waiting for the next keep-alive request reads EOF and returns
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        super().server_close()  # joins the handler threads (a running generation ends at its token limit)
 
 
 def make_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, *, default_max_tokens: int = 512):
@@ -180,6 +207,10 @@ class ChatHandler(BaseHTTPRequestHandler):
                                         "code": None}})
 
 
+# OpenAI's chat roles; "developer" is its newer name for the system message, which chat templates know as "system"
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
 def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], dict, bool]:
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -188,12 +219,15 @@ def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], 
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise RequestError(f"messages[{i}] needs a 'role'", param=f"messages[{i}]")
+        if m["role"] not in ROLES:  # a typo would otherwise render as a turn the model never saw in training
+            raise RequestError(f"messages[{i}].role {m['role']!r} is not one of {', '.join(ROLES)}",
+                               param=f"messages[{i}].role")
         content = m.get("content") or ""
         if isinstance(content, list):
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or text parts", param=f"messages[{i}]")
-        clean.append({"role": m["role"], "content": content})
+        clean.append({"role": ROLES[m["role"]], "content": content})
     if req.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", param="n")
     max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or default_max_tokens

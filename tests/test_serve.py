@@ -108,3 +108,34 @@ def test_request_fields_of_the_wrong_type_are_a_400_not_a_dropped_connection(fie
     with pytest.raises(RequestError, match=field) as err:
         parse_chat_request(req, 8)
     assert err.value.param == field and err.value.status == 400
+
+
+def test_unknown_roles_are_a_400_and_developer_is_the_system_turn():
+    from fastchat_ft.serve import RequestError, parse_chat_request
+    with pytest.raises(RequestError, match="'usr' is not one of system") as err:
+        parse_chat_request({"messages": [{"role": "usr", "content": "hi"}]}, 8)
+    assert err.value.status == 400 and err.value.param == "messages[0].role"
+    messages = parse_chat_request({"messages": [{"role": "developer", "content": "Be brief."},
+                                                {"role": "user", "content": "hi"}]}, 8)[0]
+    assert [m["role"] for m in messages] == ["system", "user"]
+
+
+def test_server_close_ends_keep_alive_connections_and_joins_their_threads(chatty_run):
+    # a client that keeps its HTTP/1.1 connection open must not leave a handler thread (holding the model) behind:
+    # one that outlives the interpreter frees tensors during finalization and aborts the process
+    import http.client
+
+    srv = make_server(load_model(chatty_run["run"], device="cpu"), "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    before = set(threading.enumerate())
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() and conn.sock is not None  # the connection stays open
+    handlers = [th for th in threading.enumerate() if th not in before]
+    assert handlers and all(not th.daemon for th in handlers)
+    srv.shutdown()
+    srv.server_close()
+    t.join(timeout=10)
+    assert not any(th.is_alive() for th in handlers)
+    conn.close()
