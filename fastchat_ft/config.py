@@ -29,7 +29,7 @@ class TrainConfig:
     base_model: str | None = None          # local HF folder; None = the default SmolLM2-135M-Instruct (converted once)
     trust_remote_code: bool = False        # run code shipped inside the model folder: only for folders you trust
     # --- data ---
-    datasets: list = field(default_factory=list)       # [{path, type: chat_template, chat_template: chatml}]
+    datasets: list = field(default_factory=list)       # [{path, type: chat_template, chat_template, train_on, ...}]
     test_datasets: list = field(default_factory=list)  # held-out files; otherwise val_set_size splits datasets
     val_set_size: float = 0.0              # fraction (<1) or count (>=1) of conversations held out for validation
     chat_template: str = "chatml"          # chatml | llama3 | llama2 | mistral | alpaca | tokenizer (model's Jinja)
@@ -37,7 +37,7 @@ class TrainConfig:
     sample_packing: bool = True            # pack conversations into rows; attention never crosses conversations
     excess_length_strategy: str = "drop"   # drop | truncate (at a turn boundary)
     train_on_inputs: bool = False          # True: also learn the prompt tokens (rarely what you want for chat)
-    # loader options: one set for every file (the native loader renders all files of a run with one option set)
+    # loader options; a datasets / test_datasets entry may override them for its file (files are packed per option set)
     train_on: str | None = None            # assistant | all | last_assistant; null = all if train_on_inputs else assistant
     system_prompt: str | None = None       # system turn given to conversations that have none (theirs is kept)
     think: str = "keep"                    # keep | strip_history (drop <think> blocks of earlier assistant turns)
@@ -157,15 +157,13 @@ def _check_datasets(key: str, entries: list, source: str | None) -> list:
         if not isinstance(entry, dict):
             raise ConfigError(f"entry {i} must be a mapping with a 'path'", file=source, field=key,
                               fix=f"write {key}: [{{path: data.jsonl, type: chat_template}}]")
+        allowed = ("path", "type", "chat_template", "split") + LOADER_KEYS
         for k in entry:
-            if k in LOADER_KEYS:
-                raise ConfigError(f"'{k}' in entry {i} cannot differ per dataset", file=source, field=key,
-                                  fix=f"set {k} at the top level of the config: the loader renders every file of "
-                                      "a run with one option set")
-            if k not in ("path", "type", "chat_template", "split"):
-                hint = _suggest(k, ("path", "type", "chat_template"))
+            if k not in allowed:
+                hint = _suggest(k, allowed)
                 raise ConfigError(f"unknown key '{k}' in entry {i}", file=source, field=key,
-                                  fix=f"did you mean '{hint}'?" if hint else "allowed: path, type, chat_template")
+                                  fix=f"did you mean '{hint}'?" if hint else f"allowed: {', '.join(allowed)}")
+        _check_loader_overrides(key, i, entry, source)
         if not isinstance(entry.get("path"), str):
             raise ConfigError(f"entry {i} needs a 'path'", file=source, field=key,
                               fix=f"write {key}: [{{path: data.jsonl, type: chat_template}}]")
@@ -180,6 +178,22 @@ def _check_datasets(key: str, entries: list, source: str | None) -> list:
                               fix=f"did you mean '{hint}'?" if hint else f"one of {', '.join(TEMPLATES)}")
         out.append(dict(entry, type="chat_template"))
     return out
+
+
+def _check_loader_overrides(key: str, i: int, entry: dict, source: str | None) -> None:
+    """A dataset entry may override the top-level loader options for its file (its files are packed apart)."""
+    for k in LOADER_KEYS:
+        value = entry.get(k)
+        if value is None:
+            continue  # not set (or null): the top-level value applies
+        if k in CHOICES and value not in CHOICES[k]:
+            shown = ", ".join(str(c) for c in CHOICES[k] if c is not None)
+            raise ConfigError(f"{k} '{value}' in entry {i} is not one of: {shown}", file=source, field=key,
+                              fix=f"set {k} to one of: {shown} (or leave it out for the top-level value)")
+        expected = bool if k == "allow_special_in_content" else str
+        if not isinstance(value, expected):
+            raise ConfigError(f"{k} in entry {i} must be a {expected.__name__}, got {value!r}", file=source,
+                              field=key, fix=f"write {k}: {'true' if expected is bool else 'some text'}")
 
 
 def validate(cfg: TrainConfig, source: str | None = None) -> TrainConfig:

@@ -176,9 +176,30 @@ def test_train_on_and_train_on_inputs_must_agree(tmp_path):
     cfg = cfg_for(path, train_on="all")
     config.save(cfg, tmp_path / "saved.yaml")  # the saved config reads back (train_on_inputs follows train_on)
     assert config.load(tmp_path / "saved.yaml").resolved_train_on() == "all"
+    for bad in ({"train_on": "inputs"}, {"think": "drop"}, {"on_error": "ignore"}, {"system_prompt": 3},
+                {"allow_special_in_content": "yes"}):
+        with pytest.raises(ConfigError) as err:
+            cfg_for(path, datasets=[{"path": str(path), **bad}])
+        assert err.value.field == "datasets" and next(iter(bad)) in str(err.value)
     with pytest.raises(ConfigError) as err:
-        cfg_for(path, datasets=[{"path": str(path), "train_on": "all"}])
-    assert err.value.field == "datasets" and "top level" in err.value.fix
+        cfg_for(path, test_datasets=[{"path": str(path), "train_on": "last"}])
+    assert err.value.field == "test_datasets" and "last_assistant" in err.value.fix
+
+
+def test_a_dataset_entry_overrides_the_loader_options_for_its_file(tmp_path, tok_dir, decode):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [two_turns("one"), two_turns("two")])
+    tail = write_jsonl(tmp_path / "tail.jsonl", [two_turns("three")])
+    cfg = cfg_for(chat, system_prompt="Be kind.", val_set_size=1, datasets=[
+        {"path": str(chat)}, {"path": str(tail), "train_on": "last_assistant", "system_prompt": ""}])
+    run = data_mod.build_run_data(cfg, tok_dir)
+    rows = [run.train[i] for i in range(len(run.train))] + [run.val[i] for i in range(len(run.val))]
+    assert len(rows) == 3 and run.stats["conversations"] == 3 and sum(run.held_out.values(), []) != []
+    for row in rows:
+        text, labels = decode([int(t) for t in row["input_ids"]]), decode([int(t) for t in row["labels"] if t != -100])
+        if "three" in text:  # the entry's own options: last turn only, no system prompt
+            assert "late three" in labels and "early three" not in labels and "Be kind." not in text
+        else:  # the top-level ones
+            assert "early" in labels and "late" in labels and "Be kind." in text
 
 
 # ---- val_set_size: the run folder records the real split ---------------------------------------------------

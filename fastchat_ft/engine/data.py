@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fastchat_ft.config import LOADER_KEYS
 from fastchat_ft.data.collate import collate
 from fastchat_ft.errors import ConfigError, DataError
 
@@ -49,22 +51,62 @@ class Rows:
         return self.source[self.indices[i]]
 
 
-def loader_options(cfg) -> dict:
-    """The ChatDataset keywords the training config sets; training and validation files get the same ones."""
-    return dict(template=cfg.chat_template, max_seq_len=cfg.sequence_len, packing=cfg.sample_packing, seed=cfg.seed,
-                train_on=cfg.resolved_train_on(), overlong=cfg.excess_length_strategy, think=cfg.think,
-                system_prompt=cfg.system_prompt, allow_special_in_content=cfg.allow_special_in_content,
-                on_error=cfg.on_error)
+def loader_options(cfg, entry: dict | None = None) -> dict:
+    """ChatDataset keywords for one datasets / test_datasets entry: the config's, with the entry's own loader
+    keys (train_on, system_prompt, ...) on top."""
+    options = dict(template=cfg.chat_template, max_seq_len=cfg.sequence_len, packing=cfg.sample_packing,
+                   seed=cfg.seed, train_on=cfg.resolved_train_on(), overlong=cfg.excess_length_strategy,
+                   think=cfg.think, system_prompt=cfg.system_prompt,
+                   allow_special_in_content=cfg.allow_special_in_content, on_error=cfg.on_error)
+    for key in LOADER_KEYS:
+        if entry and entry.get(key) is not None:
+            options[key] = entry[key]
+    return options
 
 
-def pack_files(paths: list[Path], tokenizer_dir: Path, cfg) -> tuple[object, dict]:
-    """Tokenize, mask and pack files with the native loader (cached on disk; the cache key covers every
-    option); rows are indexable. With on_error: skip, says how many records were left out and where they are."""
+class Concat:
+    """The rows of several packed datasets one after another (files whose loader options differ are packed
+    apart: one ChatDataset renders all its files with one option set)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+
+def pack_entries(entries: list[dict], tokenizer_dir: Path, cfg) -> tuple[object, dict]:
+    """The files of `entries` packed per distinct loader option set (usually one: every file together)."""
+    groups: dict[tuple, tuple[dict, list[Path]]] = {}
+    for entry in entries:
+        options = loader_options(cfg, entry)
+        groups.setdefault(tuple(sorted(options.items())), (options, []))[1].append(Path(entry["path"]))
+    parts = [pack_files(paths, tokenizer_dir, options) for options, paths in groups.values()]
+    if len(parts) == 1:
+        return parts[0]
+    stats = {k: sum(p[1].get(k, 0) for p in parts) for k, v in parts[0][1].items() if isinstance(v, int)}
+    bins = sum(p[1].get("bins", 0) for p in parts)
+    stats["packing_efficiency"] = sum(p[1].get("packing_efficiency", 0) * p[1].get("bins", 0)
+                                      for p in parts) / bins if bins else 0.0
+    rejects = [p[1]["rejects_file"] for p in parts if p[1].get("rejects_file")]
+    if rejects:
+        stats["rejects_file"] = os.pathsep.join(rejects)
+    return Concat([p[0] for p in parts]), stats
+
+
+def pack_files(paths: list[Path], tokenizer_dir: Path, options: dict) -> tuple[object, dict]:
+    """Tokenize, mask and pack files with the native loader and one option set (cached on disk; the cache key
+    covers every option); rows are indexable. With on_error: skip, says how many records were left out and
+    where they are."""
     from fastchat_ft.data import ChatDataset
     from fastchat_ft.data.dataset import default_cache_dir
 
     default_cache_dir().mkdir(parents=True, exist_ok=True)  # the loader expects its cache folder to exist
-    options = loader_options(cfg)
     ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), **options)
     stats = {k: v for k, v in vars(ds.stats).items() if isinstance(v, (int, float))}
     if ds.stats.errors:
@@ -100,8 +142,8 @@ def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
     for p in train_files + val_files:
         if not p.is_file():
             raise DataError("dataset file not found", file=str(p), fix="check the path (relative paths are relative to the config file)")
-    train, stats = pack_files(train_files, tokenizer_dir, cfg)
-    val = pack_files(val_files, tokenizer_dir, cfg)[0] if val_files else []
+    train, stats = pack_entries(cfg.datasets, tokenizer_dir, cfg)
+    val = pack_entries(cfg.test_datasets, tokenizer_dir, cfg)[0] if val_files else []
     held_out = {}
     if not val_files and cfg.val_set_size > 0:
         # rows hold whole conversations, so holding out rows never splits a conversation

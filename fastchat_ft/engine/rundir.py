@@ -51,9 +51,7 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     held_out = getattr(s.data, "held_out", None) or {}
     splits = (record_held_out_split(data_dir, s.data.train_files, held_out, cfg) if held_out
               else record_file_splits(data_dir, {"train": s.data.train_files, "val": s.data.val_files}))
-    rejects = Path(str((s.data.stats or {}).get("rejects_file") or ""))
-    if rejects.name and rejects.is_file() and rejects.stat().st_size <= COPY_LIMIT:
-        shutil.copyfile(rejects, data_dir / "rejects.jsonl")  # on_error: skip: the records left out, with reasons
+    _copy_rejects(str((s.data.stats or {}).get("rejects_file") or ""), data_dir / "rejects.jsonl")
     device = torch.cuda.get_device_name() if s.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     manifest_path = run_dir / "run_manifest.json"
     manifest = json.loads(manifest_path.read_text()) if resumed and manifest_path.is_file() else {}
@@ -68,6 +66,18 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     if resumed:
         manifest.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     _write_json(manifest_path, manifest)
+
+
+def _copy_rejects(names: str, dest: Path) -> None:
+    """on_error: skip: the records left out, with their reasons (one rejects file per loader option set,
+    os.pathsep-separated), gathered into the run folder when small."""
+    files = [Path(n) for n in names.split(os.pathsep) if n and Path(n).is_file()]
+    if files and sum(f.stat().st_size for f in files) <= COPY_LIMIT:
+        tmp = dest.with_name(dest.name + ".tmp")
+        with open(tmp, "wb") as out:
+            for f in files:
+                out.write(f.read_bytes())
+        os.replace(tmp, dest)
 
 
 def _file_entry(path) -> dict:
