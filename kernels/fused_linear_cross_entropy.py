@@ -388,13 +388,9 @@ def _logits(x, w, b):
     return out
 
 
-def _torch_chunk(x, w, b, y, softcap, z_loss, ls, want_grad, want_stats):
-    """Per-row loss (acc dtype), correct count (or None) and dLoss/dlogits (unscaled, or None) of one chunk."""
-    logits = _logits(x, w, b)
-    tanh = None
-    if softcap is not None:
-        tanh = logits.div_(softcap).tanh_()  # kept for the chain rule's 1 - tanh^2
-        logits = tanh * softcap
+def _token_losses(logits, y, ls, z_loss, want_correct):
+    """Per-row loss from (soft-capped) logits, correct count (or None) and logsumexp; out-of-place, so the
+    checkpointed reference can differentiate it and the torch path can reuse the logits buffer afterwards."""
     lse = torch.logsumexp(logits, dim=-1)
     label_logit = logits.gather(1, y[:, None]).squeeze(1)
     loss = lse - label_logit
@@ -402,7 +398,18 @@ def _torch_chunk(x, w, b, y, softcap, z_loss, ls, want_grad, want_stats):
         loss = (1.0 - ls) * loss + ls * (lse - logits.mean(dim=-1))
     if z_loss:
         loss = loss + z_loss * lse * lse
-    correct = (label_logit >= logits.max(dim=-1).values).sum() if want_stats else None
+    correct = (label_logit >= logits.max(dim=-1).values).sum() if want_correct else None
+    return loss, correct, lse
+
+
+def _torch_chunk(x, w, b, y, softcap, z_loss, ls, want_grad, want_stats):
+    """Per-row loss (acc dtype), correct count (or None) and dLoss/dlogits (unscaled, or None) of one chunk."""
+    logits = _logits(x, w, b)
+    tanh = None
+    if softcap is not None:
+        tanh = logits.div_(softcap).tanh_()  # kept for the chain rule's 1 - tanh^2
+        logits = tanh * softcap
+    loss, correct, lse = _token_losses(logits, y, ls, z_loss, want_stats)
     if not want_grad:
         return loss, correct, None
     # p * (1 + 2 z lse) - (1 - ls) onehot - ls / V, then the softcap derivative
@@ -498,14 +505,7 @@ def _reference_chunk_loss(x, weight32, bias32, labels, softcap, z_loss, label_sm
         logits = logits + bias32
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    lse = torch.logsumexp(logits, dim=-1)
-    label_logit = logits.gather(1, labels[:, None]).squeeze(1)
-    loss = lse - label_logit
-    if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - logits.mean(dim=-1))
-    if z_loss:
-        loss = loss + z_loss * lse * lse
-    correct = (label_logit >= logits.max(dim=-1).values).sum()
+    loss, correct, _ = _token_losses(logits, labels, label_smoothing, z_loss, True)
     return loss.sum(), correct
 
 
