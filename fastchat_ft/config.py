@@ -38,11 +38,11 @@ class TrainConfig:
     excess_length_strategy: str = "drop"   # drop | truncate (at a turn boundary)
     train_on_inputs: bool = False          # True: also learn the prompt tokens (rarely what you want for chat)
     # loader options; a datasets / test_datasets entry may override them for its file (files are packed per option set)
-    train_on: str | None = None            # assistant | all | last_assistant; null = all if train_on_inputs else assistant
+    train_on: str | None = None            # assistant | all | last_assistant; null: from train_on_inputs
     system_prompt: str | None = None       # system turn given to conversations that have none (theirs is kept)
     think: str = "keep"                    # keep | strip_history (drop <think> blocks of earlier assistant turns)
     allow_special_in_content: bool = False  # True: special-token text in content acts as a control token (HF's way)
-    on_error: str = "raise"                # raise: stop at a bad record (file:line) | skip: leave it out, list it in <file>.rejects.jsonl
+    on_error: str = "raise"                # raise: stop at file:line | skip: leave out, list in <file>.rejects.jsonl
     # --- adapter ---
     adapter: str | None = "lora"           # lora | qlora (CUDA + bitsandbytes) | null (full fine-tuning)
     lora_r: int = 16                       # rank: 8-64 covers most chat tuning; memory grows linearly
@@ -248,8 +248,9 @@ def from_dict(data: dict, source: str | None = None) -> TrainConfig:
     cfg = validate(TrainConfig(**data), source)
     if cfg.train_on is not None:
         if "train_on_inputs" in data and cfg.train_on_inputs != (cfg.train_on == "all"):
-            raise ConfigError(f"train_on: {cfg.train_on} contradicts train_on_inputs: {str(cfg.train_on_inputs).lower()}",
-                              file=source, field="train_on",
+            inputs = str(cfg.train_on_inputs).lower()
+            raise ConfigError(f"train_on: {cfg.train_on} contradicts train_on_inputs: {inputs}", file=source,
+                              field="train_on",
                               fix="remove train_on_inputs (train_on replaces it), or make them agree "
                                   "(train_on_inputs: true is train_on: all)")
         cfg.train_on_inputs = cfg.train_on == "all"  # the saved config reads back without a contradiction

@@ -26,7 +26,7 @@ class RunData:
     train_files: list[Path] = field(default_factory=list)
     val_files: list[Path] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-    held_out: dict = field(default_factory=dict)  # val_set_size: {training file: lines of the held-out conversations}
+    held_out: dict = field(default_factory=dict)  # val_set_size: {training file: held-out conversations' lines}
 
 
 def row_tokens(row: dict) -> int:
