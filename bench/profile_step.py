@@ -31,6 +31,7 @@ from fastchat_ft.bench import schedule  # noqa: E402
 from fastchat_ft.bench_runners import engine_conversations, seeded_lora_init  # noqa: E402
 from fastchat_ft.config import ALL_LINEAR, ASSETS  # noqa: E402
 from fastchat_ft.engine.cpu_allocator import tune_cpu_allocator  # noqa: E402
+from fastchat_ft.kernels.fused_linear_cross_entropy import CPU_VOCAB_BLOCK  # noqa: E402
 from fastchat_ft.engine.loss import backward_step, to_device  # noqa: E402
 from fastchat_ft.model import load as load_mod  # noqa: E402
 from fastchat_ft.model import lora as lora_mod  # noqa: E402
@@ -46,7 +47,7 @@ def classify(name: str, shapes, vocab: int, r: int) -> str:
     dims = {d for s in (shapes or []) if isinstance(s, (list, tuple)) for d in s if isinstance(d, int)}
     if re.search(r"(^|::)(mm|addmm|bmm|matmul|linear|baddbmm|addmm_)(backward)?$", n) or "mmbackward" in n \
             or "addmmbackward" in n:
-        if vocab in dims:
+        if vocab in dims or (vocab > CPU_VOCAB_BLOCK and CPU_VOCAB_BLOCK in dims):  # whole head, or a CPU slice
             return GROUPS[0]
         if r in dims:
             return GROUPS[1]
@@ -167,18 +168,22 @@ def main() -> int:
     tokens = sum(len(c[0]) for s in steps[1:] for mb in s for c in mb)
     padded = sum(int(b["input_ids"].numel()) for s in pad_b[1:] for b in s)
     labelled = sum(int((c[1][1:] != -100).sum()) for s in steps[1:] for mb in s for c in mb)
-    engine_step(ours, eng[0])  # warm-up
-    engine_step(ours, eng_row[0])
+    engine_step(ours, eng_row[0])  # warm-up
+    engine_step(ours, eng[0])
     hf_step(hf, pad_b[0])
 
     walls = {"engine": [], "hf_padded": [], "engine_step_row": []}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # (c1) first in each round (see the note at the profiles below)
+        walls["engine_step_row"].append(timed(engine_step, ours, eng_row[1:]))
         walls["engine"].append(timed(engine_step, ours, eng[1:]))
         walls["hf_padded"].append(timed(hf_step, hf, pad_b[1:]))
-        walls["engine_step_row"].append(timed(engine_step, ours, eng_row[1:]))
+    # (c1) first. In one process, whichever layout is profiled after another runs slower: (c1) after (c) measured its
+    # elementwise ops ~3x slower (0.63 s -> 2.0 s for these 2 steps, with or without the malloc tuning; cause not
+    # found, the VM's memory management is a suspect), and (c) after (c1) shows inflated seconds too. Read the op
+    # groups' shares here; for speed use `fastchat-ft bench`, which runs each runner in its own process.
+    g_r, w_r, _ = profile(engine_step, ours, eng_row[1:], vocab, r)
     g_e, w_e, ops_e = profile(engine_step, ours, eng[1:], vocab, r)
     g_h, w_h, ops_h = profile(hf_step, hf, pad_b[1:], vocab, r)
-    g_r, w_r, _ = profile(engine_step, ours, eng_row[1:], vocab, r)
 
     print(f"machine: {cpu_name()}, {args.threads} threads, torch {torch.__version__}; load {os.getloadavg()[0]:.2f}")
     print(f"{args.steps} steps x {args.grad_accum} micro-batches x {args.micro_batch} conversations: {tokens} tokens "
