@@ -364,20 +364,31 @@ def main(argv=None):
     payload = {"device": device, "date": now, "versions": versions(), "matmul_tflops": round(tflops, 1),
                "copy_bandwidth_gbs": round(bandwidth, 1),
                "command": " ".join(["bench/kernels.py"] + (argv if argv is not None else sys.argv[1:]))}
+    # each part's results are written as soon as it ends ("complete" false until the last), so a run cut short
+    # by a GPU lease's time limit still leaves what it measured
+    def save(complete=False):
+        payload["complete"] = complete
+        if args.dry_run:
+            json.dumps(payload)  # the payload must serialise; a dry run writes nothing
+            return None
+        return write_json(payload, device)
+
     if "flce" in parts:
         payload["fused_linear_cross_entropy"] = bench_flce(tflops, tokens, use_compile)
+        save()
         # SFT batches: half the tokens are prompt (ignored); ours skips those rows entirely
         payload["fused_linear_cross_entropy_masked"] = bench_flce(tflops, [max(tokens)], False, masked_frac=0.5,
                                                                  models=["llama3-8b"])
-    if "rms_norm" in parts:
-        payload["rms_norm"] = bench_rms_norm(bandwidth, use_compile)
+        save()
     if "lora" in parts:
         payload["lora"] = bench_lora(tokens=8192 if DEV == "cuda" else 128)
+        save()
+    if "rms_norm" in parts:
+        payload["rms_norm"] = bench_rms_norm(bandwidth, use_compile)
+    path = save(complete=True)
     if args.dry_run:
-        json.dumps(payload)  # the payload must serialise; a dry run writes nothing
         print("\ndry run ok (nothing written)")
         return 0
-    path = write_json(payload, device)
     print(f"\nwrote {path.relative_to(ROOT)}")
     return 0
 

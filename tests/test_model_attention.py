@@ -3,6 +3,7 @@ builds from packed position ids: same hidden states and LoRA gradients on packed
 one-token conversation included), same outputs where it must defer (a padding mask, generation with a KV cache),
 and models it must not touch (sliding window) stay on sdpa."""
 import numpy as np
+import pytest
 import torch
 
 from fastchat_ft.engine.loss import backward_step, hidden_states, to_device
@@ -97,3 +98,80 @@ def test_sliding_window_models_keep_sdpa():
     model = MistralForCausalLM(cfg)
     assert not use_packed_attention(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+# ------------------------------------------------------------------------------- one varlen call (CUDA path)
+
+def _fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=None, enable_gqa=False, scale=None):
+    """torch's varlen_attn contract ([T, H, D] tokens, int32 cumulative starts, causal by window (-1, 0)) written
+    as plain SDPA per conversation: lets the CPU tests check the flattening and offsets the CUDA path relies on."""
+    assert window_size == (-1, 0) and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+    bounds = cu_q.tolist()
+    assert max(e - s for s, e in zip(bounds, bounds[1:])) == max_q
+    outs = []
+    for s, e in zip(bounds, bounds[1:]):
+        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _loop_reference(q, k, v, segs, scale):
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
+    for b, row in enumerate(segs):
+        for s, e in row:
+            out[b, s:e] = torch.nn.functional.scaled_dot_product_attention(
+                q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], is_causal=True, scale=scale,
+                enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
+def test_varlen_flattening_matches_per_conversation_attention():
+    from fastchat_ft.model.attention import cu_seqlens, varlen_attention
+
+    torch.manual_seed(11)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4],       # 5, 1, 5
+                        [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]])      # 8, 3
+    segs = segments(pos)
+    cu, longest = cu_seqlens(segs, pos.shape[1], torch.device("cpu"))
+    assert cu.tolist() == [0, 5, 6, 11, 19, 22] and longest == 8
+    for has_gqa in (True, False):  # with enable_gqa, and an older varlen where KV heads are repeated by us
+        q = torch.randn(2, 6, 11, 8, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(2, 2, 11, 8, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(2, 2, 11, 8, dtype=torch.float64, requires_grad=True)
+        out = varlen_attention(q, k, v, cu, longest, 0.3, kernel=(_fake_varlen, {"window_size": (-1, 0)}, has_gqa, True))
+        want = _loop_reference(q, k, v, segs, 0.3)
+        torch.testing.assert_close(out, want)
+        g = torch.randn_like(out)
+        got_grads = torch.autograd.grad(out, (q, k, v), g)
+        want_grads = torch.autograd.grad(want, (q, k, v), g)
+        for got, ref in zip(got_grads, want_grads):
+            torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.cuda
+def test_cuda_varlen_path_matches_sdpa_loop_bf16():
+    """The real flash varlen kernel against the per-conversation SDPA loop it replaces, forward and backward,
+    on packed rows with a one-token conversation; bf16 tolerances (two different kernels round differently)."""
+    from fastchat_ft.model import attention
+
+    assert attention._varlen_kernel() is not None, "this torch has no torch.nn.attention.varlen"
+    torch.manual_seed(3)
+    pos = torch.tensor([[0, 1, 2, 0, *range(60), 0, *range(190)], [*range(128), *range(126)]], device="cuda")
+    segs = segments(pos)
+    width = pos.shape[1]
+    q = torch.randn(2, 8, width, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, width, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, width, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert attention.varlen_enabled(q, 0.0)
+    cu, longest = attention.cu_seqlens(segs, width, q.device)
+    out = attention.varlen_attention(q, k, v, cu, longest, None)
+    want = _loop_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), segs, None)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=2e-2, atol=2e-2)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    qd, kd, vd = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(_loop_reference(qd, kd, vd, segs, None), (qd, kd, vd), g.double().cpu())
+    for a, b in zip(got, ref):
+        rel = (a.double().cpu() - b).norm() / b.norm()
+        assert rel < 2e-2, rel

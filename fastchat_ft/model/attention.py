@@ -1,9 +1,15 @@
 """Per-conversation attention for packed rows: a transformers attention function ("fastchat_packed") that reads the
-conversation boundaries from position ids (a restart at 0 starts a conversation) and runs causal SDPA on each
-conversation alone, instead of SDPA over the whole row with a [L x L] document mask (which costs the full score
-matrix and the mask build). Anything else (a padding mask, a KV cache, q_len != kv_len) goes to transformers' sdpa.
+conversation boundaries from position ids (a restart at 0 starts a conversation) and attends within each
+conversation only, instead of SDPA over the whole row with a [L x L] document mask (which costs the full score
+matrix and the mask build). On CUDA in fp16/bf16 all conversations of the batch go through one variable-length
+flash-attention call (torch.nn.attention.varlen); elsewhere, causal SDPA per conversation. Anything else (a
+padding mask, a KV cache, q_len != kv_len) goes to transformers' sdpa.
 """
 from __future__ import annotations
+
+import functools
+import inspect
+import os
 
 import torch
 
@@ -27,7 +33,68 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 def _cached_segments(position_ids):
     if _last[0] is not position_ids:
         _last[0], _last[1] = position_ids, segments(position_ids)
+        _last_cu[0] = None
     return _last[1]
+
+
+# [(cu_seqlens on the device, longest conversation)] for the position ids in _last: built once per forward
+_last_cu: list = [None]
+
+
+def cu_seqlens(segs: list[list[tuple[int, int]]], width: int, device) -> tuple[torch.Tensor, int]:
+    """Cumulative conversation starts over the batch flattened to [B * L] tokens (int32, as flash-attention takes
+    them), and the longest conversation."""
+    bounds = [b * width + s for b, row in enumerate(segs) for s, _ in row] + [len(segs) * width]
+    longest = max(e - s for row in segs for s, e in row)
+    return torch.tensor(bounds, dtype=torch.int32, device=device), longest
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_kernel():
+    """torch's variable-length flash attention and how to call it causally, or None where this torch lacks it.
+    Its keywords moved between releases (2.10: is_causal=True; later: window_size=(-1, 0), enable_gqa), so the
+    signature is read rather than the version."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params, "scale" in params
+
+
+def varlen_enabled(query: torch.Tensor, dropout: float) -> bool:
+    """One varlen call for the whole batch: CUDA, half precision (flash attention's dtypes), no dropout, a head
+    size flash attention takes; FASTCHAT_FT_VARLEN=0 keeps the per-conversation SDPA loop (for A/B checks)."""
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
+            and os.environ.get("FASTCHAT_FT_VARLEN", "1") != "0" and _varlen_kernel() is not None)
+
+
+def varlen_attention(query, key, value, cu, longest: int, scaling, kernel=None):
+    """query [B, H, L, D], key/value [B, KV, L, D], cu from cu_seqlens -> [B, L, H, D]: every conversation of
+    every row attends causally to itself, in one kernel call over the flattened [B * L] tokens. `kernel`
+    (tests) replaces _varlen_kernel()."""
+    fn, causal, has_gqa, has_scale = kernel or _varlen_kernel()
+    b, h, length, d = query.shape
+    q = query.transpose(1, 2).reshape(b * length, h, d)
+    k = key.transpose(1, 2).reshape(b * length, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * length, value.shape[1], d)
+    kw = dict(causal)
+    if k.shape[1] != h:
+        if has_gqa:
+            kw["enable_gqa"] = True
+        else:  # an older varlen without GQA: share each KV head explicitly
+            k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
+    if scaling is not None and has_scale:
+        kw["scale"] = scaling
+    out = fn(q, k, v, cu, cu, longest, longest, **kw)
+    return out.view(b, length, h, d)
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -42,9 +109,14 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
             or kwargs.get("softcap") is not None or getattr(module, "sliding_window", None)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    all_segs = _cached_segments(position_ids)
+    if varlen_enabled(query, dropout) and (scaling is None or _varlen_kernel()[3]):
+        if _last_cu[0] is None:
+            _last_cu[0] = cu_seqlens(all_segs, q_len, query.device)
+        return varlen_attention(query, key, value, *_last_cu[0], scaling), None
     gqa = query.shape[1] != key.shape[1]
     rows = []
-    for b, segs in enumerate(_cached_segments(position_ids)):
+    for b, segs in enumerate(all_segs):
         if len(segs) == 1:  # one conversation: the plain causal kernel over the whole row
             segs_out = [torch.nn.functional.scaled_dot_product_attention(
                 query[b:b + 1], key[b:b + 1], value[b:b + 1], dropout_p=dropout, scale=scaling, is_causal=True,
