@@ -21,10 +21,16 @@ from fastchat_ft.data.tokenize import LoaderTokenizer
 
 CACHE_VERSION = "chat-v3"  # bump when the on-disk layout or the encoding rules change
 BATCH_RECORDS = 1024  # records per native reader batch: the window that bounds the build's memory
+REJECTS_FILE = "rejects.jsonl"  # on_error: skip: a build writes its rejects here, in the build (cache) folder
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTCHAT_FT_CACHE", Path.home() / ".cache" / "fastchat-ft")) / "data"
+
+
+def default_rejects_path(paths: list[Path]) -> Path:
+    """Where on_error: skip lists the bad records unless told otherwise: beside the first input."""
+    return paths[0].with_suffix(".rejects.jsonl")
 
 
 class ChatDataset:
@@ -37,7 +43,10 @@ class ChatDataset:
     paths: .jsonl / .json files (OpenAI messages or ShareGPT, detected per record). tokenizer: a path, a
     fastchat_ft.tokenizer.Tokenizer, tokenizers.Tokenizer or a transformers fast tokenizer.
     on_error: "raise" (default; the error names file:line:column and a fix) or "skip" (bad records are written
-    with their reasons to `rejects_path`, default <first file>.rejects.jsonl, and counted in stats).
+    with their reasons to `rejects_path`, default <first file>.rejects.jsonl, and counted in stats; a cache hit
+    writes them again from the cache entry). When the default place cannot be written (a read-only dataset
+    folder), they stay in the cache entry (or a temporary file with cache=False), `rejects_path` names where,
+    and stderr says so; an explicit `rejects_path` that cannot be written is a DataError.
     """
 
     def __init__(self, paths, tokenizer, template: str = "chatml", max_seq_len: int = 2048, packing: bool = True,
@@ -58,7 +67,8 @@ class ChatDataset:
                                    max_seq_len=max_seq_len, overlong=overlong)
         self.packing, self.seed, self.epoch = packing, seed, 0
         self.on_error, self.threads, self.self_check_budget = on_error, threads, self_check
-        self.rejects_path = Path(rejects_path) if rejects_path else self.paths[0].with_suffix(".rejects.jsonl")
+        self._rejects_explicit = bool(rejects_path)
+        self.rejects_path = Path(rejects_path) if rejects_path else default_rejects_path(self.paths)
         self.stats = LoaderStats()
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
         entry = None
@@ -66,6 +76,8 @@ class ChatDataset:
             entry = folder / self._cache_key()
         if entry is not None and (entry / "stats.json").is_file():
             self._load(entry)
+            if self.on_error == "skip" and self.stats.errors:
+                self._publish_rejects(entry, keep=True)
         else:
             self._build(entry, folder)
         self._pack()
@@ -123,8 +135,8 @@ class ChatDataset:
             nonlocal rejects
             self.stats.errors += 1
             self.stats.records += 1
-            if rejects is None:
-                rejects = open(self.rejects_path, "w", encoding="utf-8")
+            if rejects is None:  # in the build folder (always writable); published to rejects_path at the end
+                rejects = open(tmp / REJECTS_FILE, "w", encoding="utf-8")
             rejects.write(json.dumps({"file": str(path), "line": line, "column": column, "field": field,
                                       "reason": reason, "fix": fix, "raw": raw.decode("utf-8", "replace")},
                                      ensure_ascii=False) + "\n")
@@ -172,7 +184,10 @@ class ChatDataset:
         ids_file.close()
         labels_file.close()
         if self.stats.conversations == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:  # every record may have been rejected: the list says why
+                self._publish_rejects(tmp, keep=False)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"no trainable conversation in {', '.join(map(str, self.paths))}: {self.stats.summary()}",
                             fix="check the roles (assistant turns are trained), weights and max_seq_len")
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
@@ -188,7 +203,10 @@ class ChatDataset:
         if entry is None:
             # Map the files, then unlink them: the mapping keeps the data reachable and nothing is left on disk.
             self._load(tmp, keep_stats=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                self._publish_rejects(tmp, keep=False)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             self.cache_entry = None
             return
         try:
@@ -196,6 +214,36 @@ class ChatDataset:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
         self._load(entry if (entry / "stats.json").is_file() else tmp, keep_stats=True)
+        self._publish_rejects(self.cache_entry, keep=True)
+
+    def _publish_rejects(self, folder: Path, keep: bool) -> None:
+        """Copies the rejects a build left in `folder` to rejects_path (atomically). Input folders need not be
+        writable: when the default place beside the first input is not, the rejects stay where they are (keep:
+        the cache entry, which lasts) or go to a temporary file, and rejects_path is updated to say where."""
+        src = folder / REJECTS_FILE
+        if not src.is_file():
+            return
+        try:
+            _copy_atomically(src, self.rejects_path)
+            return
+        except OSError as e:
+            why = f"{self.rejects_path} cannot be written ({e.strerror or e})"
+        if self._rejects_explicit:
+            raise DataError(f"on_error: skip: {why}", file=str(self.rejects_path),
+                            fix="pass a rejects_path in a writable folder") from None
+        dest = src
+        if not keep:
+            try:
+                fd, name = tempfile.mkstemp(prefix="fastchat-ft-", suffix=".rejects.jsonl")
+                os.close(fd)
+                _copy_atomically(src, Path(name))
+                dest = Path(name)
+            except OSError as e:
+                raise DataError(f"on_error: skip: {why}, nor can a temporary file ({e.strerror or e})",
+                                file=str(self.rejects_path),
+                                fix="make the data folder or TMPDIR writable, or pass a writable rejects_path") from None
+        print(f"fastchat-ft data: {why}; the rejected records are listed in {dest}", file=sys.stderr)
+        self.rejects_path = dest
 
     def _load(self, entry: Path, keep_stats: bool = False) -> None:
         self.offsets = np.load(entry / "offsets.npy")
@@ -314,6 +362,19 @@ def _name_file(examples: list, start: int, path: Path) -> None:
         if examples[i].startswith("line "):
             line, _, rest = examples[i][5:].partition(": ")
             examples[i] = f"{path}:{line}: {rest}"
+
+
+def _copy_atomically(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:  # never created (e.g. the folder is not writable)
+            pass
+        raise
 
 
 def _split_position(message: str):

@@ -110,14 +110,16 @@ def pack_files(paths: list[Path], tokenizer_dir: Path, options: dict) -> tuple[o
     ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), **options)
     stats = {k: v for k, v in vars(ds.stats).items() if isinstance(v, (int, float))}
     if ds.stats.errors:
-        rejects = Path(ds.rejects_path)
-        if not rejects.is_file():
-            # served from the cache: the loader writes the rejects file only when it builds, so build once more
-            # (not cached) to list them again rather than point the user at a file that is gone
+        if not Path(ds.rejects_path).is_file():
+            # a cache entry from before the loader kept its rejects: build once more (not cached) to list them
+            # again rather than point the user at a file that is gone
             ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), cache=False, **options)
+        # beside the first input, or where the loader put them when that folder is read-only (it never needs
+        # to be writable); the run folder keeps a copy as data/rejects.jsonl (rundir.py)
+        rejects = Path(ds.rejects_path)
         print(f"fastchat-ft data: on_error: skip left out {ds.stats.errors} bad record(s) of "
-              f"{', '.join(map(str, paths))}; each is listed with its file:line and reason in {rejects}",
-              file=sys.stderr)
+              f"{', '.join(map(str, paths))}; each is listed with its file:line and reason in {rejects} "
+              f"(a training run copies them to its data/rejects.jsonl)", file=sys.stderr)
         stats["rejects_file"] = str(rejects)
     return ds, stats
 
