@@ -211,7 +211,8 @@ def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = No
         if logs.is_dir():
             info["files"].append("training_logs/")
     splits = split_files(run_dir)
-    info["splits"] = _write_splits(splits, out)
+    held_out = _train_less_held_out(run_dir, splits, out)
+    info["splits"] = _write_splits(splits, out, held_out)
     if splits:
         info["files"].append("data/")
     info["config"] = _read_yaml(run_dir / "training_config.yaml") if run_dir else {}
@@ -226,6 +227,8 @@ def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = No
         info["files"].append("loss_curve.png")
     val = splits.get("val") or splits.get("train")
     info["check_prompts"] = prompts_from(read_conversations(val, limit=50), 3) if val else []
+    if held_out and "copied_as" not in info["splits"]["train"]:
+        splits["train"].unlink()  # too big to ship: splits.json names the file and its held-out lines
     notes = Path(notes_file).read_text() if notes_file else None
     (out / "generation_notes.md").write_text(generation_notes(notes, info))
     info["files"].append("generation_notes.md")
@@ -240,13 +243,39 @@ def _run_dir_of_checkpoint(ckpt: Path) -> Path | None:
     return None
 
 
-def _write_splits(splits: dict[str, Path], out: Path) -> dict:
+def _train_less_held_out(run_dir: Path | None, splits: dict[str, Path], out: Path) -> dict | None:
+    """When the train split is a training file the run held val_set_size conversations out of (it was too big
+    for the engine to copy as data/train.jsonl), writes its other records to out/data/train.jsonl and points
+    splits["train"] there, so the statistics and the shipped split never count held-out records as training
+    data. Returns {path, sha256, bytes, held_out_lines} of the original file, or None when nothing was held out."""
+    from fastchat_ft.engine.rundir import held_out_lines, write_training_records
+
+    original = splits.get("train")
+    held = held_out_lines(run_dir, original) if original else set()
+    if not held:
+        return None
+    (out / "data").mkdir(exist_ok=True)
+    splits["train"] = write_training_records(original, held, out / "data" / "train.jsonl")
+    return {"path": str(original.resolve()), "sha256": file_digest(original), "bytes": original.stat().st_size,
+            "held_out_lines": sorted(held)}
+
+
+def _write_splits(splits: dict[str, Path], out: Path, train_held_out: dict | None = None) -> dict:
+    """Copies the splits into out/data/ (or, over COPY_SPLITS_UP_TO in all, names them by path and sha256) and
+    writes out/data/splits.json. train_held_out: the train split is already out/data/train.jsonl, the file
+    train_held_out["path"] less its held_out_lines."""
     total = sum(p.stat().st_size for p in splits.values())
     entries = {}
     if not splits:
         return entries
-    (out / "data").mkdir()
+    (out / "data").mkdir(exist_ok=True)
     for name, path in splits.items():
+        if name == "train" and train_held_out:
+            entry = dict(train_held_out)
+            if total <= COPY_SPLITS_UP_TO:
+                entry["copied_as"] = "data/train.jsonl"
+            entries[name] = entry
+            continue
         entry = {"path": str(path.resolve()), "sha256": file_digest(path), "bytes": path.stat().st_size}
         if total <= COPY_SPLITS_UP_TO:
             shutil.copy2(path, out / "data" / path.name)

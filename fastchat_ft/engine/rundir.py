@@ -138,21 +138,39 @@ def _write_split_records(data_dir: Path, files: list, held_out: dict, with_train
         os.replace(data_dir / f"{k}.jsonl.tmp", data_dir / f"{k}.jsonl")
 
 
+def held_out_lines(run_dir: Path | None, path: Path) -> set[int]:
+    """The lines of the run's training file `path` that val_set_size held out (splits.json); empty when none
+    (no split, another file, or not a run folder)."""
+    splits = run_dir / "data" / "splits.json" if run_dir else None
+    if splits is None or not splits.is_file():
+        return set()
+    target = str(Path(path).resolve())
+    entries = json.loads(splits.read_text()).get("train")
+    return next((set(e.get("held_out_lines") or []) for e in (entries if isinstance(entries, list) else [])
+                 if isinstance(e, dict) and e.get("path") == target), set())
+
+
+def write_training_records(path: Path, held: set[int], dest: Path) -> Path:
+    """`path`'s records less the held-out lines `held`, one JSON object a line, written atomically to `dest`
+    (what data/train.jsonl holds for a file small enough to copy)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as out:
+        for line, record in records_with_lines(Path(path)):
+            if line not in held:
+                out.write(record + b"\n")
+    os.replace(tmp, dest)
+    return dest
+
+
 def training_conversations(run_dir: Path | None, path: Path) -> list[list[dict]] | None:
     """The conversations of the run's training file `path` less those val_set_size held out (from splits.json),
     for readers of the whole file when it was too big to copy as data/train.jsonl; None when the run held
     nothing out of `path` (read it whole)."""
-    splits = run_dir / "data" / "splits.json" if run_dir else None
-    if splits is None or not splits.is_file():
+    held = held_out_lines(run_dir, path)
+    if not held:
         return None
     from fastchat_ft.export_artifacts import _messages  # the lenient record -> messages reader export uses
 
-    target = str(Path(path).resolve())
-    entries = json.loads(splits.read_text()).get("train")
-    held = next((set(e.get("held_out_lines") or []) for e in (entries if isinstance(entries, list) else [])
-                 if isinstance(e, dict) and e.get("path") == target), None)
-    if not held:
-        return None
     convs = []
     for line, record in records_with_lines(Path(path)):
         if line in held:
