@@ -247,14 +247,14 @@ def bench_lora(tokens=8192, rank=16):
         dy = torch.randn(tokens, fan_out, device=DEV).to(DTYPE)
         cases = {
             "base_matmul": (lambda: F.linear(x, w), (x,)),
-            "ours_fused": (lambda: lora_linear(x, w, a, b, 2.0), (x, a, b)),
+            "ours_fused": (lambda: lora_linear(x, w, a, b, 2.0), (x, a, b)),  # with FASTCHAT_LORA_GEMM=triton
             "ours_cublas": (lambda: lora_linear(x, w, a, b, 2.0), (x, a, b)),  # with FASTCHAT_LORA_GEMM=cublas
             "torch_unfused": (lambda: lora_linear_reference(x, w, a, b, 2.0), (x, a, b)),
         }
         row = {"tokens": tokens, "in": fan_in, "out": fan_out, "rank": rank, "impls": {}}
         for name, (fwd, wrt) in cases.items():
-            if name == "ours_cublas":
-                os.environ["FASTCHAT_LORA_GEMM"] = "cublas"
+            if name.startswith("ours_"):
+                os.environ["FASTCHAT_LORA_GEMM"] = "cublas" if name == "ours_cublas" else "triton"
             try:
                 row["impls"][name] = {
                     "fwd": safe_measure(fwd),

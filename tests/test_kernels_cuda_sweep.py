@@ -111,9 +111,11 @@ def test_rms_norm_matches_float64_and_is_deterministic(dtype, hidden, offset, se
     assert torch.equal(again[1], dw), "weight gradient differs between two identical runs"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k,n", [(1000, 1000, 3001), (77, 4096, 1024)])
-def test_lora_linear_matches_float64(dtype, m, k, n, seed):
+@pytest.mark.parametrize("backend,dtype,m,k,n", [
+    *(("cublas", dt, *shape) for dt in DTYPES for shape in ((1000, 1000, 3001), (77, 4096, 1024))),
+    ("triton", torch.bfloat16, 1000, 1000, 3001), ("triton", torch.float16, 77, 4096, 1024)])  # each autotunes
+def test_lora_linear_matches_float64(backend, dtype, m, k, n, seed, monkeypatch):
+    monkeypatch.setenv("FASTCHAT_LORA_GEMM", backend)
     x = torch.randn(m, k, device="cuda").to(dtype).requires_grad_()
     w = (torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype)
     bias = (torch.randn(n, device="cuda") * 0.1).to(dtype).requires_grad_()

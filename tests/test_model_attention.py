@@ -157,7 +157,7 @@ def test_cuda_varlen_path_matches_sdpa_loop_bf16():
 
     assert attention._varlen_kernel() is not None, "this torch has no torch.nn.attention.varlen"
     torch.manual_seed(3)
-    pos = torch.tensor([[0, 1, 2, 0, *range(60), 0, *range(190)], [*range(128), *range(126)]], device="cuda")
+    pos = torch.tensor([[0, 1, 2, 0, *range(60), 0, *range(190)], [*range(128), *range(127)]], device="cuda")
     segs = segments(pos)
     width = pos.shape[1]
     q = torch.randn(2, 8, width, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
