@@ -94,6 +94,35 @@ class Kernel:
         return self._compiled if tuned else self._untuned
 
 
+_INDEX_SHIM: list = []
+
+
+def _fix_interpreter_scalar_index():
+    """Triton's interpreter up to at least 3.6 turns a scalar tensor into a loop bound with int() of its 1-element
+    array, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"; seen on
+    the GPU image's triton 3.6 + numpy 2.5, fixed in later triton). Where NumPy refuses, every interpreter
+    launch gets an __index__ that reads the one element instead; its patch scope restores the original after."""
+    if _INDEX_SHIM:
+        return
+    import numpy as np
+    import triton.runtime.interpreter as interpreter
+
+    _INDEX_SHIM.append(True)
+    try:
+        int(np.zeros(1))
+        return  # this NumPy still converts 1-element arrays: nothing to fix
+    except TypeError:
+        pass
+    original = interpreter._patch_lang
+
+    def patch_lang(fn):
+        scope = original(fn)
+        scope.set_attr(tl.core.tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        return scope
+
+    interpreter._patch_lang = patch_lang
+
+
 class _Interpreted:
     """Interpreter launch that also works when triton was imported without TRITON_INTERPRET=1. Then triton's
     own @jit library functions (tl.sum, tl.max, tl.zeros, ...) are compiled-only JITFunctions and refuse to be
@@ -104,6 +133,7 @@ class _Interpreted:
     def __init__(self, fn):
         from triton.runtime.interpreter import InterpretedFunction
 
+        _fix_interpreter_scalar_index()
         self._fn = InterpretedFunction(fn)
 
     def __getitem__(self, grid):

@@ -38,3 +38,10 @@ def _offline_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def gloo_on_cpu(monkeypatch):
+    """Multi-process tests of the gloo/CPU path hide any GPU: on a CUDA machine the engine would pick NCCL, which
+    needs one GPU per process. Processes started afterwards (mp.spawn, subprocess) inherit the setting."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -20,6 +20,8 @@ from fastchat_ft.engine.loss import to_device
 from fastchat_ft.model.tiny import build_tiny_model, random_packed_rows, tiny_llama_config
 from test_export_fixtures import make_base_model, make_conversations, make_tokenizer, write_jsonl
 
+pytestmark = pytest.mark.usefixtures("gloo_on_cpu")  # gloo on CPU, also on a GPU machine
+
 STEPS = 4
 VOCAB, MICRO, ACCUM = 211, 2, 2
 
@@ -83,7 +85,7 @@ def _distill(root, out, accum: int, launcher: list[str], extra: tuple = ()):
                       "--set", "micro_batch_size=2", "--set", f"gradient_accumulation_steps={accum}",
                       "--set", "sequence_len=128", "--set", f"eval_steps={STEPS}", "--set", "save_steps=2",
                       "--set", "sample_prompts=0", "--set", "warmup_ratio=0", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCHAT_FT_CACHE": str(root / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "FASTCHAT_FT_CACHE": str(root / "cache")}
     res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert ("launching:" in res.stderr) == bool(extra)

@@ -14,6 +14,8 @@ from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.model.lora import add_lora
 from fastchat_ft.model.tiny import random_packed_rows, tiny_llama_config
 
+pytestmark = pytest.mark.usefixtures("gloo_on_cpu")  # gloo on CPU, also on a GPU machine
+
 VOCAB, MICRO, ACCUM = 211, 2, 2
 
 
@@ -68,3 +70,19 @@ def test_two_gloo_processes_match_one(tmp_path, kw):
         assert g2.keys() == g1.keys()
         for k in g1:
             torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-7)
+
+
+def test_more_processes_per_node_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: a ConfigError naming both counts and the fixes, not CUDA's
+    'invalid device ordinal' from the second process."""
+    from fastchat_ft.engine import distributed
+    from fastchat_ft.errors import ConfigError
+
+    for key, value in (("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="2 processes per node but 1 GPU") as err:
+        distributed.init_from_env()
+    assert "--nproc 1" in str(err.value) and "CUDA_VISIBLE_DEVICES=" in str(err.value)
+    assert not dist.is_initialized()

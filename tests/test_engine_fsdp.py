@@ -22,6 +22,8 @@ from fastchat_ft.engine.distributed import broadcast_parameters, shutdown
 from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.model.tiny import random_packed_rows, tiny_llama_config
 
+pytestmark = pytest.mark.usefixtures("gloo_on_cpu")  # gloo on CPU, also on a GPU machine
+
 VOCAB, MICRO, ACCUM = 211, 2, 2
 
 
@@ -88,7 +90,7 @@ def runs(tmp_path_factory):
     cfg, _ = tiny_run_config(tmp, 24, 4, sequence_len=128, micro_batch_size=2, adapter=None,
                              gradient_accumulation_steps=1, max_steps=STEPS, learning_rate=1e-3, eval_steps=STEPS,
                              save_steps=2, sample_prompts=1, sample_max_new_tokens=4, seed=5)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCHAT_FT_CACHE": str(tmp / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "FASTCHAT_FT_CACHE": str(tmp / "cache")}
     cli = [sys.executable, "-m", "fastchat_ft", "train", str(cfg)]
     _run(cli + ["--output-dir", str(tmp / "one"), "--set", "gradient_accumulation_steps=2"], env, tmp)
     two = _run(cli + ["--output-dir", str(tmp / "two"), "--nproc", "2"], env, tmp)

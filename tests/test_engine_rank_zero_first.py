@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 
 from fastchat_ft.engine import distributed as dist_mod
 
+pytestmark = pytest.mark.usefixtures("gloo_on_cpu")  # gloo on CPU, also on a GPU machine
+
 COLLECTIVE_TIMEOUT_S, SLOW_S = 3, 6  # timeout: margin for start-up skew between the two processes
 
 

@@ -19,7 +19,7 @@ def setup(tmp_path_factory):
     cfg, _ = tiny_run_config(tmp, 24, 4, sequence_len=128, micro_batch_size=2, gradient_accumulation_steps=1,
                              max_steps=STEPS, learning_rate=1e-2, lora_r=8, lora_alpha=16, eval_steps=STEPS,
                              sample_prompts=0, seed=5)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCHAT_FT_CACHE": str(tmp / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "FASTCHAT_FT_CACHE": str(tmp / "cache")}
     return tmp, cfg, env
 
 

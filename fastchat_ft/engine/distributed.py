@@ -34,7 +34,15 @@ def init_from_env() -> tuple[int, int]:
     if size <= 1 or (dist.is_initialized()):
         return world()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= gpus:  # NCCL needs one GPU per process; CUDA would say only "invalid device ordinal"
+            from fastchat_ft.errors import ConfigError
+
+            per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
+            raise ConfigError(f"{per_node} processes per node but {gpus} GPU(s) visible: each process needs its own GPU",
+                              field="--nproc", fix=f"use --nproc {gpus} (torchrun --nproc-per-node {gpus}), or "
+                              "CUDA_VISIBLE_DEVICES= to run every process on the CPU with gloo")
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return world()
 
