@@ -39,7 +39,9 @@ class TrainConfig:
     train_on_inputs: bool = False          # True: also learn the prompt tokens (rarely what you want for chat)
     # loader options; a datasets / test_datasets entry may override them for its file (files are packed per option set)
     train_on: str | None = None            # assistant | all | last_assistant; null: from train_on_inputs
-    system_prompt: str | None = None       # system turn given to conversations that have none (theirs is kept)
+    # system turn given to conversations that have none (theirs is kept); null: the model's own template's default
+    # system prompt when it adds one (what inference will prompt with; data/template_defaults.py); "": none
+    system_prompt: str | None = None
     think: str = "keep"                    # keep | strip_history (drop <think> blocks of earlier assistant turns)
     allow_special_in_content: bool = False  # True: special-token text in content acts as a control token (HF's way)
     on_error: str = "raise"                # raise: stop at file:line | skip: leave out, list in <file>.rejects.jsonl

@@ -21,9 +21,11 @@ def tiny_run_config(folder: Path, train_lines: int, val_lines: int, **settings) 
     for name, lines in (("train.jsonl", train_lines), ("val.jsonl", val_lines)):
         (folder / name).write_text("".join((DEMO / name).read_text().splitlines(keepends=True)[:lines]))
     cfg = folder / "c.yaml"
+    # system_prompt "": the end-to-end tests size their rows without the SmolLM2 template's default system turn
+    # (tests/test_engine_system_prompt.py covers that default)
     cfg.write_text(yaml.safe_dump({
         "base_model": str(model), "datasets": [{"path": "train.jsonl", "type": "chat_template"}],
-        "test_datasets": [{"path": "val.jsonl"}], "output_dir": "unused", **settings}))
+        "test_datasets": [{"path": "val.jsonl"}], "output_dir": "unused", "system_prompt": "", **settings}))
     return cfg, model
 
 

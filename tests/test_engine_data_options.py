@@ -35,7 +35,9 @@ def _private_cache(tmp_path, monkeypatch):
 
 
 def cfg_for(path, **kw):
-    base = {"datasets": [{"path": str(path)}], "sequence_len": 256, "sample_packing": False, "seed": 3}
+    # system_prompt "": these tests count tokens and rows without the SmolLM2 template's default system turn
+    base = {"datasets": [{"path": str(path)}], "sequence_len": 256, "sample_packing": False, "seed": 3,
+            "system_prompt": ""}
     base.update(kw)
     return config.from_dict(base)
 

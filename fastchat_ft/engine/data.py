@@ -64,6 +64,23 @@ def loader_options(cfg, entry: dict | None = None) -> dict:
     return options
 
 
+_told: set = set()
+
+
+def inherited_system_prompt(tokenizer_dir: Path, template: str) -> str | None:
+    """The default system prompt of the model's own template when the built-in `template` renders like it
+    (conversations without a system turn then get it, as they will at inference); said once per run."""
+    from fastchat_ft.data.template_defaults import model_default_system
+
+    system = model_default_system(str(tokenizer_dir), template)
+    if system and (str(tokenizer_dir), template) not in _told:
+        _told.add((str(tokenizer_dir), template))
+        print(f"fastchat-ft data: conversations without a system turn get the model's default system prompt "
+              f"{system[:80]!r}{'...' if len(system) > 80 else ''}, as its own chat template adds it at inference "
+              f"(generate, serve, HF, vLLM); set system_prompt: \"\" to train without it", file=sys.stderr)
+    return system
+
+
 class Concat:
     """The rows of several packed datasets one after another (files whose loader options differ are packed
     apart: one ChatDataset renders all its files with one option set)."""
@@ -85,6 +102,8 @@ def pack_entries(entries: list[dict], tokenizer_dir: Path, cfg) -> tuple[object,
     groups: dict[tuple, tuple[dict, list[Path]]] = {}
     for entry in entries:
         options = loader_options(cfg, entry)
+        if options["system_prompt"] is None:  # unset: follow the model's own template (see template_defaults)
+            options["system_prompt"] = inherited_system_prompt(tokenizer_dir, options["template"])
         groups.setdefault(tuple(sorted(options.items())), (options, []))[1].append(Path(entry["path"]))
     parts = [pack_files(paths, tokenizer_dir, options) for options, paths in groups.values()]
     if len(parts) == 1:

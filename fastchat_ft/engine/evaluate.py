@@ -72,7 +72,22 @@ def _slug(model: LoadedModel) -> str:
     return p.name or "model"
 
 
-def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int) -> tuple[list[dict], dict]:
+def eval_system_prompt(model: LoadedModel, template: str) -> str | None:
+    """The system prompt conversations without one are evaluated with: the training run's `system_prompt` when it
+    set one, else the default of the model's own template (what training and inference add; template_defaults)."""
+    run_dir = model.source.run_dir or _run_of(model.source.path)
+    if run_dir and (run_dir / "training_config.yaml").is_file():
+        import yaml
+        conf = yaml.safe_load((run_dir / "training_config.yaml").read_text()) or {}
+        if conf.get("system_prompt") is not None:
+            return conf["system_prompt"]
+    from fastchat_ft.data.template_defaults import model_default_system
+
+    return model_default_system(str(model.source.tokenizer_dir), template)
+
+
+def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int,
+                system_prompt: str | None = None) -> tuple[list[dict], dict]:
     """Tokenized, masked rows of the eval file from the native loader (the training data path, unpacked so a
     row is one conversation)."""
     from fastchat_ft.data import ChatDataset
@@ -80,7 +95,7 @@ def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int
     # cache=False: eval files are small and an eval should not write into the user's cache
     try:
         ds = ChatDataset([str(data)], str(tokenizer_dir), template=template, max_seq_len=max_seq_len,
-                         packing=False, seed=0, cache=False)
+                         packing=False, seed=0, cache=False, system_prompt=system_prompt)
     except ImportError as e:  # a template whose renderer is not available in this install
         raise DataError(f"cannot render template {template!r} here ({e})", field="--template",
                         fix="pass --template with a built-in template: chatml, llama3, llama2, mistral, alpaca") from None
@@ -99,7 +114,8 @@ def metrics_of(loaded: LoadedModel, data: Path, template: str, max_seq_len: int)
     from fastchat_ft.engine.data import eval_batches
     from fastchat_ft.engine.validation import evaluate
 
-    rows, stats = encode_rows(data, loaded.source.tokenizer_dir, template, max_seq_len)
+    rows, stats = encode_rows(data, loaded.source.tokenizer_dir, template, max_seq_len,
+                              eval_system_prompt(loaded, template))
     result = evaluate(loaded.model, eval_batches(rows, EVAL_ROWS_PER_BATCH))
     if result.n_tokens == 0:
         raise DataError("the eval file has no trainable (assistant) tokens", file=str(data),
