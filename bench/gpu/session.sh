@@ -6,6 +6,9 @@
 # on the GPU machine (the engine's end-to-end tests then train on CUDA). Each stage has its own time bound so one
 # slow stage cannot eat the rest of the lease; logs and results (bench/results/*.json with device name and date)
 # go to $OUT, which the device tool brings back (at most 8 files: results travel as one archive).
+# Next measurements (README, bench section): the engine with varlen flash attention on CUDA,
+#   FASTCHAT_FT_VARLEN=1 HF_ARGS="--out bench/results/h200-varlen" bash bench/gpu/session.sh hf
+# and the Llama-8B shape: HF_MODELS=llama-8b HF_TIMEOUT=400 bash bench/gpu/session.sh hf
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"

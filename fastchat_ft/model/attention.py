@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 
 import torch
 
@@ -70,10 +69,9 @@ def _varlen_kernel():
 
 def varlen_enabled(query: torch.Tensor, dropout: float) -> bool:
     """One varlen call for the whole batch: CUDA, half precision (flash attention's dtypes), no dropout, a head
-    size flash attention takes; FASTCHAT_FT_VARLEN=0 keeps the per-conversation SDPA loop (for A/B checks)."""
+    size flash attention takes. (The engine routes CUDA models here only with FASTCHAT_FT_VARLEN=1, engine/loss.py.)"""
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
-            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256
-            and os.environ.get("FASTCHAT_FT_VARLEN", "1") != "0" and _varlen_kernel() is not None)
+            and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256 and _varlen_kernel() is not None)
 
 
 def varlen_attention(query, key, value, cu, longest: int, scaling, kernel=None):
