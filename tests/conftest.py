@@ -45,3 +45,15 @@ def gloo_on_cpu(monkeypatch):
     """Multi-process tests of the gloo/CPU path hide any GPU: on a CUDA machine the engine would pick NCCL, which
     needs one GPU per process. Processes started afterwards (mp.spawn, subprocess) inherit the setting."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(scope="session")
+def tok_dir():
+    """The real SmolLM2 tokenizer folder (shared data), the default model's; tests of the data path use it."""
+    return shared_path("tokenizers", "smollm2")
+
+
+@pytest.fixture
+def private_data_cache(tmp_path, monkeypatch):
+    """A data cache of the test's own: no entries shared with other tests or runs on this machine."""
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))

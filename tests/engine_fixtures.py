@@ -3,12 +3,15 @@ bundled demo data as train/val files, and a training YAML; plus a subprocess run
 from __future__ import annotations
 
 import subprocess
+import types
 from pathlib import Path
 
+import torch
 import yaml
 
 from conftest import shared_path
 from fastchat_ft import config
+from fastchat_ft.engine.rundir import write_run_files
 from fastchat_ft.model.tiny import build_tiny_model
 
 DEMO = Path(config.__file__).parent / "assets" / "demo"
@@ -33,3 +36,14 @@ def run_ok(cmd: list[str], env: dict, cwd: Path, timeout: int = 300) -> subproce
     out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def write_run(tmp_path: Path, cfg, run_data, tok_dir: Path) -> Path:
+    """tmp_path/run as the engine lays it out before training (data/, splits.json, config), for tests of the
+    data split and the export's statistics without training anything."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    s = types.SimpleNamespace(data=run_data, device=torch.device("cpu"), model_info={"base_dir": tok_dir},
+                              tokenizer_dir=tok_dir)
+    write_run_files(run_dir, cfg, s, resumed=False)
+    return run_dir

@@ -6,32 +6,22 @@ only training answers."""
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
 
-from conftest import shared_path
+from engine_fixtures import write_run
 from fastchat_ft import config
 from fastchat_ft.engine import data as data_mod
-from fastchat_ft.engine.rundir import write_run_files
 from fastchat_ft.errors import ConfigError, DataError
 
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    return shared_path("tokenizers", "smollm2")
+pytestmark = pytest.mark.usefixtures("private_data_cache")
 
 
 @pytest.fixture(scope="module")
 def decode(tok_dir):
     import tokenizers
     return tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json")).decode
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
 
 
 def cfg_for(path, **kw):
@@ -221,15 +211,6 @@ def markers_in(rows, decode) -> set[str]:
 
 def file_markers(path) -> list[str]:
     return [json.loads(x)["messages"][1]["content"].split()[0] for x in path.read_text().splitlines() if x.strip()]
-
-
-def write_run(tmp_path, cfg, run_data, tok_dir):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    s = types.SimpleNamespace(data=run_data, device=torch.device("cpu"), model_info={"base_dir": tok_dir},
-                              tokenizer_dir=tok_dir)
-    write_run_files(run_dir, cfg, s, resumed=False)
-    return run_dir
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json"])

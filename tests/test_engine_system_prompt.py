@@ -14,17 +14,14 @@ from fastchat_ft.data.template_defaults import model_default_system
 from fastchat_ft.engine import data as data_mod
 from test_export_fixtures import CHATML_TEMPLATE, make_tokenizer
 
+pytestmark = pytest.mark.usefixtures("private_data_cache")
+
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # ChatML that adds a system turn of its own when the conversation has none (as SmolLM2's and Qwen2.5's do)
 DEFAULTING = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou answer in one line.<|im_end|>\n' }}"
               "{% endif %}" + CHATML_TEMPLATE)
 # the same, but its turns end with a blank line: not what the built-in chatml renders, so no default is taken
 DIFFERENT = DEFAULTING.replace("<|im_end|>\n' }}{% endfor %}", "<|im_end|>\n\n' }}{% endfor %}")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
 
 
 def tokenizer_with(folder, template):

@@ -8,22 +8,13 @@ import json
 import types
 
 import pytest
-import torch
 
-from conftest import shared_path
+from engine_fixtures import write_run
 from fastchat_ft import config, export_artifacts
 from fastchat_ft.engine import data as data_mod
 from fastchat_ft.engine import rundir
 
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    return shared_path("tokenizers", "smollm2")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_data_cache")
 
 
 def markers(records) -> list[str]:
@@ -51,12 +42,7 @@ def make_run(tmp_path, tok_dir, n: int, fmt: str, **kw):
         path.write_text("[\n" + ",\n\n".join(json.dumps(r) for r in records) + "\n]\n")
     cfg = config.from_dict({"datasets": [{"path": str(path)}], "sequence_len": 64, "sample_packing": False,
                             "seed": 5, **kw})
-    run = data_mod.build_run_data(cfg, tok_dir)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    s = types.SimpleNamespace(data=run, device=torch.device("cpu"), model_info={"base_dir": tok_dir},
-                              tokenizer_dir=tok_dir)
-    rundir.write_run_files(run_dir, cfg, s, resumed=False)
+    run_dir = write_run(tmp_path, cfg, data_mod.build_run_data(cfg, tok_dir), tok_dir)
     return path, records, run_dir
 
 

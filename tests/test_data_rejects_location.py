@@ -8,28 +8,17 @@ import json
 import os
 import stat
 import tempfile
-import types
 
 import pytest
-import torch
 
-from conftest import shared_path
+from engine_fixtures import write_run
 from fastchat_ft import config
 from fastchat_ft.data import ChatDataset
 from fastchat_ft.data import dataset as dataset_mod
 from fastchat_ft.engine import data as data_mod
-from fastchat_ft.engine.rundir import write_run_files
 from fastchat_ft.errors import DataError
 
-
-@pytest.fixture(scope="module")
-def tok_dir():
-    return shared_path("tokenizers", "smollm2")
-
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_data_cache")
 
 
 def conv(tag: str) -> dict:
@@ -53,15 +42,6 @@ def snapshot(folder) -> dict:
 def cfg_for(path):
     return config.from_dict({"datasets": [{"path": str(path)}], "sequence_len": 128, "sample_packing": False,
                              "seed": 1, "on_error": "skip"})
-
-
-def write_run(tmp_path, cfg, run, tok_dir):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    s = types.SimpleNamespace(data=run, device=torch.device("cpu"), model_info={"base_dir": tok_dir},
-                              tokenizer_dir=tok_dir)
-    write_run_files(run_dir, cfg, s, resumed=False)
-    return run_dir
 
 
 def rejected_lines(path) -> list[tuple[str, int]]:
