@@ -358,6 +358,12 @@ def run_bench(args) -> int:
     from fastchat_ft.model.load import resolve_base_model
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from fastchat_ft.errors import ConfigError
+
+        raise ConfigError(f"no CUDA GPU is visible to this torch ({torch.__version__})", field="--device",
+                          fix="leave --device out (auto: the CPU mode here) or run on a machine with a GPU and a CUDA "
+                              "build of torch")
     args.threads = args.threads or (os.cpu_count() if device == "cpu" else 4)
     load_before = os.getloadavg()
     results = []

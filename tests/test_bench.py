@@ -151,3 +151,12 @@ def test_rounds_report_each_runners_median_round_and_keep_every_round():
         "data_prep_s", "tokens_per_cpu_s", "trainable_tokens_per_s", "step_time_s", "mfu", "final_train_loss",
         "val_loss_start", "val_loss_end")}} for n in bench.RUNNERS}}})
     assert "every round" in table and "100/300/200" in table
+
+
+def test_cuda_mode_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
+    from fastchat_ft.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--device", "cuda", "--steps", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "--device" in err and "no CUDA GPU is visible" in err and "Traceback" not in err
