@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastchat_ft.bench_runners import RUNNERS
-from fastchat_ft.config import ALL_LINEAR, ASSETS
+from fastchat_ft.config import ALL_LINEAR, ASSETS, TrainConfig
 from fastchat_ft.engine.rundir import package_versions
 
 LABELS = {"hf_padded": "(a) HF Trainer, padded", "hf_flat": "(b) HF Trainer, flattened", "fastchat_ft": "(c) fastchat-ft"}
@@ -37,7 +37,8 @@ GPU_MODELS = {
 }
 # (c)'s layout. "step" keeps the effective batch and the per-step loss normalisation (loss and gradients equal up
 # to float reassociation) but runs one forward per optimizer step: bigger GEMMs, a quarter of the per-op overhead
-ENGINE_ROWS = {"micro_batch": "the same micro-batches as packed rows (one forward per micro-batch, as HF)",
+ENGINE_ROWS = {"micro_batch": "the same micro-batches as packed rows (on CPU the engine runs consecutive ones as one "
+                               "forward up to cpu_merge_tokens tokens, its default; on GPU one forward each, as HF)",
                "step": "each optimizer step's conversations as ONE packed row (grad_accum 1; same effective batch)"}
 CPU_DEFAULTS = dict(steps=12, micro_batch=4, grad_accum=4, lr=1e-3, seq_len=256)
 GPU_DEFAULTS = dict(steps=20, micro_batch=16, grad_accum=2, lr=2e-4, seq_len=2048)
@@ -71,6 +72,8 @@ def build_plan(args, base_model: str, tokenizer: str, device: str, dtype: str, d
             "steps": pick("steps"), "micro_batch": pick("micro_batch"), "grad_accum": pick("grad_accum"),
             "lr": pick("lr"), "seq_len": pick("seq_len"), "seed": args.seed, "threads": args.threads,
             "engine_rows": getattr(args, "engine_rows", None) or "micro_batch",
+            "cpu_merge_tokens": (args.cpu_merge_tokens if getattr(args, "cpu_merge_tokens", None) is not None
+                                 else TrainConfig.cpu_merge_tokens),
             "repeats": max(1, getattr(args, "repeats", None) or 1),
             "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "dropout": 0.0, "target_modules": list(ALL_LINEAR)},
             "optimizer": "AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=0)", "lr_schedule": "cosine, no warmup",
@@ -385,7 +388,8 @@ def run_bench(args) -> int:
             plan = build_plan(args, str(base), str(base), device, dtype, defaults)
             print(f"bench {label}: {plan['steps']} steps x {plan['micro_batch']} conversations x "
                   f"{plan['grad_accum']} accumulation, LoRA r={plan['lora']['r']}, {dtype} on {device}, "
-                  f"{plan['threads']} threads; (c) {ENGINE_ROWS[plan['engine_rows']]}; {plan['repeats']} round(s)", flush=True)
+                  f"{plan['threads']} threads; (c) {ENGINE_ROWS[plan['engine_rows']]}, cpu_merge_tokens "
+                  f"{plan['cpu_merge_tokens']}; {plan['repeats']} round(s)", flush=True)
             res = bench_one(plan, model_cfg, workdir, label)
             results.append(res)
             print(format_table(res))

@@ -266,7 +266,7 @@ def run_engine(plan: dict) -> dict:
         "gradient_accumulation_steps": accum, "warmup_ratio": 0.0, "lr_scheduler": "cosine",
         "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": plan["seed"], "output_dir": out_dir,
         "eval_steps": plan["steps"], "save_steps": plan["steps"], "sample_prompts": 0, "logging_steps": 1,
-        "bf16": plan["dtype"] == "bfloat16"})
+        "bf16": plan["dtype"] == "bfloat16", "cpu_merge_tokens": plan.get("cpu_merge_tokens", 0)})
 
     ends, cpu_ends, starts = [], [], []
     original_build, original_after = train_mod.build, train_mod.Reporter.after_step

@@ -145,6 +145,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-rows", choices=["micro_batch", "step"], default="micro_batch",
                    help="(c)'s layout: one packed row per micro-batch (default, as HF), or each optimizer step's "
                         "conversations as one packed row (same effective batch, one forward per step)")
+    p.add_argument("--cpu-merge-tokens", type=int, default=None,
+                   help="(c) on CPU: the engine's cpu_merge_tokens (consecutive micro-batches run as one forward up "
+                        "to this many tokens; default: the engine's default, 1024; 0: one forward per micro-batch)")
 
 
 def _add_distill(p: argparse.ArgumentParser) -> None:

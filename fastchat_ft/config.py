@@ -70,6 +70,10 @@ class TrainConfig:
     # --- speed and memory ---
     bf16: str | bool = "auto"              # auto: bf16 autocast on a GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool = False   # recompute activations in backward: ~30% slower, far less memory
+    # CPU, one process: a step's consecutive micro-batches run as ONE forward (their rows joined into one packed row)
+    # while together at most this many tokens; same loss and gradients (normalised per optimizer step), fewer and
+    # larger matmuls; activation memory grows with it. 0: one forward per micro-batch. GPU: not applied.
+    cpu_merge_tokens: int = 1024
     torch_compile: bool = False            # compile the decoder layers (slow first steps, faster after)
     parallelism: str = "auto"              # under torchrun: auto (FSDP2 for full fine-tuning, DDP for LoRA/QLoRA) | ddp | fsdp
     # --- evaluation, logging, checkpoints ---
@@ -211,7 +215,8 @@ def validate(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
                               fix=f"did you mean '{hint}'? (allowed: {shown})" if hint else f"use one of: {shown}")
         if key in POSITIVE and value <= 0:
             raise ConfigError(f"must be > 0, got {value}", file=source, field=key, fix=f"set {key} to a positive value")
-    for key in ("learning_rate", "lora_dropout", "warmup_ratio", "val_set_size", "weight_decay", "max_grad_norm"):
+    for key in ("learning_rate", "lora_dropout", "warmup_ratio", "val_set_size", "weight_decay", "max_grad_norm",
+                "cpu_merge_tokens"):
         value = getattr(cfg, key)
         if value is not None and value < 0:
             raise ConfigError(f"must be >= 0, got {value}", file=source, field=key, fix=f"set {key} to 0 or more")

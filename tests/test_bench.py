@@ -129,10 +129,13 @@ def test_engine_step_rows_train_like_micro_batch_rows(tmp_path):
                                       "--micro-batch", "3", "--grad-accum", "2", "--lora-r", "4", "--engine-rows", "step"])
     plan = bench.build_plan(args, str(model), str(model), "cpu", "float32", bench.CPU_DEFAULTS)
     assert plan["engine_rows"] == "step"
+    assert plan["cpu_merge_tokens"] == 1024  # the engine's default, recorded in the plan
     whole = run_engine(plan)
-    per_micro = run_engine({**plan, "engine_rows": "micro_batch"})
+    per_micro = run_engine({**plan, "engine_rows": "micro_batch", "cpu_merge_tokens": 0})
+    merged = run_engine({**plan, "engine_rows": "micro_batch"})  # the engine joins the micro-batches on CPU
     assert whole["data_digest"] == per_micro["data_digest"] and len(whole["losses"]) == 3
     np.testing.assert_allclose(whole["losses"], per_micro["losses"], rtol=2e-5, atol=0)
+    np.testing.assert_allclose(merged["losses"], per_micro["losses"], rtol=2e-5, atol=0)
     assert abs(whole["val_loss_end"] - per_micro["val_loss_end"]) <= 2e-5 * abs(per_micro["val_loss_end"])
     assert abs(whole["losses"][2] - whole["losses"][0]) > 1e-3  # training moved the loss, so the check has teeth
 

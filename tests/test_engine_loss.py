@@ -141,3 +141,44 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == ckpt.keys()
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
+
+
+def test_merge_groups_consecutive_micro_batches_within_the_budget():
+    from fastchat_ft.engine.data import merge_micro_batches
+
+    rows = [{"input_ids": np.zeros(n), "seq_lens": np.array([n])} for n in (100, 200, 300, 900, 50, 60)]
+    assert merge_micro_batches(rows, [[0], [1], [2], [3], [4], [5]], 600) == [[0, 1, 2], [3], [4, 5]]
+    assert merge_micro_batches(rows, [[0, 1], [2, 3], [4], [5]], 600) == [[0, 1], [2, 3], [4, 5]]  # too big: alone
+    assert merge_micro_batches(rows, [[0], [1], [2]], 10_000) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_merged_micro_batches_give_the_same_loss_and_grads(mode):
+    """cpu_merge_tokens: a step's micro-batches joined into one packed row (rank_step with merge_tokens) train
+    exactly like the separate micro-batches: same loss, label count and gradients up to float reassociation."""
+    from types import SimpleNamespace
+
+    from fastchat_ft.engine.data import rank_step
+
+    convs = conversations(5, 24)
+    rows = [pack_conversations(convs[i:i + 3]) for i in range(0, 24, 3)]
+    cfg = SimpleNamespace(micro_batch_size=2, gradient_accumulation_steps=4, seed=3)
+    model = tiny_model(lora=True)
+    idx = rank_step(rows, cfg, 8, 0, 0, 0)[0]
+    pair = max(sum(len(rows[i]["input_ids"]) for i in m) for m in idx) * 2  # room for about two micro-batches
+    results = {}
+    for budget in (0, pair, 10_000):  # separate, merged in pairs or so, all in one row
+        model.zero_grad(set_to_none=True)
+        idx, mine = rank_step(rows, cfg, 8, 0, 0, 0, merge_tokens=budget)
+        assert sorted(i for b in mine for i in b["row_ids"]) == sorted(i for m in idx for i in m)
+        loss, n = backward_step(model, [to_device(b, torch.device("cpu")) for b in mine], mode,
+                                contextlib.nullcontext())
+        results[budget] = (len(mine), loss, n, grads(model))
+    assert results[0][0] == 4 and results[10_000][0] == 1 and 1 < results[pair][0] < 4
+    ref = results[0]
+    for budget in (pair, 10_000):
+        forwards, loss, n, g = results[budget]
+        assert n == ref[2] > 0 and abs(loss - ref[1]) < 1e-5
+        assert g.keys() == ref[3].keys() and len(g) > 0
+        for k in g:
+            torch.testing.assert_close(g[k], ref[3][k], rtol=1e-4, atol=1e-6)

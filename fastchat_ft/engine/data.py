@@ -191,24 +191,53 @@ def step_rows(n_rows: int, micro_batch_size: int, accum: int, seed: int, epoch: 
     return [chunk[i:i + micro_batch_size].tolist() for i in range(0, len(chunk), micro_batch_size)]
 
 
-def rank_step(rows, cfg, per_step: int, epoch: int, step_in_epoch: int, rank: int) -> tuple[list[list[int]], list[dict]]:
+def rank_step(rows, cfg, per_step: int, epoch: int, step_in_epoch: int, rank: int,
+              merge_tokens: int = 0) -> tuple[list[list[int]], list[dict]]:
     """The whole step's micro-batch row indices (every rank's) and this rank's collated micro-batches: rank r
-    takes the r-th run of gradient_accumulation_steps micro-batches."""
+    takes the r-th run of gradient_accumulation_steps micro-batches. merge_tokens > 0 (one CPU process, see
+    config.cpu_merge_tokens) joins consecutive micro-batches into one packed row while within that many tokens."""
     idx = step_rows(len(rows), cfg.micro_batch_size, per_step, cfg.seed, epoch, step_in_epoch)
     accum = cfg.gradient_accumulation_steps
-    return idx, micro_batches(rows, idx[rank * accum:(rank + 1) * accum])
+    mine = idx[rank * accum:(rank + 1) * accum]
+    if merge_tokens > 0:
+        mine = merge_micro_batches(rows, mine, merge_tokens)
+        return idx, [dict(collate([join_rows([rows[i] for i in g])]), row_ids=g, **_sources(rows, g)) for g in mine]
+    return idx, micro_batches(rows, mine)
+
+
+def merge_micro_batches(rows, indices: list[list[int]], budget: int) -> list[list[int]]:
+    """Consecutive micro-batches' row indices taken together while their tokens stay within budget (a micro-batch
+    larger than budget stays alone). The loss is normalised per optimizer step, so grouping them differently
+    changes neither the loss nor the gradients, only how many forwards compute them."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for mb in indices:
+        n = sum(row_tokens(rows[i]) for i in mb)
+        if groups and tokens + n <= budget:
+            groups[-1] = groups[-1] + list(mb)
+            tokens += n
+        else:
+            groups.append(list(mb))
+            tokens = n
+    return groups
+
+
+def join_rows(items: list[dict]) -> dict:
+    """Packed rows laid end to end as one: every conversation keeps its positions (restarting at 0), so attention
+    and the shifted labels stay within each conversation exactly as in the separate rows."""
+    out = {k: np.concatenate([np.asarray(it[k]) for it in items]) for k in ("input_ids", "labels", "position_ids")}
+    out["seq_lens"] = np.concatenate([np.asarray(it["seq_lens"]) if it.get("seq_lens") is not None
+                                      else np.asarray([len(it["input_ids"])]) for it in items])
+    return out
+
+
+def _sources(rows, idx) -> dict:
+    sources = [s for i in idx for s in (rows[i].get("sources") or [])]
+    return {"sources": sources} if sources else {}
 
 
 def micro_batches(rows, indices: list[list[int]]) -> list[dict]:
-    out = []
-    for idx in indices:
-        batch = collate([rows[i] for i in idx])
-        batch["row_ids"] = idx
-        sources = [s for i in idx for s in (rows[i].get("sources") or [])]
-        if sources:
-            batch["sources"] = sources
-        out.append(batch)
-    return out
+    return [dict(collate([rows[i] for i in idx]), row_ids=idx, **_sources(rows, idx)) for idx in indices]
 
 
 def eval_batches(rows, micro_batch_size: int):

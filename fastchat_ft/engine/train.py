@@ -198,10 +198,13 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     report = Reporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar, bool(resume),
                       active=rank == 0, sharded=sharded)
 
+    # one CPU process: a step's micro-batches joined into fewer, larger forwards (config.cpu_merge_tokens); ranks
+    # must run matching forwards for their collectives, and GPU memory is the scarcer resource, so not there
+    merge_tokens = cfg.cpu_merge_tokens if (s.device.type == "cpu" and world == 1) else 0
     with ckpt.StopFlag() as stop, _oom_advice(cfg):
         while state.step < total_steps and not stop.requested:
             t0 = time.perf_counter()
-            idx, mine = data_mod.rank_step(rows, cfg, per_step, state.epoch, state.batch_in_epoch, rank)
+            idx, mine = data_mod.rank_step(rows, cfg, per_step, state.epoch, state.batch_in_epoch, rank, merge_tokens)
             batches = [to_device(b, s.device) for b in mine]
             t_data = time.perf_counter() - t0
             if sharded:
