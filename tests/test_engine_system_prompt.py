@@ -70,13 +70,16 @@ def test_training_rows_carry_the_default_and_match_the_inference_prompt(tmp_path
     prompt = chat_prompt_ids(AutoTokenizer.from_pretrained(str(tok_dir)), convs[0]["messages"][:1])
     assert ids[:len(prompt)] == prompt
     assert all(x == -100 for x in labels[:len(prompt) - 1])  # the inherited system turn is never trained on
+    assert run.stats["inherited_system_prompt"] == "You answer in one line."  # recorded in the run manifest
     texts = _rows_text(run, tok_dir)
     assert sum("You answer in one line." in t for t in texts) == 1  # the conversation with its own keeps it
     assert any("Be terse." in t for t in texts)
 
     off = config.from_dict({"datasets": [{"path": str(path)}], "sequence_len": 128, "sample_packing": False,
                             "system_prompt": ""})
-    assert not any("You answer in one line." in t for t in _rows_text(data_mod.build_run_data(off, tok_dir), tok_dir))
+    run_off = data_mod.build_run_data(off, tok_dir)
+    assert not any("You answer in one line." in t for t in _rows_text(run_off, tok_dir))
+    assert "inherited_system_prompt" not in run_off.stats
 
 
 def test_eval_follows_the_run(tmp_path):

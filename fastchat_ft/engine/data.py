@@ -100,22 +100,32 @@ class Concat:
 def pack_entries(entries: list[dict], tokenizer_dir: Path, cfg) -> tuple[object, dict]:
     """The files of `entries` packed per distinct loader option set (usually one: every file together)."""
     groups: dict[tuple, tuple[dict, list[Path]]] = {}
+    inherited = None
     for entry in entries:
         options = loader_options(cfg, entry)
         if options["system_prompt"] is None:  # unset: follow the model's own template (see template_defaults)
             options["system_prompt"] = inherited_system_prompt(tokenizer_dir, options["template"])
+            inherited = inherited or options["system_prompt"]
         groups.setdefault(tuple(sorted(options.items())), (options, []))[1].append(Path(entry["path"]))
     parts = [pack_files(paths, tokenizer_dir, options) for options, paths in groups.values()]
     if len(parts) == 1:
-        return parts[0]
-    stats = {k: sum(p[1].get(k, 0) for p in parts) for k, v in parts[0][1].items() if isinstance(v, int)}
-    bins = sum(p[1].get("bins", 0) for p in parts)
-    stats["packing_efficiency"] = sum(p[1].get("packing_efficiency", 0) * p[1].get("bins", 0)
+        stats = parts[0][1]
+    else:
+        stats = _combined_stats([p[1] for p in parts])
+    if inherited:  # the run manifest's loader_stats then say which system turn training added
+        stats["inherited_system_prompt"] = inherited
+    return (parts[0][0] if len(parts) == 1 else Concat([p[0] for p in parts])), stats
+
+
+def _combined_stats(parts: list[dict]) -> dict:
+    stats = {k: sum(p.get(k, 0) for p in parts) for k, v in parts[0].items() if isinstance(v, int)}
+    bins = sum(p.get("bins", 0) for p in parts)
+    stats["packing_efficiency"] = sum(p.get("packing_efficiency", 0) * p.get("bins", 0)
                                       for p in parts) / bins if bins else 0.0
-    rejects = [p[1]["rejects_file"] for p in parts if p[1].get("rejects_file")]
+    rejects = [p["rejects_file"] for p in parts if p.get("rejects_file")]
     if rejects:
         stats["rejects_file"] = os.pathsep.join(rejects)
-    return Concat([p[0] for p in parts]), stats
+    return stats
 
 
 def pack_files(paths: list[Path], tokenizer_dir: Path, options: dict) -> tuple[object, dict]:
