@@ -6,9 +6,10 @@
 # on the GPU machine (the engine's end-to-end tests then train on CUDA). Each stage has its own time bound so one
 # slow stage cannot eat the rest of the lease; logs and results (bench/results/*.json with device name and date)
 # go to $OUT, which the device tool brings back (at most 8 files: results travel as one archive).
-# Next measurements (README, bench section): the engine with varlen flash attention on CUDA,
-#   FASTCHAT_FT_VARLEN=1 HF_ARGS="--out bench/results/h200-varlen" bash bench/gpu/session.sh hf
-# and the Llama-8B shape: HF_MODELS=llama-8b HF_TIMEOUT=400 bash bench/gpu/session.sh hf
+# More stages: hf_varlen = the hf stage with FASTCHAT_FT_VARLEN=1 (the engine's varlen flash attention on CUDA),
+# results in bench/results/h200-varlen/; hf8b = the hf stage for the Llama-8B shape (HF_TIMEOUT, default 400 s).
+# Seen on an H200 (2026-11-26): start + transfer ~30 s, wheels + build 30-45 s, tests 55 s, hf (1B) 120-130 s,
+# kernels 65 s; a lease is 15 min of device time in all, so e.g. `tests hf hf_varlen` fits one call.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -53,6 +54,16 @@ for stage in $STAGES; do
     timeout "${HF_TIMEOUT:-170}" python3 bench/vs_hf_trainer.py --device cuda --models "${HF_MODELS:-llama-1b}" \
       --tokenizer .gpu/tokenizer ${HF_ARGS:-} > "$OUT/vs_hf_trainer.log" 2>&1
     echo "exit $?"; tail -30 "$OUT/vs_hf_trainer.log" ;;
+  hf_varlen)
+    log "vs HF Trainer, engine with varlen flash attention (FASTCHAT_FT_VARLEN=1)"
+    FASTCHAT_FT_VARLEN=1 timeout "${HF_TIMEOUT:-170}" python3 bench/vs_hf_trainer.py --device cuda --models llama-1b \
+      --tokenizer .gpu/tokenizer --out bench/results/h200-varlen ${HF_ARGS:-} > "$OUT/vs_hf_trainer_varlen.log" 2>&1
+    echo "exit $?"; tail -16 "$OUT/vs_hf_trainer_varlen.log" ;;
+  hf8b)
+    log "vs HF Trainer (GPU mode: llama-8b)"
+    timeout "${HF_TIMEOUT:-400}" python3 bench/vs_hf_trainer.py --device cuda --models llama-8b --tokenizer .gpu/tokenizer \
+      --out bench/results/h200-llama-8b ${HF_ARGS:-} > "$OUT/vs_hf_trainer_8b.log" 2>&1
+    echo "exit $?"; tail -16 "$OUT/vs_hf_trainer_8b.log" ;;
   kernels)
     log "kernels bench"
     timeout "${KERNELS_TIMEOUT:-150}" python3 bench/kernels.py ${KERNEL_ARGS:---no-compile} > "$OUT/kernels.log" 2>&1
