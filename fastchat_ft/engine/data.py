@@ -75,7 +75,7 @@ def inherited_system_prompt(tokenizer_dir: Path, template: str) -> str | None:
     system = model_default_system(str(tokenizer_dir), template)
     if system and (str(tokenizer_dir), template) not in _told:
         _told.add((str(tokenizer_dir), template))
-        print(f"fastchat-ft data: conversations without a system turn get the model's default system prompt "
+        print(f"fastchat-ft data: any conversation without a system turn gets the model's default system prompt "
               f"{system[:80]!r}{'...' if len(system) > 80 else ''}, as its own chat template adds it at inference "
               f"(generate, serve, HF, vLLM); set system_prompt: \"\" to train without it", file=sys.stderr)
     return system
