@@ -129,3 +129,15 @@ def test_cpu_and_cuda_out_of_memory_become_the_advice_and_other_errors_pass_thro
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with _oom_advice(cfg):
             raise RuntimeError("shape mismatch")
+
+
+def test_bf16_true_on_cpu_says_it_trains_in_fp32(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from fastchat_ft.engine.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device(SimpleNamespace(bf16=True)) == (torch.device("cpu"), None)
+    assert "trains in fp32" in capsys.readouterr().err
+    assert pick_device(SimpleNamespace(bf16="auto")) == (torch.device("cpu"), None)
+    assert capsys.readouterr().err == ""

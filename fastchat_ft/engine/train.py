@@ -68,6 +68,9 @@ def pick_device(cfg) -> tuple[torch.device, torch.dtype | None]:
     if torch.cuda.is_available():
         bf16 = cfg.bf16 is True or (cfg.bf16 == "auto" and torch.cuda.is_bf16_supported())
         return torch.device("cuda"), torch.bfloat16 if bf16 else None
+    if cfg.bf16 is True:  # asked for explicitly: say it is not honoured rather than train in another precision silently
+        print("fastchat-ft: bf16: true applies on a GPU; this run is on the CPU and trains in fp32 (bf16 matmuls are "
+              "slower than fp32 on most CPUs)", file=sys.stderr)
     return torch.device("cpu"), None  # CPU: fp32 (bf16 matmuls are slower than fp32 on most CPUs)
 
 
