@@ -134,6 +134,8 @@ def test_cpu_and_cuda_out_of_memory_become_the_advice_and_other_errors_pass_thro
 def test_bf16_true_on_cpu_says_it_trains_in_fp32(monkeypatch, capsys):
     from types import SimpleNamespace
 
+    import torch
+
     from fastchat_ft.engine.train import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
