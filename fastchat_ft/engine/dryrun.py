@@ -53,10 +53,11 @@ def report(cfg, s, optimizer, total_steps: int, steps_epoch: int) -> dict:
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     times = []
     n = min(cfg.dry_run_steps, total_steps)
+    merge = cfg.cpu_merge_tokens if s.device.type == "cpu" else 0  # the forwards training will run (train.py)
     for step in range(n):
         t0 = time.perf_counter()
-        idx = data_mod.step_rows(len(rows), cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.seed, 0, step % steps_epoch)
-        batches = [to_device(b, s.device) for b in data_mod.micro_batches(rows, idx)]
+        _, mine = data_mod.rank_step(rows, cfg, cfg.gradient_accumulation_steps, 0, step % steps_epoch, 0, merge)
+        batches = [to_device(b, s.device) for b in mine]
         backward_step(s.model, batches, cfg.loss_normalization, amp)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
