@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, write_results  # noqa: E402
 
 from fastchat_ft import bench  # noqa: E402
 from fastchat_ft.cli import build_parser  # noqa: E402
@@ -80,12 +80,7 @@ def main() -> int:
            "median_tokens_per_s": {"off": statistics.median(off), "merged": statistics.median(merged)},
            "paired_ratios": ratios, "largest_relative_loss_difference": worst_loss_gap,
            "load_average_after": list(os.getloadavg())}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp_path, out)
-    print(f"wrote {out}")
+    write_results(doc, args.out)
     return 0 if worst_loss_gap < 2e-5 else 1
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, write_results  # noqa: E402
 
 from fastchat_ft.bench import schedule  # noqa: E402
 from fastchat_ft.bench_runners import engine_conversations, seeded_lora_init  # noqa: E402
@@ -212,12 +211,7 @@ def main() -> int:
            "wall_s": walls, "tokens_per_s": {"engine": tokens / we, "hf_padded": tokens / wh,
                                              "engine_step_row": tokens / wr},
            "top_ops": {"engine": ops_e[:25], "hf_padded": ops_h[:25]}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_results(doc, args.out)
     return 0
 
 
