@@ -210,9 +210,14 @@ def rank_step(rows, cfg, per_step: int, epoch: int, step_in_epoch: int, rank: in
     accum = cfg.gradient_accumulation_steps
     mine = idx[rank * accum:(rank + 1) * accum]
     if merge_tokens > 0:
-        mine = merge_micro_batches(rows, mine, merge_tokens)
-        return idx, [dict(collate([join_rows([rows[i] for i in g])]), row_ids=g, **_sources(rows, g)) for g in mine]
+        return idx, micro_batches(rows, merge_micro_batches(rows, mine, merge_tokens), join=True)
     return idx, micro_batches(rows, mine)
+
+
+def merge_budget(cfg, device, world: int) -> int:
+    """The cpu_merge_tokens a run applies: one CPU process only (ranks must run matching forwards for their
+    collectives, and on a GPU memory is the scarcer resource)."""
+    return cfg.cpu_merge_tokens if device.type == "cpu" and world == 1 else 0
 
 
 def merge_micro_batches(rows, indices: list[list[int]], budget: int) -> list[list[int]]:
@@ -241,13 +246,18 @@ def join_rows(items: list[dict]) -> dict:
     return out
 
 
-def _sources(rows, idx) -> dict:
-    sources = [s for i in idx for s in (rows[i].get("sources") or [])]
-    return {"sources": sources} if sources else {}
-
-
-def micro_batches(rows, indices: list[list[int]]) -> list[dict]:
-    return [dict(collate([rows[i] for i in idx]), row_ids=idx, **_sources(rows, idx)) for idx in indices]
+def micro_batches(rows, indices: list[list[int]], join: bool = False) -> list[dict]:
+    """One collated batch per list of row indices; join=True lays each list's rows end to end as one packed row."""
+    out = []
+    for idx in indices:
+        items = [rows[i] for i in idx]
+        batch = collate([join_rows(items)] if join else items)
+        batch["row_ids"] = idx
+        sources = [s for it in items for s in (it.get("sources") or [])]
+        if sources:
+            batch["sources"] = sources
+        out.append(batch)
+    return out
 
 
 def eval_batches(rows, micro_batch_size: int):

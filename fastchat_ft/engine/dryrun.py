@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fastchat_ft.engine import data as data_mod
+from fastchat_ft.engine import distributed as dist_mod
 from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.model.load import trainable_parameters
 
@@ -53,7 +54,7 @@ def report(cfg, s, optimizer, total_steps: int, steps_epoch: int) -> dict:
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     times = []
     n = min(cfg.dry_run_steps, total_steps)
-    merge = cfg.cpu_merge_tokens if s.device.type == "cpu" else 0  # the forwards training will run (train.py)
+    merge = data_mod.merge_budget(cfg, s.device, dist_mod.world()[1])  # the forwards training will run
     for step in range(n):
         t0 = time.perf_counter()
         _, mine = data_mod.rank_step(rows, cfg, cfg.gradient_accumulation_steps, 0, step % steps_epoch, 0, merge)

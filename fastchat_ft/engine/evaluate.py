@@ -52,12 +52,19 @@ def eval_template(args, model: LoadedModel) -> str:
     """--template, else the run's training template, else the model's own chat template."""
     if args.template:
         return args.template
+    conf = _training_config(model)
+    if conf is not None:
+        return conf.get("chat_template") or "chatml"  # the training config's default template
+    return "tokenizer"
+
+
+def _training_config(model: LoadedModel) -> dict | None:
+    """The training_config.yaml of the run the model comes from, or None for a model that is not a run."""
     run_dir = model.source.run_dir or _run_of(model.source.path)
     if run_dir and (run_dir / "training_config.yaml").is_file():
         import yaml
-        conf = yaml.safe_load((run_dir / "training_config.yaml").read_text()) or {}
-        return conf.get("chat_template") or "chatml"  # the training config's default template
-    return "tokenizer"
+        return yaml.safe_load((run_dir / "training_config.yaml").read_text()) or {}
+    return None
 
 
 def _run_of(path: Path) -> Path | None:
@@ -75,12 +82,9 @@ def _slug(model: LoadedModel) -> str:
 def eval_system_prompt(model: LoadedModel, template: str) -> str | None:
     """The system prompt conversations without one are evaluated with: the training run's `system_prompt` when it
     set one, else the default of the model's own template (what training and inference add; template_defaults)."""
-    run_dir = model.source.run_dir or _run_of(model.source.path)
-    if run_dir and (run_dir / "training_config.yaml").is_file():
-        import yaml
-        conf = yaml.safe_load((run_dir / "training_config.yaml").read_text()) or {}
-        if conf.get("system_prompt") is not None:
-            return conf["system_prompt"]
+    conf = _training_config(model) or {}
+    if conf.get("system_prompt") is not None:
+        return conf["system_prompt"]
     from fastchat_ft.data.template_defaults import model_default_system
 
     return model_default_system(str(model.source.tokenizer_dir), template)

@@ -201,9 +201,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     report = Reporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar, bool(resume),
                       active=rank == 0, sharded=sharded)
 
-    # one CPU process: a step's micro-batches joined into fewer, larger forwards (config.cpu_merge_tokens); ranks
-    # must run matching forwards for their collectives, and GPU memory is the scarcer resource, so not there
-    merge_tokens = cfg.cpu_merge_tokens if (s.device.type == "cpu" and world == 1) else 0
+    merge_tokens = data_mod.merge_budget(cfg, s.device, world)  # fewer, larger forwards on one CPU process
     with ckpt.StopFlag() as stop, _oom_advice(cfg):
         while state.step < total_steps and not stop.requested:
             t0 = time.perf_counter()
