@@ -12,6 +12,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from fastchat_ft.kernels.fused_linear_cross_entropy import _ce_rows_kernel, _scale_cast_kernel  # noqa: E402
 from fastchat_ft.kernels.lora_linear import _lora_matmul_kernel  # noqa: E402
 from fastchat_ft.kernels.rms_norm import _rms_norm_bwd_kernel, _rms_norm_fwd_kernel  # noqa: E402
+from fastchat_ft.kernels.swiglu import BLOCK as SWIGLU_BLOCK  # noqa: E402
+from fastchat_ft.kernels.swiglu import _swiglu_bwd_kernel, _swiglu_fwd_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 AMPERE = GPUTarget("cuda", 80, 32)
@@ -68,6 +70,22 @@ def test_rms_norm_kernels_compile(gemma):
                  "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", "offset": "fp32", "GEMMA": "",
                  "WANT_DW": "", "BLOCK": ""},
                 dict(common, WANT_DW=True), aligned=("dy_ptr", "x_ptr", "dx_ptr"), num_warps=8)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_swiglu_kernels_compile_to_vector_loads(dtype):
+    # n aligned too: tokens x intermediate is a multiple of 16 for every model we know, and launches specialise on it
+    aligned = ("gate_ptr", "up_ptr", "out_ptr", "n")
+    fwd = compile_for(_swiglu_fwd_kernel, HOPPER, {"gate_ptr": f"*{dtype}", "up_ptr": f"*{dtype}",
+                                                   "out_ptr": f"*{dtype}", "n": "i64", "BLOCK": ""},
+                      {"BLOCK": SWIGLU_BLOCK}, aligned=aligned, num_warps=4)
+    assert "ld.global.v4" in fwd.asm["ptx"]  # 16-byte loads: the kernel is bandwidth-bound
+    bwd = compile_for(_swiglu_bwd_kernel, HOPPER,
+                      {"dh_ptr": f"*{dtype}", "gate_ptr": f"*{dtype}", "up_ptr": f"*{dtype}",
+                       "dgate_ptr": f"*{dtype}", "dup_ptr": f"*{dtype}", "n": "i64", "BLOCK": ""},
+                      {"BLOCK": SWIGLU_BLOCK}, aligned=("dh_ptr", "gate_ptr", "up_ptr", "dgate_ptr", "dup_ptr", "n"),
+                      num_warps=4)
+    assert "ld.global.v4" in bwd.asm["ptx"] and "st.global.v4" in bwd.asm["ptx"]
 
 
 @pytest.mark.parametrize("target,dtype,has_lora", [(HOPPER, "bf16", True), (AMPERE, "bf16", True),

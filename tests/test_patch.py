@@ -77,8 +77,8 @@ def assert_close_grads(got, want, rtol=1e-4, atol=1e-5):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Count calls into the three kernels, so a parity test cannot pass by silently running HF's own code."""
-    calls = {"rms_norm": 0, "fused_linear_cross_entropy": 0, "lora_linear": 0}
+    """Count calls into the kernels, so a parity test cannot pass by silently running HF's own code."""
+    calls = {"rms_norm": 0, "fused_linear_cross_entropy": 0, "lora_linear": 0, "swiglu": 0}
     for name in calls:
         real = getattr(kernels, name)
 
@@ -105,9 +105,11 @@ def test_patched_loss_and_grads_equal_hf(model_type, kernel_calls):
 
     handle = fastchat_ft.patch(model)
     n_norms = sum(type(m).__name__ == FAMILIES[model_type].norm_class for m in model.modules())
+    n_mlps = sum(type(m).__name__ == FAMILIES[model_type].mlp_class for m in model.modules())
     assert handle.rms_norms == n_norms > 0 and handle.fused_loss and handle.skipped == []
+    assert handle.swiglu_mlps == n_mlps and (n_mlps > 0) == (FAMILIES[model_type].mlp_class is not None)
     assert "model.norm" in handle.replaced and type(model).__name__ in handle.replaced
-    assert len(handle.replaced) == n_norms + 1
+    assert len(handle.replaced) == n_norms + 1 + n_mlps
 
     got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
     assert got.logits is None  # the [tokens x vocab] logits were never built
@@ -118,6 +120,7 @@ def test_patched_loss_and_grads_equal_hf(model_type, kernel_calls):
     assert_close_grads(grads, want_grads_sum)
     assert kernel_calls["fused_linear_cross_entropy"] == 2
     assert kernel_calls["rms_norm"] == 2 * n_norms
+    assert kernel_calls["swiglu"] == 2 * n_mlps
 
     handle.undo()
     assert forwards(model) == before and "forward" not in model.__dict__
@@ -126,6 +129,49 @@ def test_patched_loss_and_grads_equal_hf(model_type, kernel_calls):
     again, _ = loss_and_grads(model, input_ids=ids, labels=labels)
     assert kernel_calls == calls  # nothing of ours runs after undo
     assert torch.equal(again.loss, want_mean.loss) and again.logits is not None
+
+
+def saved_activation_bytes(model, ids, labels) -> int:
+    """Bytes of the distinct storages autograd keeps for backward over one forward (weights excluded)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return sum(kept.values())
+
+
+def test_swiglu_keeps_one_intermediate_activation_less_per_layer_with_the_same_gradients():
+    model = tiny_model("llama")
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    eager_bytes = saved_activation_bytes(model, ids, labels)
+    fastchat_ft.patch(model, rms_norm=False, loss=False, lora=False)
+    got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert torch.equal(got.loss, want.loss)  # the torch path is eager's ops in eager's order
+    for name in want_grads:
+        assert torch.equal(grads[name], want_grads[name]), name
+    cfg = model.config
+    one_activation = ids.numel() * cfg.intermediate_size * 4  # [tokens x intermediate] fp32
+    assert eager_bytes - saved_activation_bytes(model, ids, labels) == cfg.num_hidden_layers * one_activation
+
+
+def test_mlps_with_another_activation_are_left_alone(kernel_calls):
+    model = tiny_model("llama", hidden_act="gelu")
+    ids, labels = batch()
+    want, _ = loss_and_grads(model, input_ids=ids, labels=labels)
+    handle = fastchat_ft.patch(model)
+    assert handle.swiglu_mlps == 0 and handle.skipped == ["swiglu: 2 LlamaMLP with act_fn GELUActivation, not SiLU"]
+    got, _ = loss_and_grads(model, input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert kernel_calls["swiglu"] == 0
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

@@ -97,9 +97,11 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
         info["extra_modules"] = load_mod.train_new_rows_only(model, new_ids)
         info["adapter_config"] = lora_mod.adapter_config(model, base_dir, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                          cfg.lora_target_modules, list(info["extra_modules"]) or None)
-    if device.type == "cuda":  # Triton RMSNorm; the fused CE and LoRA kernels are already ours
-        from fastchat_ft.model.patch import patch
-        patch(model, rms_norm=True, loss=False, lora=False)
+    from fastchat_ft.model.patch import FAMILIES, patch
+    if model.config.model_type in FAMILIES:  # the fused CE and LoRA kernels are ours already
+        # SwiGLU everywhere (one [tokens x intermediate] activation less kept per layer; bit-identical on CPU);
+        # Triton RMSNorm on CUDA, where it is faster than HF's (on CPU HF's norm is the reference path anyway)
+        patch(model, rms_norm=device.type == "cuda", loss=False, lora=False)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.torch_compile:

@@ -1,5 +1,5 @@
 """`fastchat_ft.patch(model)`: swap our kernels into a HF causal LM in place (RMSNorm, the fused linear+CE loss,
-peft LoRA Linear layers) and hand back a handle that undoes it. One generic patcher driven by FAMILIES, a small
+the gated MLP's SwiGLU, peft LoRA Linear layers) and hand back a handle that undoes it. One generic patcher driven by FAMILIES, a small
 table of model types; the kernels live in fastchat_ft.kernels and the train loop in fastchat_ft.engine.
 
 Everything is patched per instance (a `forward` in the module's __dict__), never on a transformers class, so
@@ -29,16 +29,17 @@ class Family:
     offset: float = 0.0             # 1.0 where the weight stores (scale - 1), zero-initialised (Gemma)
     casting: str = "llama"          # "llama": normalise in fp32, cast, then * w; "gemma": * (1 + w) in fp32, cast last
     softcap_attr: str | None = None  # config field of the final-logit tanh softcap, applied before the loss
+    mlp_class: str | None = None    # its MLP when that computes down_proj(act_fn(gate_proj(x)) * up_proj(x))
 
 
 _GEMMA = dict(eps_attr="eps", offset=1.0, casting="gemma")
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaRMSNorm"),            # also SmolLM / SmolLM2 (llama architecture)
-    "mistral": Family("MistralRMSNorm"),
-    "qwen2": Family("Qwen2RMSNorm"),
-    "qwen3": Family("Qwen3RMSNorm"),
-    "smollm3": Family("SmolLM3RMSNorm"),
-    "phi3": Family("Phi3RMSNorm"),
+    "llama": Family("LlamaRMSNorm", mlp_class="LlamaMLP"),  # also SmolLM / SmolLM2 (llama architecture)
+    "mistral": Family("MistralRMSNorm", mlp_class="MistralMLP"),
+    "qwen2": Family("Qwen2RMSNorm", mlp_class="Qwen2MLP"),
+    "qwen3": Family("Qwen3RMSNorm", mlp_class="Qwen3MLP"),
+    "smollm3": Family("SmolLM3RMSNorm", mlp_class="SmolLM3MLP"),
+    "phi3": Family("Phi3RMSNorm"),              # one fused gate_up_proj: left alone
     "gemma": Family("GemmaRMSNorm", **_GEMMA),
     "gemma2": Family("Gemma2RMSNorm", **_GEMMA, softcap_attr="final_logit_softcapping"),
     "gemma3_text": Family("Gemma3RMSNorm", **_GEMMA, softcap_attr="final_logit_softcapping"),
@@ -55,6 +56,7 @@ class PatchHandle:
     rms_norms: int = 0          # RMSNorm modules now running fastchat_ft.kernels.rms_norm
     fused_loss: bool = False    # causal-LM forward computes the loss with fused_linear_cross_entropy
     lora_layers: int = 0        # peft LoRA Linear layers now running fastchat_ft.kernels.lora_linear
+    swiglu_mlps: int = 0        # gated MLPs now running fastchat_ft.kernels.swiglu between their projections
     skipped: list[str] = field(default_factory=list)   # what was left alone, and why
     replaced: list[str] = field(default_factory=list)  # qualified names of the modules whose forward is ours
     _model: object = field(default=None, repr=False)
@@ -68,6 +70,7 @@ class PatchHandle:
     def summary(self) -> str:
         parts = [f"{self.rms_norms} RMSNorm -> rms_norm"]
         parts.append("loss -> fused_linear_cross_entropy" if self.fused_loss else "loss unchanged")
+        parts.append(f"{self.swiglu_mlps} MLP -> swiglu")
         parts.append(f"{self.lora_layers} LoRA Linear -> lora_linear")
         text = f"fastchat_ft.patch({self.model_type}): " + ", ".join(parts)
         return text + ("; skipped: " + "; ".join(self.skipped) if self.skipped else "")
@@ -107,7 +110,7 @@ class PatchHandle:
         return type(module).forward(module, *args, **kwargs)
 
 
-def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True) -> PatchHandle:
+def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True, swiglu: bool = True) -> PatchHandle:
     """Swap fastchat-ft kernels into a HF causal LM (or a peft model wrapping one), in place.
 
     rms_norm: every RMSNorm of the model type runs fastchat_ft.kernels.rms_norm (Gemma's (1 + w) included).
@@ -118,6 +121,9 @@ def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True)
       use_cache defaults to False there, so packed rows (position_ids restarting per document) keep HF's
       per-document attention mask even when config.use_cache is True.
       Eval mode, no labels, or a non-plain lm_head (e.g. a LoRA on lm_head) run the original forward.
+    swiglu: every gated MLP of the model type (Llama, Mistral, Qwen2/3, SmolLM3 with a SiLU act_fn) runs
+      fastchat_ft.kernels.swiglu between its projections: the same values, one [tokens x intermediate]
+      activation less kept for backward per layer (bit-identical to eager on CPU).
     lora: dense peft LoRA Linear layers run fastchat_ft.kernels.lora_linear whenever one vanilla adapter is
       active with no dropout; anything else (merged, disabled, several adapters, DoRA, dropout > 0 while
       training, lora_bias) falls back to peft's own forward on that call.
@@ -140,6 +146,8 @@ def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True)
             _patch_rms_norms(lm, family, handle)
         if loss:
             _patch_loss(lm, family, handle)
+        if swiglu:
+            _patch_mlps(lm, family, handle)
         if lora:
             _patch_lora(model, handle)
     except BaseException:
@@ -182,6 +190,33 @@ def _patch_rms_norms(lm, family: Family, handle: PatchHandle) -> None:
         handle.rms_norms += 1
     if handle.rms_norms == 0:
         handle.skipped.append(f"rms_norm: no {family.norm_class} module found")
+
+
+# ----------------------------------------------------------------------------------------------- MLP
+
+_SILU_CLASSES = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] / ["swish"], and torch's own
+
+
+def _patch_mlps(lm, family: Family, handle: PatchHandle) -> None:
+    from fastchat_ft.kernels import swiglu as swiglu_kernel
+
+    def swiglu_forward(self, x):  # the class forward's computation, with the activation and product fused
+        return self.down_proj(swiglu_kernel(self.gate_proj(x), self.up_proj(x)))
+
+    if family.mlp_class is None:
+        return
+    other_acts: dict[str, int] = {}
+    for name, module in lm.named_modules():
+        if type(module).__name__ != family.mlp_class:
+            continue
+        act = type(getattr(module, "act_fn", None)).__name__
+        if act not in _SILU_CLASSES:  # e.g. a Llama config with hidden_act gelu: its MLPs stay as they are
+            other_acts[act] = other_acts.get(act, 0) + 1
+            continue
+        handle._install(name, module, swiglu_forward)
+        handle.swiglu_mlps += 1
+    for act, count in other_acts.items():
+        handle.skipped.append(f"swiglu: {count} {family.mlp_class} with act_fn {act}, not SiLU")
 
 
 # ----------------------------------------------------------------------------------------------- loss

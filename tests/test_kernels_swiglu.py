@@ -1,0 +1,127 @@
+"""swiglu (Triton path under the interpreter, and the torch path) against a float64 reference and HF's eager
+act_fn(gate) * up, on sizes that are not multiples of the block; what backward keeps alive; fallbacks."""
+import pytest
+import torch
+
+from fastchat_ft.kernels import swiglu, swiglu_reference
+from fastchat_ft.kernels.swiglu import BLOCK
+from kernel_impls import IMPLS, one_thread, select_impl  # noqa: F401 (one_thread is an autouse fixture)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the largest reference value
+
+
+def eager(gate, up):
+    """HF LlamaMLP's activation, on its own leaves: values and gradients to compare against."""
+    g, u = (t.detach().clone().requires_grad_() for t in (gate, up))
+    return g, u, torch.nn.functional.silu(g) * u
+
+
+def close(got, want64, dtype):
+    scale = want64.abs().max().item() or 1.0
+    err = (got.double() - want64).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"error {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 11, 77), (2 * BLOCK + 5,)])
+def test_matches_float64_forward_and_backward(impl, dtype, shape, monkeypatch):
+    select_impl(impl, monkeypatch)
+    gate = (torch.randn(shape) * 3).to(dtype).requires_grad_()  # wide range: sigmoid saturates both ways
+    up = torch.randn(shape).to(dtype).requires_grad_()
+    h = swiglu(gate, up)
+    assert h.shape == gate.shape and h.dtype == dtype
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    h64 = swiglu_reference(g64, u64)
+    h64.backward(dh.double())
+    close(h, h64.detach(), dtype)
+    close(gate.grad, g64.grad, dtype)
+    close(up.grad, u64.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_path_is_bit_identical_to_eager(dtype, monkeypatch):
+    select_impl("reference", monkeypatch)
+    gate = torch.randn(5, 37).to(dtype).requires_grad_()
+    up = torch.randn(5, 37).to(dtype).requires_grad_()
+    g, u, want = eager(gate, up)
+    h = swiglu(gate, up)
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    want.backward(dh)
+    assert torch.equal(h, want) and torch.equal(gate.grad, g.grad) and torch.equal(up.grad, u.grad)
+
+
+def test_triton_path_rounds_like_eager_in_half_precision(monkeypatch):
+    """silu is rounded to fp16 before the product, as eager does: nearly every element is bit-identical."""
+    select_impl("triton", monkeypatch)
+    gate, up = (torch.randn(7, 301).half().requires_grad_() for _ in range(2))
+    g, u, want = eager(gate, up)
+    h = swiglu(gate, up)
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    want.backward(dh)
+    for got, ref in ((h, want), (gate.grad, g.grad), (up.grad, u.grad)):
+        assert (got != ref).float().mean() < 0.02
+        torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_backward_keeps_two_activations_where_eager_keeps_three(impl, monkeypatch):
+    select_impl(impl, monkeypatch)
+
+    def saved_storages(fn):
+        storages = set()
+
+        def pack(t):
+            if t.numel() == 6 * 40:  # the activations, not scalars
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        gate = torch.randn(6, 40).requires_grad_()
+        up = torch.randn(6, 40).requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(gate * 1.0, up * 1.0).sum().backward()  # non-leaf inputs, as the projections' outputs are
+        return len(storages)
+
+    assert saved_storages(swiglu) == 2
+    assert saved_storages(swiglu_reference) == 3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_to_one_input_only(impl, monkeypatch):
+    select_impl(impl, monkeypatch)
+    gate = torch.randn(4, 33)
+    up = torch.randn(4, 33).requires_grad_()
+    swiglu(gate, up).sum().backward()
+    u64 = up.detach().double().requires_grad_()
+    swiglu_reference(gate.double(), u64).sum().backward()
+    close(up.grad, u64.grad, torch.float32)
+
+
+def test_other_inputs_fall_back_to_the_reference(monkeypatch):
+    select_impl("triton", monkeypatch)
+    gate, up = torch.randn(4, 1, 9), torch.randn(4, 3, 9)  # broadcasting
+    torch.testing.assert_close(swiglu(gate, up), swiglu_reference(gate, up), rtol=0, atol=0)
+    g64 = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.equal(swiglu(g64, g64), swiglu_reference(g64, g64))
+    mixed = swiglu(torch.randn(3, 5).half(), torch.randn(3, 5))
+    assert mixed.dtype == torch.float32  # promoted, as eager promotes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_float64(dtype):
+    gate = (torch.randn(3, 1001, 1537, device="cuda") * 3).to(dtype).requires_grad_()
+    up = torch.randn(3, 1001, 1537, device="cuda").to(dtype).requires_grad_()
+    h = swiglu(gate, up)
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    h64 = swiglu_reference(g64, u64)
+    h64.backward(dh.double())
+    close(h, h64.detach(), dtype)
+    close(gate.grad, g64.grad, dtype)
+    close(up.grad, u64.grad, dtype)
