@@ -4,7 +4,7 @@ torch.compile, torch's chunked F.linear_cross_entropy, Liger Kernel and Cut Cros
   fused linear + CE at Llama-3-8B (H=4096, V=128256), Qwen2.5-7B (H=3584, V=152064), Llama-2-7B (H=4096,
   V=32000) heads, 2k-16k tokens, beside the GEMM lower bound 3 x 2NHV FLOPs at the bf16 matmul rate measured
   in the same run; RMSNorm against the copy bandwidth measured in the same run; LoRA r=16 against the base
-  matmul. Writes bench/results/kernels-<device>.json.
+  matmul; SwiGLU against eager, torch.compile and Liger (time, bandwidth, memory kept for backward). Writes bench/results/kernels-<device>.json.
 
   .venv/bin/python bench/kernels.py                 # everything (a few minutes on an H100)
   .venv/bin/python bench/kernels.py --quick         # one size per model, no torch.compile
@@ -30,13 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fastchat_ft.kernels import (fused_linear_cross_entropy, fused_linear_cross_entropy_reference,  # noqa: E402
-                                 lora_linear, lora_linear_reference, rms_norm, rms_norm_reference)
+                                 lora_linear, lora_linear_reference, rms_norm, rms_norm_reference, swiglu,
+                                 swiglu_reference)
 
 HEADS = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "llama2-7b": (4096, 32000)}
 TOKENS = [2048, 4096, 8192, 16384]
 COMPILE_TOKENS = {8192}  # torch.compile recompiles per shape (~1 min each): time it at one size per head
 LORA_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out): attention proj, MLP up, MLP down
 RMS_SHAPES = [(16384, 4096), (16384, 8192)]
+SWIGLU_SHAPES = [(16384, 14336), (16384, 8192)]  # tokens x intermediate: Llama-3-8B, Llama-3.2-1B
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -234,6 +236,61 @@ def bench_rms_norm(bandwidth, use_compile):
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- SwiGLU
+
+def kept_mb(fn, *inputs):
+    """MB a forward leaves allocated for backward (its output and what autograd saved), inputs excluded."""
+    if DEV != "cuda":
+        return 0.0
+    _sync()
+    before = torch.cuda.memory_allocated()
+    out = fn(*inputs)
+    _sync()
+    kept = (torch.cuda.memory_allocated() - before) / 2**20
+    del out
+    return round(kept, 1)
+
+
+def bench_swiglu(bandwidth, use_compile):
+    impls = {"ours": swiglu, "hf_eager": swiglu_reference}
+    if use_compile:
+        impls["torch_compile"] = torch.compile(swiglu_reference, dynamic=False)
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        impls["liger"] = LigerSiLUMulFunction.apply
+    except ImportError:
+        pass
+    rows = []
+    for n, inter in SWIGLU_SHAPES:
+        gate = torch.randn(n, inter, device=DEV).to(DTYPE).requires_grad_()
+        up = torch.randn(n, inter, device=DEV).to(DTYPE).requires_grad_()
+        dh = torch.randn(n, inter, device=DEV).to(DTYPE)
+        elt = torch.finfo(DTYPE).bits // 8
+        moved = {"fwd": 3 * n * inter * elt, "fwd_bwd": 8 * n * inter * elt}  # fwd r2 w1; bwd r3 w2
+        row = {"tokens": n, "intermediate": inter, "impls": {}}
+        for name, fn in impls.items():
+            r = {"fwd": safe_measure(lambda fn=fn: fn(gate, up)),
+                 "fwd_bwd": safe_measure(lambda fn=fn: torch.autograd.grad(fn(gate, up), (gate, up), dh))}
+            for phase, p in r.items():
+                if "ms" in p:
+                    p["gbs"] = round(moved[phase] / (p["ms"] * 1e-3) / 1e9, 1)
+                    p["of_copy_bw"] = round(p["gbs"] / bandwidth, 3)
+            try:
+                r["kept_for_backward_mb"] = kept_mb(fn, gate, up)
+            except Exception as exc:  # reported, not fatal
+                r["kept_for_backward_mb"] = f"{type(exc).__name__}"
+            row["impls"][name] = r
+        print(f"\nSwiGLU {n}x{inter} {DTYPE} (copy bandwidth {bandwidth:.0f} GB/s)")
+        for name, r in row["impls"].items():
+            cells = [f"{phase} {r[phase]['ms']:.3f} ms ({100 * r[phase]['of_copy_bw']:.0f}% bw)" if "ms" in r[phase]
+                     else f"{phase} {r[phase]['error']}" for phase in ("fwd", "fwd_bwd")]
+            print(f"  {name:14s} " + "   ".join(cells) + f"   kept {r['kept_for_backward_mb']} MB")
+        rows.append(row)
+        del gate, up, dh
+        _free()
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- LoRA
 
 def bench_lora(tokens=8192, rank=16):
@@ -331,12 +388,12 @@ def write_json(payload, device):
 
 def dry_run_sizes():
     """--dry-run: every code path of this script on CPU at toy sizes (numbers meaningless, not written)."""
-    global DEV, DTYPE, TOKENS, COMPILE_TOKENS, LORA_SHAPES, RMS_SHAPES
+    global DEV, DTYPE, TOKENS, COMPILE_TOKENS, LORA_SHAPES, RMS_SHAPES, SWIGLU_SHAPES
     DEV, DTYPE = "cpu", torch.float32
     for model, (hidden, vocab) in list(HEADS.items()):
         HEADS[model] = (hidden // 64, vocab // 256)
     TOKENS, COMPILE_TOKENS = [64, 128], set()
-    LORA_SHAPES, RMS_SHAPES = [(64, 96)], [(128, 64)]
+    LORA_SHAPES, RMS_SHAPES, SWIGLU_SHAPES = [(64, 96)], [(128, 64)], [(128, 96)]
 
 
 def main(argv=None):
@@ -344,7 +401,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one token count (8192), no torch.compile")
     parser.add_argument("--tokens", type=int, nargs="*", help=f"token counts (default {TOKENS})")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    parser.add_argument("--only", choices=["flce", "rms_norm", "lora"], nargs="*", help="run only these parts")
+    parser.add_argument("--only", choices=["flce", "rms_norm", "lora", "swiglu"], nargs="*", help="run only these parts")
     parser.add_argument("--dry-run", action="store_true", help="exercise this script on CPU at toy sizes")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -355,7 +412,7 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu-dry-run"
     tokens = args.tokens or ([8192] if args.quick else TOKENS)
     use_compile = not (args.quick or args.no_compile or args.dry_run)
-    parts = set(args.only or ["flce", "rms_norm", "lora"])
+    parts = set(args.only or ["flce", "rms_norm", "lora", "swiglu"])
     tflops = matmul_tflops(8192 if DEV == "cuda" else 256, DTYPE)
     bandwidth = copy_bandwidth_gbs(2 << 30 if DEV == "cuda" else 8 << 20)
     print(f"device {device}; {DTYPE} matmul {tflops:.1f} TFLOPS; copy bandwidth {bandwidth:.0f} GB/s")
@@ -382,6 +439,9 @@ def main(argv=None):
         save()
     if "lora" in parts:
         payload["lora"] = bench_lora(tokens=8192 if DEV == "cuda" else 128)
+        save()
+    if "swiglu" in parts:
+        payload["swiglu"] = bench_swiglu(bandwidth, use_compile)
         save()
     if "rms_norm" in parts:
         payload["rms_norm"] = bench_rms_norm(bandwidth, use_compile)
