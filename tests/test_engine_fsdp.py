@@ -133,7 +133,9 @@ def test_fsdp_matches_one_process_and_final_is_a_hf_folder(runs):
     start = _weights(tmp / "tiny")
     for k in w1:
         assert (w2[k] - start[k]).abs().max() > 1e-4  # trained
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6)
+        # 5 Adam steps at lr 1e-3 move weights by up to ~5e-3; reassociated fp32 sums (reduce-scatter vs one
+        # process) reach an element's update through Adam's m / sqrt(v), so a few elements differ by ~5e-6
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loaded.get_input_embeddings().weight.detach(), w2["model.embed_tokens.weight"])
     # checkpoints: DCP shards of model + optimizer (no optimizer.pt), plus the HF files
     ckpts = sorted(p.name for p in (tmp / "two" / "checkpoints").iterdir())

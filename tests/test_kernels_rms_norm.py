@@ -146,3 +146,24 @@ def test_bf16_plumbing_under_the_interpreter(kind, monkeypatch):
     rms_norm_reference(x64, w64, 1e-6, offset=offset).backward(dy.double())
     for got, ref in ((x.grad, x64.grad), (w.grad, w64.grad)):
         assert (got.double() - ref).abs().max() <= 3e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_fp32_torch_path_forward_is_hfs_bit_for_bit_and_backward_matches_float64(weight_grad, monkeypatch):
+    """The fp32 CPU path (training on CPU): HF's forward ops exactly, a closed-form backward that keeps only x and
+    rstd, weight gradient for full fine-tuning."""
+    select_impl("reference", monkeypatch)
+    x = (torch.randn(4, 9, 131) * 2).requires_grad_()
+    w = (torch.randn(131) * 0.3 + 1).requires_grad_(weight_grad)
+    y = rms_norm(x, w, 1e-5)
+    assert torch.equal(y, hf_norm("llama", w, 1e-5)(x.detach()))
+    dy = torch.randn_like(y)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y2 = rms_norm(x * 1.0, w, 1e-5)
+    assert sorted(t.numel() for t in kept) == sorted([36, 131, x.numel()])  # rstd, weight, x
+    y2.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(weight_grad)
+    rms_norm_reference(x64, w64, 1e-5).backward(dy.double())
+    check_grads([(x.grad, x64.grad)] + ([(w.grad, w64.grad)] if weight_grad else []), torch.float32)
+    assert weight_grad or w.grad is None
