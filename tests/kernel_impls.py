@@ -24,3 +24,10 @@ def select_impl(impl, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def assert_close_relative(got, want, tol, what="values"):
+    """got within tol x the largest |want| of want (the float64 reference) at every element."""
+    scale = want.abs().max().item() or 1.0
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol * scale, f"{what}: error {err:.3g} > {tol:g} x {scale:.3g}"

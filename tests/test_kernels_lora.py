@@ -9,7 +9,7 @@ import torch
 
 from fastchat_ft.kernels import lora_linear, lora_linear_reference
 from fastchat_ft.kernels._triton import HAS_TRITON
-from kernel_impls import IMPLS, one_thread, select_impl  # noqa: F401 (one_thread is an autouse fixture)
+from kernel_impls import IMPLS, assert_close_relative, one_thread, select_impl  # noqa: F401 (one_thread: autouse)
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}  # relative to the largest reference value
 
@@ -29,9 +29,7 @@ def make(dtype, m=(3, 13), k=45, n=53, r=5, bias=True):
 
 
 def close(got, want, dtype):
-    scale = want.abs().max().item() or 1.0
-    err = (got.double() - want).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"error {err:.3g} > {TOL[dtype] * scale:.3g}"
+    assert_close_relative(got, want, TOL[dtype])
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -5,7 +5,7 @@ import torch
 
 from fastchat_ft.kernels import swiglu, swiglu_reference
 from fastchat_ft.kernels.swiglu import BLOCK
-from kernel_impls import IMPLS, one_thread, select_impl  # noqa: F401 (one_thread is an autouse fixture)
+from kernel_impls import IMPLS, assert_close_relative, one_thread, select_impl  # noqa: F401 (one_thread: autouse)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the largest reference value
 
@@ -17,18 +17,11 @@ def eager(gate, up):
 
 
 def close(got, want64, dtype):
-    scale = want64.abs().max().item() or 1.0
-    err = (got.double() - want64).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"error {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
+    assert_close_relative(got, want64, TOL[dtype])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", [(3, 11, 77), (2 * BLOCK + 5,)])
-def test_matches_float64_forward_and_backward(impl, dtype, shape, monkeypatch):
-    select_impl(impl, monkeypatch)
-    gate = (torch.randn(shape) * 3).to(dtype).requires_grad_()  # wide range: sigmoid saturates both ways
-    up = torch.randn(shape).to(dtype).requires_grad_()
+def check_against_float64(gate, up, dtype):
+    """swiglu's output and both gradients against the float64 reference, for a fresh upstream gradient."""
     h = swiglu(gate, up)
     assert h.shape == gate.shape and h.dtype == dtype
     dh = torch.randn_like(h)
@@ -39,6 +32,16 @@ def test_matches_float64_forward_and_backward(impl, dtype, shape, monkeypatch):
     close(h, h64.detach(), dtype)
     close(gate.grad, g64.grad, dtype)
     close(up.grad, u64.grad, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 11, 77), (2 * BLOCK + 5,)])
+def test_matches_float64_forward_and_backward(impl, dtype, shape, monkeypatch):
+    select_impl(impl, monkeypatch)
+    gate = (torch.randn(shape) * 3).to(dtype).requires_grad_()  # wide range: sigmoid saturates both ways
+    up = torch.randn(shape).to(dtype).requires_grad_()
+    check_against_float64(gate, up, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -116,12 +119,4 @@ def test_other_inputs_fall_back_to_the_reference(monkeypatch):
 def test_cuda_matches_float64(dtype):
     gate = (torch.randn(3, 1001, 1537, device="cuda") * 3).to(dtype).requires_grad_()
     up = torch.randn(3, 1001, 1537, device="cuda").to(dtype).requires_grad_()
-    h = swiglu(gate, up)
-    dh = torch.randn_like(h)
-    h.backward(dh)
-    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
-    h64 = swiglu_reference(g64, u64)
-    h64.backward(dh.double())
-    close(h, h64.detach(), dtype)
-    close(gate.grad, g64.grad, dtype)
-    close(up.grad, u64.grad, dtype)
+    check_against_float64(gate, up, dtype)
