@@ -32,6 +32,7 @@ from fastchat_ft.config import ALL_LINEAR, ASSETS  # noqa: E402
 from fastchat_ft.engine.cpu_allocator import tune_cpu_allocator  # noqa: E402
 from fastchat_ft.kernels.fused_linear_cross_entropy import CPU_VOCAB_BLOCK  # noqa: E402
 from fastchat_ft.engine.loss import backward_step, to_device  # noqa: E402
+from fastchat_ft.engine.train import use_norm_and_mlp_kernels  # noqa: E402
 from fastchat_ft.model import load as load_mod  # noqa: E402
 from fastchat_ft.model import lora as lora_mod  # noqa: E402
 from fastchat_ft.model.tiny import pack_conversations  # noqa: E402
@@ -150,6 +151,7 @@ def main() -> int:
 
     ours = load_mod.load_model(base, dtype=torch.float32)
     lora_mod.add_lora(ours, r, 2 * r, 0.0, list(ALL_LINEAR))
+    use_norm_and_mlp_kernels(ours)  # as the engine's train() does
     seeded_lora_init(ours, 42)
     ours.train()
     from peft import LoraConfig, get_peft_model

@@ -74,6 +74,17 @@ def pick_device(cfg) -> tuple[torch.device, torch.dtype | None]:
     return torch.device("cpu"), None  # CPU: fp32 (bf16 matmuls are slower than fp32 on most CPUs)
 
 
+def use_norm_and_mlp_kernels(model) -> None:
+    """Our RMSNorm and SwiGLU in the decoder (the fused CE and LoRA kernels are the engine's own already), for
+    the model types fastchat_ft.patch knows. SwiGLU keeps one [tokens x intermediate] activation less per layer
+    (bit-identical on CPU); RMSNorm is Triton on CUDA and, on CPU in fp32, HF's forward with a closed-form
+    backward (half the time of autograd's)."""
+    from fastchat_ft.model.patch import FAMILIES, patch
+
+    if model.config.model_type in FAMILIES:
+        patch(model, loss=False, lora=False)
+
+
 def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
     device, amp_dtype = pick_device(cfg)
     if device.type == "cpu":  # before the model and the first step allocate: reuse freed activations
@@ -97,11 +108,7 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
         info["extra_modules"] = load_mod.train_new_rows_only(model, new_ids)
         info["adapter_config"] = lora_mod.adapter_config(model, base_dir, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                                          cfg.lora_target_modules, list(info["extra_modules"]) or None)
-    from fastchat_ft.model.patch import FAMILIES, patch
-    if model.config.model_type in FAMILIES:  # the fused CE and LoRA kernels are ours already
-        # SwiGLU: one [tokens x intermediate] activation less kept per layer (bit-identical on CPU). RMSNorm: Triton
-        # on CUDA; on CPU in fp32 HF's forward with a closed-form backward (half the time of autograd's)
-        patch(model, loss=False, lora=False)
+    use_norm_and_mlp_kernels(model)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.torch_compile:
