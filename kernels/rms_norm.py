@@ -145,6 +145,7 @@ class _RMSNormFp32Torch(torch.autograd.Function):
         return weight * (x * rstd)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not a wrong graph
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         xhat = x * rstd

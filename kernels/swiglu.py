@@ -70,6 +70,7 @@ class _SwiGLU(torch.autograd.Function):
             return torch.nn.functional.silu(gate) * up
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not a wrong graph
     def backward(ctx, dh):
         gate, up = ctx.saved_tensors
         if ctx.triton_path:
@@ -86,7 +87,8 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate, up):
     """silu(gate) * up for gate and up of one shape and dtype (anything else, float64 included, runs the
-    reference). Gradients flow to both."""
+    reference). Gradients flow to both. On the Triton path non-contiguous inputs (e.g. halves of a fused gate_up
+    output) are copied, and the copies are what backward keeps."""
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device or gate.dtype == torch.float64:
         return swiglu_reference(gate, up)
     triton_path = use_triton(gate)

@@ -167,3 +167,11 @@ def test_fp32_torch_path_forward_is_hfs_bit_for_bit_and_backward_matches_float64
     rms_norm_reference(x64, w64, 1e-5).backward(dy.double())
     check_grads([(x.grad, x64.grad)] + ([(w.grad, w64.grad)] if weight_grad else []), torch.float32)
     assert weight_grad or w.grad is None
+
+
+def test_fp32_torch_path_refuses_double_backward_clearly(monkeypatch):
+    select_impl("reference", monkeypatch)
+    x = torch.randn(3, 16).requires_grad_()
+    (dx,) = torch.autograd.grad(rms_norm(x, torch.ones(16), 1e-6).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()

@@ -57,10 +57,9 @@ def test_torch_path_is_bit_identical_to_eager(dtype, monkeypatch):
     assert torch.equal(h, want) and torch.equal(gate.grad, g.grad) and torch.equal(up.grad, u.grad)
 
 
-def test_triton_path_rounds_like_eager_in_half_precision(monkeypatch):
-    """silu is rounded to fp16 before the product, as eager does: nearly every element is bit-identical."""
-    select_impl("triton", monkeypatch)
-    gate, up = (torch.randn(7, 301).half().requires_grad_() for _ in range(2))
+def check_rounds_like_eager(gate, up):
+    """silu is rounded to the input dtype before the product, as eager does: nearly every element bit-identical
+    (a kernel that skips that rounding differs in about a quarter of them)."""
     g, u, want = eager(gate, up)
     h = swiglu(gate, up)
     dh = torch.randn_like(h)
@@ -68,7 +67,13 @@ def test_triton_path_rounds_like_eager_in_half_precision(monkeypatch):
     want.backward(dh)
     for got, ref in ((h, want), (gate.grad, g.grad), (up.grad, u.grad)):
         assert (got != ref).float().mean() < 0.02
-        torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got, ref, rtol=2e-3 if got.dtype == torch.float16 else 1.6e-2, atol=2e-3)
+
+
+def test_triton_path_rounds_like_eager_in_half_precision(monkeypatch):
+    # fp16 only: the interpreter truncates fp32 -> bf16 where GPUs round to nearest (bf16 is the CUDA test's)
+    select_impl("triton", monkeypatch)
+    check_rounds_like_eager(*(torch.randn(7, 301).half().requires_grad_() for _ in range(2)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -115,8 +120,23 @@ def test_other_inputs_fall_back_to_the_reference(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_rounds_like_eager(dtype):
+    check_rounds_like_eager(*(torch.randn(37, 1537, device="cuda").to(dtype).requires_grad_() for _ in range(2)))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_float64(dtype):
     gate = (torch.randn(3, 1001, 1537, device="cuda") * 3).to(dtype).requires_grad_()
     up = torch.randn(3, 1001, 1537, device="cuda").to(dtype).requires_grad_()
     check_against_float64(gate, up, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_is_refused_clearly(impl, monkeypatch):
+    select_impl(impl, monkeypatch)
+    gate, up = (torch.randn(3, 8).requires_grad_() for _ in range(2))
+    (dg,) = torch.autograd.grad(swiglu(gate, up).pow(2).sum(), gate, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dg.sum().backward()

@@ -174,6 +174,23 @@ def test_mlps_with_another_activation_are_left_alone(kernel_calls):
     assert kernel_calls["swiglu"] == 0
 
 
+def test_an_mlp_class_from_outside_transformers_is_left_alone(kernel_calls):
+    """Remote code may reuse transformers' class names for other computations: only transformers' own is patched."""
+    from transformers.models.llama.modeling_llama import LlamaMLP as TransformersLlamaMLP
+
+    class LlamaMLP(TransformersLlamaMLP):  # same name, defined here (as remote code would be)
+        pass
+
+    model = tiny_model("llama")
+    model.model.layers[0].mlp.__class__ = LlamaMLP
+    handle = fastchat_ft.patch(model)
+    assert handle.swiglu_mlps == 1 and len(handle.skipped) == 1
+    assert handle.skipped[0].startswith("model.layers.0.mlp: test_patch.LlamaMLP is not transformers'")
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert kernel_calls["swiglu"] == 1
+
+
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_patched_rms_norms_equal_hf_bitwise_in_bf16(model_type):
     """Each family's casting rule (Llama: cast, then * w; Gemma: * (1 + w) in fp32, cast last) and eps field:

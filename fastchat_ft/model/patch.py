@@ -209,6 +209,12 @@ def _patch_mlps(lm, family: Family, handle: PatchHandle) -> None:
     for name, module in lm.named_modules():
         if type(module).__name__ != family.mlp_class:
             continue
+        # transformers' own class (not remote code reusing the name) with the three projections it computes with
+        if not type(module).__module__.startswith("transformers.models.") or not all(
+                hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            handle.skipped.append(f"{name}: {type(module).__module__}.{family.mlp_class} is not transformers' "
+                                  "gate/up/down MLP")
+            continue
         act = type(getattr(module, "act_fn", None)).__name__
         if act not in _SILU_CLASSES:  # e.g. a Llama config with hidden_act gelu: its MLPs stay as they are
             other_acts[act] = other_acts.get(act, 0) + 1
