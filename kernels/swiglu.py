@@ -7,7 +7,12 @@ activations). CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run one Triton 
 tensors and writes 1, backward reads 3 and writes 2; eager makes 5 and 8 passes). Other tensors run the same
 Function on torch ops in eager's order, so their values and gradients are bit-identical to eager's; float64 runs
 the reference. Rounding follows eager too: silu is rounded to the input dtype before the product.
+
+`recomputed_for_backward(h, gate, up)` goes one step further for the layer that consumes h = swiglu(gate, up) (the
+down projection): inside it autograd keeps no copy of h, backward recomputes it from gate and up.
 """
+import contextlib
+
 import torch
 
 from ._triton import cdiv, kernel, no_autocast, tl, use_triton
@@ -95,6 +100,51 @@ def swiglu(gate, up):
     if triton_path:
         gate, up = gate.contiguous(), up.contiguous()
     return _SwiGLU.apply(gate, up, triton_path)
+
+
+class _Recompute:
+    """What a saved h becomes: the recipe (gate, up, kept by swiglu anyway) and the saved view's geometry."""
+
+    def __init__(self, gate, up, saved):
+        self.gate, self.up = gate, up
+        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+
+
+def _outer_saved_tensors_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private; absent: assume active
+    return top is None or top(False) is not None
+
+
+@contextlib.contextmanager
+def recomputed_for_backward(h, gate, up):
+    """Within the block, tensors autograd saves that share h's storage (h = swiglu(gate, up), and views of it, e.g.
+    the input a down projection keeps for its weight gradient) are not kept: backward recomputes them with swiglu,
+    the same kernel and rounding, so bit-identical. One [tokens x intermediate] activation less per layer for one
+    swiglu forward more in backward. A no-op under other saved-tensor hooks (activation checkpointing, offloading),
+    which own every saved tensor themselves, and without grad."""
+    if not torch.is_grad_enabled() or _outer_saved_tensors_hooks_active():
+        yield
+        return
+    # only h's address, size and device: autograd keeps these hooks as long as the graph, and a reference to h
+    # itself here would keep h alive after all
+    storage = h.untyped_storage()
+    ptr, nbytes, device = storage.data_ptr(), storage.nbytes(), h.device
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() == ptr and st.nbytes() == nbytes and t.device == device:
+            return _Recompute(gate, up, t)
+        return t
+
+    def unpack(p):
+        if not isinstance(p, _Recompute):
+            return p
+        with torch.no_grad():
+            full = swiglu(p.gate.detach(), p.up.detach())
+        return full.as_strided(p.size, p.stride, p.offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def swiglu_reference(gate, up):

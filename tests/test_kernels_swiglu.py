@@ -1,5 +1,9 @@
 """swiglu (Triton path under the interpreter, and the torch path) against a float64 reference and HF's eager
 act_fn(gate) * up, on sizes that are not multiples of the block; what backward keeps alive; fallbacks."""
+import importlib
+import weakref
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -140,3 +144,52 @@ def test_double_backward_is_refused_clearly(impl, monkeypatch):
     (dg,) = torch.autograd.grad(swiglu(gate, up).pow(2).sum(), gate, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         dg.sum().backward()
+
+
+def _down_projection_grads(recompute, outer_hooks=False):
+    """x -> gate/up projections -> swiglu -> down projection: the gradients of all three weights, how many saved
+    tensors became recompute recipes, and whether h was still alive between forward and backward."""
+    swiglu_mod = importlib.import_module("fastchat_ft.kernels.swiglu")  # the module (the package attribute is the function)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12)
+    w_gate, w_up, w_down = (torch.randn(*s).requires_grad_() for s in ((20, 12), (20, 12), (12, 20)))
+    recipes = []
+    real = swiglu_mod._Recompute
+
+    def counting(*a):
+        recipes.append(1)
+        return real(*a)
+
+    outer = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if outer_hooks else nullcontext()
+    with outer:
+        gate, up = x @ w_gate.t(), x @ w_up.t()
+        h = swiglu(gate, up)
+        swiglu_mod._Recompute = counting
+        try:
+            with swiglu_mod.recomputed_for_backward(h, gate, up) if recompute else nullcontext():
+                y = torch.nn.functional.linear(h, w_down)
+        finally:
+            swiglu_mod._Recompute = real
+    h_ref = weakref.ref(h)
+    del h
+    h_alive = h_ref() is not None
+    y.pow(2).sum().backward()
+    return [w.grad for w in (w_gate, w_up, w_down)], len(recipes), h_alive
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_recomputing_the_down_input_gives_the_same_gradients(impl, monkeypatch):
+    select_impl(impl, monkeypatch)
+    want, none, kept = _down_projection_grads(recompute=False)
+    got, recipes, alive = _down_projection_grads(recompute=True)
+    assert none == 0 and kept  # linear keeps its input h for its weight gradient...
+    assert recipes == 1 and not alive  # ...or, inside the block, a recipe for it: h itself is freed
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)  # the same kernel recomputes h bit for bit
+
+
+def test_recompute_steps_aside_under_other_saved_tensor_hooks():
+    grads, recipes, _ = _down_projection_grads(recompute=True, outer_hooks=True)
+    want, _, _ = _down_projection_grads(recompute=False)
+    assert recipes == 0 and all(torch.equal(g, w) for g, w in zip(grads, want))

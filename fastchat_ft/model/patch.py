@@ -110,7 +110,8 @@ class PatchHandle:
         return type(module).forward(module, *args, **kwargs)
 
 
-def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True, swiglu: bool = True) -> PatchHandle:
+def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True, swiglu: bool = True,
+          recompute_down_input: bool | None = None) -> PatchHandle:
     """Swap fastchat-ft kernels into a HF causal LM (or a peft model wrapping one), in place.
 
     rms_norm: every RMSNorm of the model type runs fastchat_ft.kernels.rms_norm (Gemma's (1 + w) included).
@@ -124,6 +125,11 @@ def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True,
     swiglu: every gated MLP of the model type (Llama, Mistral, Qwen2/3, SmolLM3 with a SiLU act_fn) runs
       fastchat_ft.kernels.swiglu between its projections: the same values, one [tokens x intermediate]
       activation less kept for backward per layer (bit-identical to eager on CPU).
+    recompute_down_input: with swiglu, the down projection's input (swiglu's output) is not kept for backward
+      either but recomputed from gate and up there: a second [tokens x intermediate] activation less per layer
+      for one more swiglu forward. None (default): on CUDA tensors, where memory is what runs out and the
+      recompute is a small elementwise kernel; off on CPU, where it costs ~1% of a step. Off under activation
+      checkpointing or other saved-tensor hooks (they manage saved tensors already).
     lora: dense peft LoRA Linear layers run fastchat_ft.kernels.lora_linear whenever one vanilla adapter is
       active with no dropout; anything else (merged, disabled, several adapters, DoRA, dropout > 0 while
       training, lora_bias) falls back to peft's own forward on that call.
@@ -147,7 +153,7 @@ def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True,
         if loss:
             _patch_loss(lm, family, handle)
         if swiglu:
-            _patch_mlps(lm, family, handle)
+            _patch_mlps(lm, family, handle, recompute_down_input)
         if lora:
             _patch_lora(model, handle)
     except BaseException:
@@ -197,11 +203,17 @@ def _patch_rms_norms(lm, family: Family, handle: PatchHandle) -> None:
 _SILU_CLASSES = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] / ["swish"], and torch's own
 
 
-def _patch_mlps(lm, family: Family, handle: PatchHandle) -> None:
+def _patch_mlps(lm, family: Family, handle: PatchHandle, recompute_down_input: bool | None) -> None:
     from fastchat_ft.kernels import swiglu as swiglu_kernel
+    from fastchat_ft.kernels.swiglu import recomputed_for_backward
 
     def swiglu_forward(self, x):  # the class forward's computation, with the activation and product fused
-        return self.down_proj(swiglu_kernel(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        h = swiglu_kernel(gate, up)
+        if not (h.is_cuda if recompute_down_input is None else recompute_down_input):
+            return self.down_proj(h)
+        with recomputed_for_backward(h, gate, up):
+            return self.down_proj(h)
 
     if family.mlp_class is None:
         return
