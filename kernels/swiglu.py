@@ -121,8 +121,9 @@ def recomputed_for_backward(h, gate, up):
     the input a down projection keeps for its weight gradient) are not kept: backward recomputes them with swiglu,
     the same kernel and rounding, so bit-identical. One [tokens x intermediate] activation less per layer for one
     swiglu forward more in backward. A no-op under other saved-tensor hooks (activation checkpointing, offloading),
-    which own every saved tensor themselves, and without grad."""
-    if not torch.is_grad_enabled() or _outer_saved_tensors_hooks_active():
+    which own every saved tensor themselves, under torch.compile, and without grad."""
+    # compiled code: AOTAutograd's partitioner decides what is saved or recomputed there
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _outer_saved_tensors_hooks_active():
         yield
         return
     # only h's address, size and device: autograd keeps these hooks as long as the graph, and a reference to h

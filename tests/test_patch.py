@@ -199,6 +199,27 @@ def test_recomputed_down_input_gives_eagers_gradients_with_our_lora(checkpointin
     assert len(recipes) == (0 if checkpointing else model.config.num_hidden_layers)
 
 
+def test_patched_layers_compile(monkeypatch):
+    """torch.compile over patched decoder layers (the engine's torch_compile option): the same loss and gradients
+    as eager; the recompute hook steps aside there (AOTAutograd decides what is saved)."""
+    import importlib
+
+    from fastchat_ft.model import lora as lora_mod
+
+    swiglu_mod = importlib.import_module("fastchat_ft.kernels.swiglu")
+    model = tiny_model("llama")
+    lora_mod.add_lora(model, 4, 8, 0.0, ["q_proj", "down_proj"])
+    ids, labels = batch()
+    want, want_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    fastchat_ft.patch(model, loss=False, lora=False, recompute_down_input=True)
+    for layer in model.model.layers:
+        layer.compile(backend="aot_eager")
+    monkeypatch.setattr(swiglu_mod, "_Recompute", None)  # constructing a recipe would raise
+    got, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-6, atol=1e-6)
+    assert_close_grads(grads, want_grads, rtol=1e-5, atol=1e-6)
+
+
 def test_mlps_with_another_activation_are_left_alone(kernel_calls):
     model = tiny_model("llama", hidden_act="gelu")
     ids, labels = batch()
