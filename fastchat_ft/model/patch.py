@@ -1,6 +1,7 @@
 """`fastchat_ft.patch(model)`: swap our kernels into a HF causal LM in place (RMSNorm, the fused linear+CE loss,
-the gated MLP's SwiGLU, peft LoRA Linear layers) and hand back a handle that undoes it. One generic patcher driven by FAMILIES, a small
-table of model types; the kernels live in fastchat_ft.kernels and the train loop in fastchat_ft.engine.
+the gated MLP's SwiGLU, peft LoRA Linear layers) and hand back a handle that undoes it. One generic patcher driven
+by FAMILIES, a small table of model types; the kernels live in fastchat_ft.kernels and the train loop in
+fastchat_ft.engine.
 
 Everything is patched per instance (a `forward` in the module's __dict__), never on a transformers class, so
 other models in the process are untouched and undo is exact: the instance attribute goes away (or the one it
