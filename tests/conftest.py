@@ -57,3 +57,21 @@ def tok_dir():
 def private_data_cache(tmp_path, monkeypatch):
     """A data cache of the test's own: no entries shared with other tests or runs on this machine."""
     monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def recompute_recipes(monkeypatch):
+    """A list that grows by one each time fastchat_ft.kernels.swiglu.recomputed_for_backward turns a saved tensor
+    into a recompute recipe (instead of keeping it)."""
+    import importlib
+
+    swiglu_module = importlib.import_module("fastchat_ft.kernels.swiglu")  # the package attribute is the function
+    made = []
+
+    class CountedRecipe(swiglu_module._Recompute):
+        def __init__(self, *args):
+            made.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(swiglu_module, "_Recompute", CountedRecipe)
+    return made

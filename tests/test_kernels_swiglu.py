@@ -1,6 +1,5 @@
 """swiglu (Triton path under the interpreter, and the torch path) against a float64 reference and HF's eager
 act_fn(gate) * up, on sizes that are not multiples of the block; what backward keeps alive; fallbacks."""
-import importlib
 import weakref
 from contextlib import nullcontext
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from fastchat_ft.kernels import swiglu, swiglu_reference
-from fastchat_ft.kernels.swiglu import BLOCK
+from fastchat_ft.kernels.swiglu import BLOCK, recomputed_for_backward
 from kernel_impls import IMPLS, assert_close_relative, one_thread, select_impl  # noqa: F401 (one_thread: autouse)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the largest reference value
@@ -147,49 +146,36 @@ def test_double_backward_is_refused_clearly(impl, monkeypatch):
 
 
 def _down_projection_grads(recompute, outer_hooks=False):
-    """x -> gate/up projections -> swiglu -> down projection: the gradients of all three weights, how many saved
-    tensors became recompute recipes, and whether h was still alive between forward and backward."""
-    swiglu_mod = importlib.import_module("fastchat_ft.kernels.swiglu")  # the module (the package attribute is the function)
-
+    """x -> gate/up projections -> swiglu -> down projection: the gradients of all three weights, and whether h
+    was still alive between forward and backward."""
     torch.manual_seed(0)
     x = torch.randn(2, 7, 12)
     w_gate, w_up, w_down = (torch.randn(*s).requires_grad_() for s in ((20, 12), (20, 12), (12, 20)))
-    recipes = []
-    real = swiglu_mod._Recompute
-
-    def counting(*a):
-        recipes.append(1)
-        return real(*a)
-
     outer = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if outer_hooks else nullcontext()
     with outer:
         gate, up = x @ w_gate.t(), x @ w_up.t()
         h = swiglu(gate, up)
-        swiglu_mod._Recompute = counting
-        try:
-            with swiglu_mod.recomputed_for_backward(h, gate, up) if recompute else nullcontext():
-                y = torch.nn.functional.linear(h, w_down)
-        finally:
-            swiglu_mod._Recompute = real
+        with recomputed_for_backward(h, gate, up) if recompute else nullcontext():
+            y = torch.nn.functional.linear(h, w_down)
     h_ref = weakref.ref(h)
     del h
     h_alive = h_ref() is not None
     y.pow(2).sum().backward()
-    return [w.grad for w in (w_gate, w_up, w_down)], len(recipes), h_alive
+    return [w.grad for w in (w_gate, w_up, w_down)], h_alive
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_recomputing_the_down_input_gives_the_same_gradients(impl, monkeypatch):
+def test_recomputing_the_down_input_gives_the_same_gradients(impl, monkeypatch, recompute_recipes):
     select_impl(impl, monkeypatch)
-    want, none, kept = _down_projection_grads(recompute=False)
-    got, recipes, alive = _down_projection_grads(recompute=True)
-    assert none == 0 and kept  # linear keeps its input h for its weight gradient...
-    assert recipes == 1 and not alive  # ...or, inside the block, a recipe for it: h itself is freed
+    want, kept = _down_projection_grads(recompute=False)
+    assert not recompute_recipes and kept  # linear keeps its input h for its weight gradient...
+    got, alive = _down_projection_grads(recompute=True)
+    assert len(recompute_recipes) == 1 and not alive  # ...or, inside the block, a recipe for it: h itself is freed
     for g, w in zip(got, want):
         assert torch.equal(g, w)  # the same kernel recomputes h bit for bit
 
 
-def test_recompute_steps_aside_under_other_saved_tensor_hooks():
-    grads, recipes, _ = _down_projection_grads(recompute=True, outer_hooks=True)
-    want, _, _ = _down_projection_grads(recompute=False)
-    assert recipes == 0 and all(torch.equal(g, w) for g, w in zip(grads, want))
+def test_recompute_steps_aside_under_other_saved_tensor_hooks(recompute_recipes):
+    grads, _ = _down_projection_grads(recompute=True, outer_hooks=True)
+    want, _ = _down_projection_grads(recompute=False)
+    assert not recompute_recipes and all(torch.equal(g, w) for g, w in zip(grads, want))

@@ -164,23 +164,12 @@ def test_swiglu_keeps_one_intermediate_activation_less_per_layer_with_the_same_g
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_recomputed_down_input_gives_eagers_gradients_with_our_lora(checkpointing, monkeypatch):
+def test_recomputed_down_input_gives_eagers_gradients_with_our_lora(checkpointing, recompute_recipes):
     """recompute_down_input on CPU (its default is CUDA only): bit-identical loss and LoRA gradients, and every
     layer's down projection input became a recompute recipe, except under activation checkpointing, whose own
     saved-tensor hooks take over."""
-    import importlib
-
     from fastchat_ft.model import lora as lora_mod
 
-    swiglu_mod = importlib.import_module("fastchat_ft.kernels.swiglu")
-    recipes = []
-
-    class Counting(swiglu_mod._Recompute):
-        def __init__(self, *a):
-            recipes.append(1)
-            super().__init__(*a)
-
-    monkeypatch.setattr(swiglu_mod, "_Recompute", Counting)
     model = tiny_model("llama")
     lora_mod.add_lora(model, 4, 8, 0.0, ["q_proj", "v_proj", "gate_proj", "down_proj"])
     with torch.no_grad():
@@ -196,7 +185,7 @@ def test_recomputed_down_input_gives_eagers_gradients_with_our_lora(checkpointin
     assert torch.equal(got.loss, want.loss) and grads.keys() == want_grads.keys()
     for name in want_grads:
         assert torch.equal(grads[name], want_grads[name]), name
-    assert len(recipes) == (0 if checkpointing else model.config.num_hidden_layers)
+    assert len(recompute_recipes) == (0 if checkpointing else model.config.num_hidden_layers)
 
 
 def test_patched_layers_compile(monkeypatch):
