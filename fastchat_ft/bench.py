@@ -42,6 +42,7 @@ ENGINE_ROWS = {"micro_batch": "the same micro-batches as packed rows (on CPU the
                "step": "each optimizer step's conversations as ONE packed row (grad_accum 1; same effective batch)"}
 CPU_DEFAULTS = dict(steps=12, micro_batch=4, grad_accum=4, lr=1e-3, seq_len=256)
 GPU_DEFAULTS = dict(steps=20, micro_batch=16, grad_accum=2, lr=2e-4, seq_len=2048)
+GPU_CONVERSATIONS = 1024  # multi-turn training conversations written for GPU mode (fastchat_ft.bench_data)
 # loss agreement per logged step: |x - a| <= ATOL + RTOL * |a|. fp32: kernels differ only in summation order;
 # bf16: rounding of activations in different places (fused kernels vs eager) moves the loss by ~1e-2.
 TOLERANCE = {"float32": (2e-3, 2e-3), "bfloat16": (3e-2, 3e-2)}
@@ -68,6 +69,7 @@ def build_plan(args, base_model: str, tokenizer: str, device: str, dtype: str, d
     pick = lambda name: getattr(args, name, None) or defaults[name]  # noqa: E731
     plan = {"base_model": base_model, "tokenizer": tokenizer, "device": device, "dtype": dtype,
             "train_file": str(Path(args.data or ASSETS / "demo" / "train.jsonl").resolve()),
+            "data": getattr(args, "data_description", None) or ("given files" if args.data else "the bundled demo"),
             "val_file": str(Path(args.val_data or ASSETS / "demo" / "val.jsonl").resolve()),
             "steps": pick("steps"), "micro_batch": pick("micro_batch"), "grad_accum": pick("grad_accum"),
             "lr": pick("lr"), "seq_len": pick("seq_len"), "seed": args.seed, "threads": args.threads,
@@ -179,7 +181,7 @@ def summarise(plan: dict, raw: dict, model_cfg: dict, peak_flops: float) -> dict
             "tokens_per_s": tokens / seconds, "cpu_s": cpu_seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
             "trainable_tokens_per_s": trained / seconds, "mfu": flops / seconds / peak_flops,
             "model_tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": r["peak_memory_mb"],
-            "final_train_loss": r["losses"][-1], "val_loss_start": r["val_loss_start"],
+            "attention": r.get("attention"), "final_train_loss": r["losses"][-1], "val_loss_start": r["val_loss_start"],
             "val_loss_end": r["val_loss_end"], "losses": r["losses"]}
     out["tokens"] = {"timed_non_padding": tokens, "timed_trainable": trained, "timed_padded_batches": padded,
                      "padding_share_a": 1 - tokens / padded, "useful_flops_timed": flops}
@@ -282,6 +284,11 @@ def format_table(result: dict) -> str:
         if key == "tokens_per_s" and len(c.get("tokens_per_s_rounds", [])) > 1:  # the spread behind the median
             vals = ["/".join(f"{v:.0f}" for v in r["tokens_per_s_rounds"]) for r in (a, b, c)]
             lines.append(f"{'  every round':26}{vals[0]:>26}{vals[1]:>28}{vals[2]:>18}")
+    tok = runs["tokens"]
+    lines.append("attention: " + "; ".join(f"({k}) {r.get('attention')}" for k, r in zip("abc", (a, b, c))))
+    if "padding_share_a" in tok:
+        lines.append(f"padding: {100 * tok['padding_share_a']:.0f}% of (a)'s batch tokens; "
+                     f"{tok['timed_non_padding'] / max(1, c['timed_steps']):.0f} non-padding tokens per optimizer step")
     return "\n".join(lines)
 
 
@@ -381,6 +388,12 @@ def run_bench(args) -> int:
             tok_dir = Path(args.tokenizer) if getattr(args, "tokenizer", None) else resolve_base_model(None)
             names = args.models.split(",") if args.models else list(GPU_MODELS)
             models = [(n, None) for n in names]
+            if not args.data and getattr(args, "gpu_data", "multi-turn") == "multi-turn":
+                from fastchat_ft import bench_data
+
+                args.data, args.val_data = map(str, bench_data.write_multi_turn(
+                    ASSETS / "demo" / "train.jsonl", workdir / "multi-turn", GPU_CONVERSATIONS, 64, args.seed))
+                args.data_description = bench_data.DESCRIPTION
         for label, base in models:
             if base is None:
                 base = _random_llama(workdir / label, GPU_MODELS[label], tok_dir)
@@ -389,7 +402,7 @@ def run_bench(args) -> int:
             print(f"bench {label}: {plan['steps']} steps x {plan['micro_batch']} conversations x "
                   f"{plan['grad_accum']} accumulation, LoRA r={plan['lora']['r']}, {dtype} on {device}, "
                   f"{plan['threads']} threads; (c) {ENGINE_ROWS[plan['engine_rows']]}, cpu_merge_tokens "
-                  f"{plan['cpu_merge_tokens']}; {plan['repeats']} round(s)", flush=True)
+                  f"{plan['cpu_merge_tokens']}; {plan['repeats']} round(s); data: {plan['data']}", flush=True)
             res = bench_one(plan, model_cfg, workdir, label)
             results.append(res)
             print(format_table(res))

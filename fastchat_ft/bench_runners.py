@@ -6,6 +6,7 @@ The comparison, FLOP counting and the report live in fastchat_ft.bench.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -192,7 +193,11 @@ def run_hf(plan: dict, flat: bool) -> dict:
     start = time.perf_counter()
     trainer.train()
     val_end = hf_val_loss(model, val_convs, device, amp)
-    return {"prep_s": prep_s, "train_start": start, "step_ends": rec.ends, "step_cpu_ends": rec.cpu_ends,
+    attention = model.get_base_model().config._attn_implementation
+    if attention == "sdpa" and flat:  # transformers then builds a block-diagonal mask from the position ids
+        attention += " with a block-diagonal mask from position ids" + (
+            "" if importlib.util.find_spec("flash_attn") else " (flash-attn is not installed)")
+    return {"prep_s": prep_s, "attention": attention, "train_start": start, "step_ends": rec.ends, "step_cpu_ends": rec.cpu_ends,
             "losses": rec.losses,
             "val_loss_start": val_start, "val_loss_end": val_end, "peak_memory_mb": peak_memory_mb(device),
             "conversations": len(convs), "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
@@ -268,13 +273,14 @@ def run_engine(plan: dict) -> dict:
         "eval_steps": plan["steps"], "save_steps": plan["steps"], "sample_prompts": 0, "logging_steps": 1,
         "bf16": plan["dtype"] == "bfloat16", "cpu_merge_tokens": plan.get("cpu_merge_tokens", 0)})
 
-    ends, cpu_ends, starts = [], [], []
+    ends, cpu_ends, starts, setups = [], [], [], []
     original_build, original_after = train_mod.build, train_mod.Reporter.after_step
 
     def build(*a, **k):  # same starting LoRA weights as PEFT's (see seeded_lora_init)
         s = original_build(*a, **k)
         seeded_lora_init(s.model, plan["seed"])
         starts.append(time.perf_counter())
+        setups.append(s)
         return s
 
     def after_step(self, *a, **k):
@@ -288,11 +294,22 @@ def run_engine(plan: dict) -> dict:
     finally:
         train_mod.build, train_mod.Reporter.after_step = original_build, original_after
     vals = [r["val_loss"] for r in summary["val"]]
-    return {"prep_s": prep_s, "train_start": starts[0] if starts else None, "step_ends": ends, "step_cpu_ends": cpu_ends,
+    return {"prep_s": prep_s, "attention": engine_attention(setups[0].model, plan), "train_start": starts[0] if starts else None, "step_ends": ends, "step_cpu_ends": cpu_ends,
             "losses": [float(x) for x in summary["train_losses"]], "val_loss_start": vals[0], "val_loss_end": vals[-1],
             "peak_memory_mb": peak_memory_mb(plan["device"]), "conversations": len(convs),
             "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
             "lengths": [len(c[0]) for c in convs], "label_tokens": [int((c[1][1:] != -100).sum()) for c in convs]}
+
+
+def engine_attention(model, plan: dict) -> str:
+    from fastchat_ft.model import attention
+
+    name = model.config._attn_implementation
+    if name != attention.NAME:
+        return name
+    if plan["device"] == "cuda" and plan["dtype"] == "bfloat16" and attention._varlen_kernel() is not None:
+        return "per conversation: one varlen flash-attention call per layer (torch.nn.attention.varlen)"
+    return "per conversation: causal SDPA for each conversation of the row"
 
 
 # ---------------------------------------------------------------------------------------------- entry point

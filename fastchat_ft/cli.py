@@ -133,6 +133,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
                    "(default: the default model's; a GPU machine without it can carry just these files)")
     p.add_argument("--data", help="ChatML training file (default: the bundled demo)")
     p.add_argument("--val-data", help="ChatML validation file (default: the bundled demo's)")
+    p.add_argument("--gpu-data", choices=["multi-turn", "demo"], default="multi-turn",
+                   help="GPU mode without --data: multi-turn conversations built from the demo's exchanges (a few "
+                        "hundred to ~2000 tokens, fastchat_ft/bench_data.py), or the demo itself (~60 tokens each)")
     p.add_argument("--micro-batch", type=int, default=None, help="conversations per micro-batch")
     p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None)

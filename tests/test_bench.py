@@ -163,3 +163,23 @@ def test_cuda_mode_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
     assert main(["bench", "--device", "cuda", "--steps", "2"]) != 0
     err = capsys.readouterr().err
     assert "--device" in err and "no CUDA GPU is visible" in err and "Traceback" not in err
+
+
+def test_gpu_multi_turn_data_is_valid_chatml_with_a_wide_deterministic_length_spread(tmp_path):
+    from fastchat_ft import bench_data
+    from fastchat_ft.config import ASSETS
+    from fastchat_ft.data.validate import validate_file
+
+    train, val = bench_data.write_multi_turn(ASSETS / "demo" / "train.jsonl", tmp_path / "a", 300, 20, seed=7)
+    again, _ = bench_data.write_multi_turn(ASSETS / "demo" / "train.jsonl", tmp_path / "b", 300, 20, seed=7)
+    assert train.read_bytes() == again.read_bytes()  # seeded: every runner and every round sees the same data
+    assert train.read_bytes() != val.read_bytes()
+    convs = [json.loads(line)["messages"] for line in train.read_text().splitlines()]
+    assert len(convs) == 300 and len(val.read_text().splitlines()) == 20
+    exchanges = np.array([sum(m["role"] == "assistant" for m in c) for c in convs])
+    assert exchanges.min() >= 1 and exchanges.max() <= bench_data.MULTI_TURN_MAX
+    # a spread like real chat sets: short and long conversations in the same micro-batches
+    assert np.percentile(exchanges, 10) <= 4 and np.percentile(exchanges, 90) >= 20
+    assert abs(np.median(exchanges) - bench_data.MULTI_TURN_MEDIAN) <= 2
+    report = validate_file(train)
+    assert report.ok and report.records == 300, report.counts()

@@ -7,7 +7,8 @@
 # slow stage cannot eat the rest of the lease; logs and results (bench/results/*.json with device name and date)
 # go to $OUT, which the device tool brings back (at most 8 files: results travel as one archive).
 # More stages: hf_varlen = the hf stage with FASTCHAT_FT_VARLEN=1 (the engine's varlen flash attention on CUDA),
-# results in bench/results/h200-varlen/; hf8b = the hf stage for the Llama-8B shape (HF_TIMEOUT, default 400 s).
+# results in bench/results/h200-varlen/; profile = bench/gpu/profile_engine.py (engine vs PEFT + HF forward in one
+# process under torch.profiler: GPU busy share and top kernels); hf8b = the hf stage for the Llama-8B shape (HF_TIMEOUT, default 400 s).
 # Seen on an H200 (2026-11-26): start + transfer ~30 s, wheels + build 30-45 s, tests 55 s, hf (1B) 120-130 s,
 # kernels 65 s; a lease is 15 min of device time in all, so e.g. `tests hf hf_varlen` fits one call.
 set -uo pipefail
@@ -47,13 +48,18 @@ for stage in $STAGES; do
     log "CUDA tests"
     timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider -o addopts="-ra" $TIMEOUT_OPT \
       tests/test_kernels_cuda_sweep.py tests/test_kernels_flce.py tests/test_kernels_rms_norm.py \
-      tests/test_kernels_lora.py tests/test_model_attention.py > "$OUT/cuda_tests.log" 2>&1
+      tests/test_kernels_lora.py tests/test_kernels_swiglu.py tests/test_model_attention.py > "$OUT/cuda_tests.log" 2>&1
     tail -25 "$OUT/cuda_tests.log" ;;
   hf)
     log "vs HF Trainer (GPU mode: ${HF_MODELS:-llama-1b})"
     timeout "${HF_TIMEOUT:-170}" python3 bench/vs_hf_trainer.py --device cuda --models "${HF_MODELS:-llama-1b}" \
       --tokenizer .gpu/tokenizer ${HF_ARGS:-} > "$OUT/vs_hf_trainer.log" 2>&1
     echo "exit $?"; tail -30 "$OUT/vs_hf_trainer.log" ;;
+  profile)
+    log "engine step vs PEFT + HF forward, one process, under torch.profiler (bench/gpu/profile_engine.py)"
+    timeout "${PROFILE_TIMEOUT:-150}" python3 bench/gpu/profile_engine.py --tokenizer .gpu/tokenizer \
+      --out bench/results/h200-logs/profile_engine.json ${PROFILE_ARGS:-} > "$OUT/profile_engine.log" 2>&1
+    echo "exit $?"; cat "$OUT/profile_engine.log" | grep -v Warning | tail -90 ;;
   hf_varlen)
     log "vs HF Trainer, engine with varlen flash attention (FASTCHAT_FT_VARLEN=1)"
     FASTCHAT_FT_VARLEN=1 timeout "${HF_TIMEOUT:-170}" python3 bench/vs_hf_trainer.py --device cuda --models llama-1b \

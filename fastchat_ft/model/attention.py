@@ -69,7 +69,7 @@ def _varlen_kernel():
 
 def varlen_enabled(query: torch.Tensor, dropout: float) -> bool:
     """One varlen call for the whole batch: CUDA, half precision (flash attention's dtypes), no dropout, a head
-    size flash attention takes. (The engine routes CUDA models here only with FASTCHAT_FT_VARLEN=1, engine/loss.py.)"""
+    size flash attention takes. (The engine routes CUDA models here unless FASTCHAT_FT_VARLEN=0, engine/loss.py.)"""
     return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
             and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256 and _varlen_kernel() is not None)
 
