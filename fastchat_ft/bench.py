@@ -43,6 +43,20 @@ ENGINE_ROWS = {"micro_batch": "the same micro-batches as packed rows (on CPU the
 CPU_DEFAULTS = dict(steps=12, micro_batch=4, grad_accum=4, lr=1e-3, seq_len=256)
 GPU_DEFAULTS = dict(steps=20, micro_batch=16, grad_accum=2, lr=2e-4, seq_len=2048)
 GPU_CONVERSATIONS = 1024  # multi-turn training conversations written for GPU mode (fastchat_ft.bench_data)
+# Conversations per micro-batch x accumulation in GPU mode, by model and GPU memory, same effective batch (32 per
+# step). Sized by (a), whose padded batches and full logits dominate: llama-1b at 16 x 2 peaked at 112 GB on an H200
+# (bench/results/vs_hf_trainer-h200.json), so halving the micro-batch per halving of memory keeps it in bounds. The
+# llama-8b rows are that scaling's estimate (~9 MB of activations per padded token), not yet measured.
+GPU_MICRO_BATCHES = {"llama-1b": ((120, 16, 2), (60, 8, 4), (0, 4, 8)),
+                     "llama-8b": ((120, 4, 8), (60, 2, 16), (0, 1, 32))}
+
+
+def gpu_micro_batch(label: str, memory_gib: float) -> dict:
+    """{micro_batch, grad_accum} for a GPU-mode model on a GPU with this much memory (first row that fits)."""
+    for least_gib, micro, accum in GPU_MICRO_BATCHES.get(label, ()):
+        if memory_gib >= least_gib:
+            return {"micro_batch": micro, "grad_accum": accum}
+    return {}
 # loss agreement per logged step: |x - a| <= ATOL + RTOL * |a|. fp32: kernels differ only in summation order;
 # bf16: rounding of activations in different places (fused kernels vs eager) moves the loss by ~1e-2.
 TOLERANCE = {"float32": (2e-3, 2e-3), "bfloat16": (3e-2, 3e-2)}
@@ -218,6 +232,13 @@ def run_worker(name: str, plan: dict, workdir: Path, threads: int) -> dict:
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        if "OutOfMemoryError" in tail or "CUDA out of memory" in tail:
+            from fastchat_ft.errors import ConfigError
+
+            raise ConfigError(f"{LABELS[name]} ran out of GPU memory with {plan['micro_batch']} conversations per "
+                              f"micro-batch", field="--micro-batch",
+                              fix=f"halve it and double --grad-accum (same effective batch): --micro-batch "
+                                  f"{max(1, plan['micro_batch'] // 2)} --grad-accum {plan['grad_accum'] * 2}")
         raise RuntimeError(f"runner {name} failed (exit {proc.returncode}):\n{tail}")
     print(f"  {LABELS[name]} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return json.loads(out_path.read_text())
@@ -395,10 +416,13 @@ def run_bench(args) -> int:
                     ASSETS / "demo" / "train.jsonl", workdir / "multi-turn", GPU_CONVERSATIONS, 64, args.seed))
                 args.data_description = bench_data.DESCRIPTION
         for label, base in models:
+            sized = defaults
             if base is None:
                 base = _random_llama(workdir / label, GPU_MODELS[label], tok_dir)
+                memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+                sized = {**defaults, **gpu_micro_batch(label, memory_gib)}
             model_cfg = json.loads((Path(base) / "config.json").read_text())
-            plan = build_plan(args, str(base), str(base), device, dtype, defaults)
+            plan = build_plan(args, str(base), str(base), device, dtype, sized)
             print(f"bench {label}: {plan['steps']} steps x {plan['micro_batch']} conversations x "
                   f"{plan['grad_accum']} accumulation, LoRA r={plan['lora']['r']}, {dtype} on {device}, "
                   f"{plan['threads']} threads; (c) {ENGINE_ROWS[plan['engine_rows']]}, cpu_merge_tokens "

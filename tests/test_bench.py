@@ -183,3 +183,27 @@ def test_gpu_multi_turn_data_is_valid_chatml_with_a_wide_deterministic_length_sp
     assert abs(np.median(exchanges) - bench_data.MULTI_TURN_MEDIAN) <= 2
     report = validate_file(train)
     assert report.ok and report.records == 300, report.counts()
+
+
+def test_gpu_micro_batch_shrinks_with_gpu_memory_and_keeps_the_effective_batch():
+    sizes = [bench.gpu_micro_batch(m, gib) for m in bench.GPU_MODELS for gib in (141, 80, 40, 24)]
+    assert all(s["micro_batch"] * s["grad_accum"] == 32 for s in sizes)
+    assert bench.gpu_micro_batch("llama-1b", 141)["micro_batch"] == 16  # the measured H200 configuration
+    assert bench.gpu_micro_batch("llama-1b", 80)["micro_batch"] == 8
+    assert bench.gpu_micro_batch("llama-8b", 80)["micro_batch"] < bench.gpu_micro_batch("llama-1b", 80)["micro_batch"]
+    assert bench.gpu_micro_batch("some-other", 80) == {}
+
+
+def test_a_runner_out_of_gpu_memory_names_the_flags_that_fit(monkeypatch, tmp_path):
+    import subprocess
+
+    from fastchat_ft.errors import ConfigError
+
+    def oom(*a, **k):
+        return subprocess.CompletedProcess(a, 1, stdout="", stderr="torch.OutOfMemoryError: CUDA out of memory. "
+                                                                    "Tried to allocate 31.31 GiB")
+    monkeypatch.setattr(bench.subprocess, "run", oom)
+    with pytest.raises(ConfigError) as err:
+        bench.run_worker("hf_padded", {"micro_batch": 16, "grad_accum": 2}, tmp_path, 4)
+    assert "(a) HF Trainer, padded ran out of GPU memory" in str(err.value)
+    assert "--micro-batch 8 --grad-accum 4" in str(err.value)
