@@ -44,7 +44,7 @@ CPU_DEFAULTS = dict(steps=12, micro_batch=4, grad_accum=4, lr=1e-3, seq_len=256)
 GPU_DEFAULTS = dict(steps=20, micro_batch=16, grad_accum=2, lr=2e-4, seq_len=2048)
 GPU_CONVERSATIONS = 1024  # multi-turn training conversations written for GPU mode (fastchat_ft.bench_data)
 # Conversations per micro-batch x accumulation in GPU mode, by model and GPU memory, same effective batch (32 per
-# step). Sized by (a), whose padded batches and full logits dominate: llama-1b at 16 x 2 peaked at 112 GB on an H200
+# step). Sized by (a), whose padded batches and full logits dominate: llama-1b at 16 x 2 peaked at 110 GiB on an H200
 # (bench/results/vs_hf_trainer-h200.json), so halving the micro-batch per halving of memory keeps it in bounds. The
 # llama-8b rows are that scaling's estimate (~9 MB of activations per padded token), not yet measured.
 GPU_MICRO_BATCHES = {"llama-1b": ((120, 16, 2), (60, 8, 4), (0, 4, 8)),
@@ -77,14 +77,31 @@ def schedule(n_conversations: int, per_step: int, steps: int, seed: int) -> list
     return out[:per_step * steps]
 
 
-def build_plan(args, base_model: str, tokenizer: str, device: str, dtype: str, defaults: dict) -> dict:
+def data_files(args, device: str, workdir: Path) -> tuple[str, str, str]:
+    """(train file, validation file, description): --data / --val-data when given; on CUDA without --data the
+    multi-turn conversations of fastchat_ft.bench_data (written into workdir), unless --gpu-data demo; else the
+    bundled demo. A given --val-data is always kept."""
+    demo_train, demo_val = ASSETS / "demo" / "train.jsonl", ASSETS / "demo" / "val.jsonl"
+    if getattr(args, "data", None):
+        return args.data, getattr(args, "val_data", None) or str(demo_val), "given files"
+    if device == "cuda" and getattr(args, "gpu_data", "multi-turn") == "multi-turn":
+        from fastchat_ft import bench_data
+
+        train, val = bench_data.write_multi_turn(demo_train, workdir / "multi-turn", GPU_CONVERSATIONS, 64, args.seed)
+        return str(train), getattr(args, "val_data", None) or str(val), bench_data.DESCRIPTION
+    return str(demo_train), getattr(args, "val_data", None) or str(demo_val), "the bundled demo"
+
+
+def build_plan(args, base_model: str, tokenizer: str, device: str, dtype: str, defaults: dict,
+               data: tuple[str, str, str] | None = None) -> dict:
     from fastchat_ft.bench_runners import engine_conversations
 
     pick = lambda name: getattr(args, name, None) or defaults[name]  # noqa: E731
+    # without `data` (scripts calling this directly): the files args names, else the bundled demo; nothing written
+    train_file, val_file, description = data or data_files(args, "cpu", Path(tempfile.gettempdir()))
     plan = {"base_model": base_model, "tokenizer": tokenizer, "device": device, "dtype": dtype,
-            "train_file": str(Path(args.data or ASSETS / "demo" / "train.jsonl").resolve()),
-            "data": getattr(args, "data_description", None) or ("given files" if args.data else "the bundled demo"),
-            "val_file": str(Path(args.val_data or ASSETS / "demo" / "val.jsonl").resolve()),
+            "train_file": str(Path(train_file).resolve()), "data": description,
+            "val_file": str(Path(val_file).resolve()),
             "steps": pick("steps"), "micro_batch": pick("micro_batch"), "grad_accum": pick("grad_accum"),
             "lr": pick("lr"), "seq_len": pick("seq_len"), "seed": args.seed, "threads": args.threads,
             "engine_rows": getattr(args, "engine_rows", None) or "micro_batch",
@@ -221,6 +238,23 @@ def check_agreement(runs: dict, dtype: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- running
+def out_of_memory(name: str, plan: dict):
+    """The error for a runner that ran out of GPU memory, with flags that use less (same effective batch)."""
+    from fastchat_ft.errors import ConfigError
+
+    micro, accum = plan["micro_batch"], plan["grad_accum"]
+    whole_step = name == "fastchat_ft" and plan.get("engine_rows") == "step"
+    if micro > 1 and not whole_step:
+        fix = (f"halve the micro-batch and double the accumulation (same effective batch): --micro-batch "
+               f"{micro // 2} --grad-accum {accum * 2}")
+    elif whole_step:
+        fix = "leave --engine-rows step out (it packs the whole step into one row), or use a GPU with more memory"
+    else:
+        fix = "lower --seq-len (drops the longest conversations for all three), or use a GPU with more memory"
+    return ConfigError(f"{LABELS[name]} ran out of GPU memory with {micro} conversation(s) per micro-batch",
+                       field="--micro-batch", fix=fix)
+
+
 def run_worker(name: str, plan: dict, workdir: Path, threads: int) -> dict:
     plan_path, out_path = workdir / "plan.json", workdir / f"{name}.json"
     plan_path.write_text(json.dumps(plan))
@@ -233,12 +267,7 @@ def run_worker(name: str, plan: dict, workdir: Path, threads: int) -> dict:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
         if "OutOfMemoryError" in tail or "CUDA out of memory" in tail:
-            from fastchat_ft.errors import ConfigError
-
-            raise ConfigError(f"{LABELS[name]} ran out of GPU memory with {plan['micro_batch']} conversations per "
-                              f"micro-batch", field="--micro-batch",
-                              fix=f"halve it and double --grad-accum (same effective batch): --micro-batch "
-                                  f"{max(1, plan['micro_batch'] // 2)} --grad-accum {plan['grad_accum'] * 2}")
+            raise out_of_memory(name, plan)
         raise RuntimeError(f"runner {name} failed (exit {proc.returncode}):\n{tail}")
     print(f"  {LABELS[name]} done in {time.perf_counter() - t0:.0f} s", flush=True)
     return json.loads(out_path.read_text())
@@ -409,12 +438,7 @@ def run_bench(args) -> int:
             tok_dir = Path(args.tokenizer) if getattr(args, "tokenizer", None) else resolve_base_model(None)
             names = args.models.split(",") if args.models else list(GPU_MODELS)
             models = [(n, None) for n in names]
-            if not args.data and getattr(args, "gpu_data", "multi-turn") == "multi-turn":
-                from fastchat_ft import bench_data
-
-                args.data, args.val_data = map(str, bench_data.write_multi_turn(
-                    ASSETS / "demo" / "train.jsonl", workdir / "multi-turn", GPU_CONVERSATIONS, 64, args.seed))
-                args.data_description = bench_data.DESCRIPTION
+        data = data_files(args, device, workdir)
         for label, base in models:
             sized = defaults
             if base is None:
@@ -422,7 +446,7 @@ def run_bench(args) -> int:
                 memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
                 sized = {**defaults, **gpu_micro_batch(label, memory_gib)}
             model_cfg = json.loads((Path(base) / "config.json").read_text())
-            plan = build_plan(args, str(base), str(base), device, dtype, sized)
+            plan = build_plan(args, str(base), str(base), device, dtype, sized, data)
             print(f"bench {label}: {plan['steps']} steps x {plan['micro_batch']} conversations x "
                   f"{plan['grad_accum']} accumulation, LoRA r={plan['lora']['r']}, {dtype} on {device}, "
                   f"{plan['threads']} threads; (c) {ENGINE_ROWS[plan['engine_rows']]}, cpu_merge_tokens "

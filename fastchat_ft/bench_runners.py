@@ -169,7 +169,11 @@ def run_hf(plan: dict, flat: bool) -> dict:
         collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
 
     device, bf16 = plan["device"], plan["dtype"] == "bfloat16"
-    model = AutoModelForCausalLM.from_pretrained(plan["base_model"], dtype=torch.bfloat16 if bf16 else torch.float32)
+    # padding-free as the transformers docs pair it with DataCollatorWithFlattening: flash_attention_2 where the
+    # flash-attn package is installed (GPU, half precision); otherwise transformers' default (sdpa)
+    flash = flat and bf16 and device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    model = AutoModelForCausalLM.from_pretrained(plan["base_model"], dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 **({"attn_implementation": "flash_attention_2"} if flash else {}))
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         raise RuntimeError("the tokenizer is larger than the model's vocabulary")
     lora = plan["lora"]
@@ -196,7 +200,7 @@ def run_hf(plan: dict, flat: bool) -> dict:
     attention = model.get_base_model().config._attn_implementation
     if attention == "sdpa" and flat:  # transformers then builds a block-diagonal mask from the position ids
         attention += " with a block-diagonal mask from position ids" + (
-            "" if importlib.util.find_spec("flash_attn") else " (flash-attn is not installed)")
+            "" if flash or device != "cuda" else " (flash-attn not installed, so no flash_attention_2)")
     return {"prep_s": prep_s, "attention": attention, "train_start": start, "step_ends": rec.ends, "step_cpu_ends": rec.cpu_ends,
             "losses": rec.losses,
             "val_loss_start": val_start, "val_loss_end": val_end, "peak_memory_mb": peak_memory_mb(device),
@@ -294,22 +298,14 @@ def run_engine(plan: dict) -> dict:
     finally:
         train_mod.build, train_mod.Reporter.after_step = original_build, original_after
     vals = [r["val_loss"] for r in summary["val"]]
-    return {"prep_s": prep_s, "attention": engine_attention(setups[0].model, plan), "train_start": starts[0] if starts else None, "step_ends": ends, "step_cpu_ends": cpu_ends,
+    from fastchat_ft.model.attention import describe
+
+    attention = describe(setups[0].model, device=plan["device"], half=plan["dtype"] == "bfloat16")
+    return {"prep_s": prep_s, "attention": attention, "train_start": starts[0] if starts else None, "step_ends": ends, "step_cpu_ends": cpu_ends,
             "losses": [float(x) for x in summary["train_losses"]], "val_loss_start": vals[0], "val_loss_end": vals[-1],
             "peak_memory_mb": peak_memory_mb(plan["device"]), "conversations": len(convs),
             "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
             "lengths": [len(c[0]) for c in convs], "label_tokens": [int((c[1][1:] != -100).sum()) for c in convs]}
-
-
-def engine_attention(model, plan: dict) -> str:
-    from fastchat_ft.model import attention
-
-    name = model.config._attn_implementation
-    if name != attention.NAME:
-        return name
-    if plan["device"] == "cuda" and plan["dtype"] == "bfloat16" and attention._varlen_kernel() is not None:
-        return "per conversation: one varlen flash-attention call per layer (torch.nn.attention.varlen)"
-    return "per conversation: causal SDPA for each conversation of the row"
 
 
 # ---------------------------------------------------------------------------------------------- entry point

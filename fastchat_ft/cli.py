@@ -131,8 +131,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="GPU mode: comma-separated subset of llama-1b,llama-8b")
     p.add_argument("--tokenizer", help="GPU mode: folder with the tokenizer files of the random-weight models "
                    "(default: the default model's; a GPU machine without it can carry just these files)")
-    p.add_argument("--data", help="ChatML training file (default: the bundled demo)")
-    p.add_argument("--val-data", help="ChatML validation file (default: the bundled demo's)")
+    p.add_argument("--data", help="ChatML training file (default: the bundled demo on CPU, --gpu-data on GPU)")
+    p.add_argument("--val-data", help="ChatML validation file (default: the one that goes with the training data)")
     p.add_argument("--gpu-data", choices=["multi-turn", "demo"], default="multi-turn",
                    help="GPU mode without --data: multi-turn conversations built from the demo's exchanges (a few "
                         "hundred to ~2000 tokens, fastchat_ft/bench_data.py), or the demo itself (~60 tokens each)")

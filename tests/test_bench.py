@@ -5,6 +5,7 @@ forward part equals torch's FlopCounterMode on the engine's own forward."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,13 @@ def test_three_runs_agree_step_by_step_and_json_has_the_fields(bench_result):
         assert r["val_loss_end"] < r["val_loss_start"]  # three steps of training moved the model
     assert runs["tokens"]["timed_padded_batches"] >= runs["tokens"]["timed_non_padding"] > 0
     assert res["matmul_flops_per_s"]["peak"] > 0
+    # each runner says what attention it ran: HF its implementation, the engine per conversation on CPU
+    assert runs["hf_padded"]["attention"] == "sdpa"
+    assert runs["hf_flat"]["attention"].startswith("sdpa with a block-diagonal mask")
+    assert runs["fastchat_ft"]["attention"] == "per conversation: causal SDPA for each conversation of the row"
+    assert res["plan"]["data"] == "the bundled demo"
+    table = bench.format_table(res)
+    assert "(c) per conversation: causal SDPA" in table and "of (a)'s batch tokens" in table
     assert (out / "vs_hf_trainer-cpu.png").stat().st_size > 1000
 
 
@@ -207,3 +215,62 @@ def test_a_runner_out_of_gpu_memory_names_the_flags_that_fit(monkeypatch, tmp_pa
         bench.run_worker("hf_padded", {"micro_batch": 16, "grad_accum": 2}, tmp_path, 4)
     assert "(a) HF Trainer, padded ran out of GPU memory" in str(err.value)
     assert "--micro-batch 8 --grad-accum 4" in str(err.value)
+    # nothing left to halve: the hint changes rather than repeating the same memory
+    assert "--seq-len" in str(bench.out_of_memory("hf_flat", {"micro_batch": 1, "grad_accum": 32}))
+    step_rows = bench.out_of_memory("fastchat_ft", {"micro_batch": 16, "grad_accum": 2, "engine_rows": "step"})
+    assert "--engine-rows step" in str(step_rows)
+
+
+def test_gpu_mode_writes_multi_turn_data_and_sizes_micro_batches_by_gpu_memory(monkeypatch, tmp_path):
+    """The GPU branch of run_bench up to the runs (no GPU here): the random models, the data and the plan."""
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * 2**30))
+    tiny = build_tiny_model(tmp_path / "tiny", shared_path("tokenizers", "smollm2"), seed=3, layers=1, hidden=32,
+                            heads=2, kv_heads=1, intermediate=48)
+    monkeypatch.setattr(bench, "_random_llama", lambda folder, shape, tok: tiny)
+    plans = []
+
+    def fake_bench_one(plan, model_cfg, workdir, label):
+        plans.append(plan)
+        assert Path(plan["train_file"]).is_file() and Path(plan["val_file"]).is_file()  # still there during the runs
+        return {"label": label}
+    monkeypatch.setattr(bench, "bench_one", fake_bench_one)
+    monkeypatch.setattr(bench, "format_table", lambda res: "")
+    monkeypatch.setattr(bench, "write_report", lambda results, out, device, load: len(results))
+    args = build_parser().parse_args(["bench", "--device", "cuda", "--steps", "2", "--tokenizer", str(tiny)])
+    assert bench.run_bench(args) == 2
+    assert [(p["micro_batch"], p["grad_accum"]) for p in plans] == [(8, 4), (2, 16)]  # llama-1b, llama-8b at 80 GiB
+    assert all(p["dtype"] == "bfloat16" and p["data"] == bench_data_description() for p in plans)
+    assert plans[0]["conversations"] > 900  # the ~1000 multi-turn conversations, not the demo's 146
+    assert args.data is None  # the caller's arguments are left as given
+
+
+def bench_data_description():
+    from fastchat_ft import bench_data
+
+    return bench_data.DESCRIPTION
+
+
+def test_engine_attention_choice_by_device_precision_and_opt_out(monkeypatch, tmp_path):
+    from fastchat_ft.engine.loss import packed_attention_wanted
+    from fastchat_ft.model import attention
+
+    model = build_tiny_model(tmp_path / "m", shared_path("tokenizers", "smollm2"), seed=1, layers=1, hidden=32,
+                             heads=2, kv_heads=1, intermediate=48)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert packed_attention_wanted(model, cpu)
+    assert not packed_attention_wanted(model, cuda)  # fp32, no autocast: transformers' path on the GPU
+    model.to(torch.bfloat16)
+    assert packed_attention_wanted(model, cuda) == (attention._varlen_kernel() is not None)
+    for off in ("0", "false", "OFF"):
+        monkeypatch.setenv("FASTCHAT_FT_VARLEN", off)
+        assert not packed_attention_wanted(model, cuda) and packed_attention_wanted(model, cpu)
+    assert attention.describe(model, device="cuda", half=True).startswith("sdpa with a block-diagonal mask")
+    assert attention.use_packed_attention(model)
+    assert attention.describe(model, device="cpu", half=False).endswith("causal SDPA for each conversation of the row")
+    if attention._varlen_kernel() is not None:
+        assert "varlen" in attention.describe(model, device="cuda", half=True)

@@ -129,6 +129,8 @@ def main() -> int:
     ap.add_argument("--only", default="engine,engine_varlen,hf_padded,hf_flat")
     ap.add_argument("--out", default=None, help="JSON of the figures")
     args = ap.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        ap.error("--steps and --rounds must be at least 1")
 
     tmp = Path(tempfile.mkdtemp())
     train, _ = bench_data.write_multi_turn(ASSETS / "demo" / "train.jsonl", tmp, 256, 4, 42)

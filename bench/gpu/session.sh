@@ -6,11 +6,13 @@
 # on the GPU machine (the engine's end-to-end tests then train on CUDA). Each stage has its own time bound so one
 # slow stage cannot eat the rest of the lease; logs and results (bench/results/*.json with device name and date)
 # go to $OUT, which the device tool brings back (at most 8 files: results travel as one archive).
-# More stages: hf_varlen = the hf stage with FASTCHAT_FT_VARLEN=1 (the engine's varlen flash attention on CUDA),
-# results in bench/results/h200-varlen/; profile = bench/gpu/profile_engine.py (engine vs PEFT + HF forward in one
-# process under torch.profiler: GPU busy share and top kernels); hf8b = the hf stage for the Llama-8B shape (HF_TIMEOUT, default 400 s).
-# Seen on an H200 (2026-11-26): start + transfer ~30 s, wheels + build 30-45 s, tests 55 s, hf (1B) 120-130 s,
-# kernels 65 s; a lease is 15 min of device time in all, so e.g. `tests hf hf_varlen` fits one call.
+# More stages: hf_mask = the hf stage with FASTCHAT_FT_VARLEN=0 (the engine on transformers' document-mask attention
+# instead of its default varlen flash attention), results in bench/results/gpu-document-mask/; profile =
+# bench/gpu/profile_engine.py (engine vs PEFT + HF forward in one process under torch.profiler: GPU busy share and top
+# kernels); hf8b = the hf stage for the Llama-8B shape (HF_TIMEOUT, default 400 s; not yet run on the multi-turn data).
+# Seen on an H200 (2026-11-26): start + transfer ~30 s, wheels + build 30-45 s, tests 55 s, hf (1B, demo rows) 120-130 s (multi-turn: 158 s),
+# kernels 65 s; a lease is 15 min of device time in all. Second lease, multi-turn data: `tests profile hf_varlen`
+# (hf_varlen then = today's hf) took 370 s in one call, then `hf kernels` 255 s.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -52,19 +54,19 @@ for stage in $STAGES; do
     tail -25 "$OUT/cuda_tests.log" ;;
   hf)
     log "vs HF Trainer (GPU mode: ${HF_MODELS:-llama-1b})"
-    timeout "${HF_TIMEOUT:-170}" python3 bench/vs_hf_trainer.py --device cuda --models "${HF_MODELS:-llama-1b}" \
+    timeout "${HF_TIMEOUT:-240}" python3 bench/vs_hf_trainer.py --device cuda --models "${HF_MODELS:-llama-1b}" \
       --tokenizer .gpu/tokenizer ${HF_ARGS:-} > "$OUT/vs_hf_trainer.log" 2>&1
     echo "exit $?"; tail -30 "$OUT/vs_hf_trainer.log" ;;
   profile)
     log "engine step vs PEFT + HF forward, one process, under torch.profiler (bench/gpu/profile_engine.py)"
     timeout "${PROFILE_TIMEOUT:-150}" python3 bench/gpu/profile_engine.py --tokenizer .gpu/tokenizer \
-      --out bench/results/h200-logs/profile_engine.json ${PROFILE_ARGS:-} > "$OUT/profile_engine.log" 2>&1
+      --out bench/results/profile_engine-gpu.json ${PROFILE_ARGS:-} > "$OUT/profile_engine.log" 2>&1
     echo "exit $?"; cat "$OUT/profile_engine.log" | grep -v Warning | tail -90 ;;
-  hf_varlen)
-    log "vs HF Trainer, engine with varlen flash attention (FASTCHAT_FT_VARLEN=1)"
-    FASTCHAT_FT_VARLEN=1 timeout "${HF_TIMEOUT:-170}" python3 bench/vs_hf_trainer.py --device cuda --models llama-1b \
-      --tokenizer .gpu/tokenizer --out bench/results/h200-varlen ${HF_ARGS:-} > "$OUT/vs_hf_trainer_varlen.log" 2>&1
-    echo "exit $?"; tail -16 "$OUT/vs_hf_trainer_varlen.log" ;;
+  hf_mask)
+    log "vs HF Trainer, engine on transformers' document-mask attention (FASTCHAT_FT_VARLEN=0)"
+    FASTCHAT_FT_VARLEN=0 timeout "${HF_TIMEOUT:-240}" python3 bench/vs_hf_trainer.py --device cuda --models llama-1b \
+      --tokenizer .gpu/tokenizer --out bench/results/gpu-document-mask ${HF_ARGS:-} > "$OUT/vs_hf_trainer_mask.log" 2>&1
+    echo "exit $?"; tail -16 "$OUT/vs_hf_trainer_mask.log" ;;
   hf8b)
     log "vs HF Trainer (GPU mode: llama-8b)"
     timeout "${HF_TIMEOUT:-400}" python3 bench/vs_hf_trainer.py --device cuda --models llama-8b --tokenizer .gpu/tokenizer \

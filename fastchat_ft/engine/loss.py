@@ -15,7 +15,7 @@ import torch
 
 from fastchat_ft.engine.distributed import sum_gradients, sum_over_ranks
 from fastchat_ft.kernels import fused_linear_cross_entropy
-from fastchat_ft.model.attention import use_packed_attention
+from fastchat_ft.model.attention import cuda_varlen_ready, use_packed_attention
 
 IGNORE = -100
 
@@ -54,16 +54,24 @@ def lm_head_of(model):
     return head.weight, getattr(head, "bias", None), softcap
 
 
+def packed_attention_wanted(model, device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    opted_out = os.environ.get("FASTCHAT_FT_VARLEN", "1").strip().lower() in ("0", "false", "off", "no")
+    return device.type == "cuda" and not opted_out and cuda_varlen_ready(model)
+
+
 def hidden_states(model, batch: dict) -> torch.Tensor:
     """The decoder's last hidden state, each packed conversation attending only to itself. An sdpa model switches
-    (once) to per-conversation attention (fastchat_ft.model.attention: no [L x L] document mask): on CUDA in
-    bf16/fp16 one varlen flash-attention call per layer for the whole batch, elsewhere causal SDPA per conversation.
-    FASTCHAT_FT_VARLEN=0 keeps transformers' own path on CUDA (sdpa with the document mask it builds from position
-    ids that restart at 0). tests/test_engine_loss.py and tests/test_model_attention.py check both against unpacked
-    forwards."""
-    # On an H200 (bench/results/h200-logs/profile_engine.json, llama-1b, ~11k-token rows of 16 conversations) the
-    # varlen path took 0.33 s per step against 1.0 s with the document mask, whose attention is quadratic in the row
-    if batch["input_ids"].device.type == "cpu" or os.environ.get("FASTCHAT_FT_VARLEN", "1") != "0":
+    (once) to per-conversation attention (fastchat_ft.model.attention: no [L x L] document mask): on CPU causal SDPA
+    per conversation; on CUDA when the step runs in bf16/fp16 and this torch has varlen flash attention, one varlen
+    call per layer for the whole batch. Otherwise on CUDA, or with FASTCHAT_FT_VARLEN=0, transformers' own path
+    (sdpa with the document mask it builds from position ids that restart at 0). tests/test_engine_loss.py and
+    tests/test_model_attention.py check both against unpacked forwards."""
+    # On an H200 (bench/results/h200-lease2-logs/profile_engine.log, llama-1b, ~11k-token rows of 16 conversations)
+    # the varlen path took 0.33 s per step against 1.0 s with the document mask, whose attention is quadratic in the
+    # row. The per-conversation SDPA loop was not timed on a GPU, so CUDA without varlen keeps transformers' path.
+    if packed_attention_wanted(model, batch["input_ids"].device):
         use_packed_attention(model)
     out = model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     return out.last_hidden_state

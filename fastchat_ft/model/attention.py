@@ -166,6 +166,30 @@ def supports(config) -> bool:
             and all(t == "full_attention" for t in layer_types))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def cuda_varlen_ready(model) -> bool:
+    """On CUDA, whether the engine's forward would reach the single varlen flash call: this torch has it and the
+    model computes in half precision (its weights, or the autocast around the step). Elsewhere per-conversation
+    attention is a Python loop of SDPA calls, which on a GPU has not been measured against transformers' path."""
+    if _varlen_kernel() is None:
+        return False
+    param = next(model.parameters(), None)
+    return (param is not None and param.dtype in _HALF) or (
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in _HALF)
+
+
+def describe(model, *, device: str, half: bool) -> str:
+    """What attention a packed forward of this model runs, in words (the bench's table and JSON)."""
+    name = getattr(model.config, "_attn_implementation", None)
+    if name != NAME:
+        return f"{name} with a block-diagonal mask from position ids" if name == "sdpa" else str(name)
+    if device == "cuda" and half and _varlen_kernel() is not None:
+        return "per conversation: one varlen flash-attention call per layer (torch.nn.attention.varlen)"
+    return "per conversation: causal SDPA for each conversation of the row"
+
+
 def use_packed_attention(model) -> bool:
     """Switch a model that runs transformers' sdpa to per-conversation attention; other implementations (eager,
     flash, flex), models outside PLAIN_CAUSAL_MODELS and wrappers without set_attn_implementation (DDP views)
