@@ -12,6 +12,8 @@ backward scales them by grad_output and casts (one pass).
 """
 from typing import NamedTuple
 
+import threading
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -382,10 +384,26 @@ def fused_linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-
 CPU_VOCAB_BLOCK = 2048
 
 
+# One [chunk x V] CPU logits buffer, reused from call to call: at 100+ MB it is past glibc's largest mmap threshold
+# (32 MB), so a fresh one is a fresh mapping every chunk, ~25k zero-filled pages to fault in (~20% of the CE's
+# non-GEMM time at 517 x 49152 on the 2-core bench machine). The buffer only lives inside one _torch_chunks loop
+# (its gradient alias g is consumed there), so reuse is safe within a thread; each thread keeps its own.
+_buffers = threading.local()
+
+
+def _cpu_logits_buffer(rows: int, cols: int, dtype) -> torch.Tensor:
+    buf = getattr(_buffers, "logits", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < rows * cols:
+        # rows rounded up to 256: a step with a few more labelled tokens than the last reuses it too
+        buf = _buffers.logits = None
+        buf = _buffers.logits = torch.empty(-(-rows // 256) * 256 * cols, dtype=dtype)
+    return buf[:rows * cols].view(rows, cols)
+
+
 def _logits(x, w, b):
     if x.device.type != "cpu" or w.shape[0] <= CPU_VOCAB_BLOCK:
         return torch.addmm(b, x, w.t()) if b is not None else torch.mm(x, w.t())
-    out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
+    out = _cpu_logits_buffer(x.shape[0], w.shape[0], torch.promote_types(x.dtype, w.dtype))
     for v in range(0, w.shape[0], CPU_VOCAB_BLOCK):
         cols = slice(v, v + CPU_VOCAB_BLOCK)
         if b is None:
@@ -409,6 +427,24 @@ def _token_losses(logits, y, ls, z_loss, want_correct):
     return loss, correct, lse
 
 
+def _token_losses_in_place(logits, y, ls, z_loss, want_correct):
+    """_token_losses for the torch path, leaving softmax(logits) in the logits buffer. torch.logsumexp would
+    allocate a second [chunk x V] buffer for logits - max (101 MB at 517 x 49152, past malloc's mmap threshold, so
+    fresh zeroed pages every call) and exponentiate it once more than the gradient needs."""
+    label_logit = logits.gather(1, y[:, None]).squeeze(1)
+    mean = logits.mean(dim=-1) if ls else None
+    row_max = logits.amax(dim=-1)
+    correct = (label_logit >= row_max).sum() if want_correct else None
+    exp_sum = logits.sub_(row_max[:, None]).exp_().sum(dim=-1)
+    lse = row_max + exp_sum.log()
+    loss = lse - label_logit
+    if ls:
+        loss = (1.0 - ls) * loss + ls * (lse - mean)
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    return loss, correct, lse, logits.div_(exp_sum[:, None])
+
+
 def _torch_chunk(x, w, b, y, softcap, z_loss, ls, want_grad, want_stats):
     """Per-row loss (acc dtype), correct count (or None) and dLoss/dlogits (unscaled, or None) of one chunk."""
     logits = _logits(x, w, b)
@@ -416,11 +452,10 @@ def _torch_chunk(x, w, b, y, softcap, z_loss, ls, want_grad, want_stats):
     if softcap is not None:
         tanh = logits.div_(softcap).tanh_()  # kept for the chain rule's 1 - tanh^2
         logits = tanh * softcap
-    loss, correct, lse = _token_losses(logits, y, ls, z_loss, want_stats)
+    loss, correct, lse, g = _token_losses_in_place(logits, y, ls, z_loss, want_stats)
     if not want_grad:
         return loss, correct, None
-    # p * (1 + 2 z lse) - (1 - ls) onehot - ls / V, then the softcap derivative
-    g = logits.sub_(lse[:, None]).exp_()
+    # g = softmax; dLoss/dlogits = p * (1 + 2 z lse) - (1 - ls) onehot - ls / V, then the softcap derivative
     if z_loss:
         g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
     if ls:

@@ -437,3 +437,42 @@ def test_torch_path_vocab_sliced_logits_match_float64(with_bias, softcap, monkey
     ref.backward()
     assert abs(loss.item() - ref.item()) <= TOL[torch.float32][0] * abs(ref.item())
     assert_close_grads((h, b), (h64, b64), torch.float32)
+
+
+def test_torch_path_reuses_one_logits_buffer_per_thread_and_stays_exact(monkeypatch):
+    # the CPU logits buffer outlives each call (a fresh 100+ MB one is a fresh mmap every chunk); reusing it for
+    # calls with fewer, equal or more rows, and from another thread, must not change any result
+    import threading
+
+    flce = importlib.import_module("fastchat_ft.kernels.fused_linear_cross_entropy")
+    monkeypatch.setattr(flce, "CPU_VOCAB_BLOCK", 48)
+    monkeypatch.setattr(flce._buffers, "logits", None, raising=False)
+    torch.manual_seed(5)
+    w = torch.randn(301, 24, dtype=torch.float64).float() * 0.3
+
+    def check(rows):
+        h = torch.randn(rows, 24, requires_grad=True)
+        y = torch.randint(0, 301, (rows,))
+        y[::5] = -100
+        loss = run("torch", monkeypatch, h, w, y, label_smoothing=0.05, z_loss=1e-3, chunk_size=64)
+        loss.backward()
+        h64 = leaf64(h)
+        ref = float64_loss(h64, w.double(), y, label_smoothing=0.05, z_loss=1e-3)
+        ref.backward()
+        assert abs(loss.item() - ref.item()) <= TOL[torch.float32][0] * abs(ref.item())
+        assert_close_grads((h,), (h64,), torch.float32)
+
+    check(40)
+    first = flce._buffers.logits
+    assert first is not None and first.numel() >= 40 * 301
+    check(23)
+    check(40)
+    assert flce._buffers.logits is first  # fewer or equal rows: the same buffer, nothing allocated
+    check(300)  # more rows than it holds: a larger one replaces it
+    assert flce._buffers.logits.numel() >= 64 * 301
+
+    seen = []
+    thread = threading.Thread(target=lambda: (check(31), seen.append(flce._buffers.logits)))
+    thread.start()
+    thread.join()
+    assert seen and seen[0] is not None and seen[0] is not flce._buffers.logits  # its own buffer
