@@ -65,6 +65,15 @@ def test_bad_record_names_file_line_column_field_and_fix(tmp_path, smollm, line,
     assert f"{path}:3:{column}" in str(err)
 
 
+def test_an_unreadable_file_names_the_path_not_a_json_problem(tmp_path, smollm):
+    for path, words in ((tmp_path / "missing.jsonl", "cannot open the file"), (tmp_path, "Is a directory")):
+        with pytest.raises(DataError) as info:
+            dataset(path, smollm)
+        err = info.value
+        assert err.file == str(path) and err.line is None and words in err.reason, str(err)
+        assert "check the path" in err.fix and "JSON" not in err.fix, str(err)
+
+
 def test_a_failed_build_leaves_no_partial_cache(tmp_path, smollm):
     path = write_jsonl(tmp_path / "d.jsonl", [conv(), "{broken"])
     cache = tmp_path / "cache"

@@ -146,8 +146,11 @@ class ChatDataset:
                 try:
                     reader = _native.ChatReader(str(path), threads=self.threads, batch_records=BATCH_RECORDS,
                                                 **kwargs)
-                except ValueError as e:  # "line:column: reason" for a broken JSON array file
+                except ValueError as e:  # "line:column: reason": a broken JSON array file, or line 0: unreadable
                     line, col, reason = _split_position(str(e))
+                    if not line:  # the file itself (missing, a folder, no permission), not a place in it
+                        raise DataError(reason, file=str(path), fix="check the path (a relative one is read from the "
+                                        "current folder) and that the file is readable") from None
                     raise DataError(reason, file=str(path), line=line, column=col,
                                     fix="the file is not valid JSON; JSONL files need one object per line") from None
                 while (batch := reader.next_batch()) is not None:
