@@ -197,12 +197,14 @@ def run_hf(plan: dict, flat: bool) -> dict:
     start = time.perf_counter()
     trainer.train()
     val_end = hf_val_loss(model, val_convs, device, amp)
-    attention = model.get_base_model().config._attn_implementation
-    if attention == "sdpa" and flat:  # transformers then builds a block-diagonal mask from the position ids
-        attention += " with a block-diagonal mask from position ids" + (
-            "" if flash or device != "cuda" else " (flash-attn not installed, so no flash_attention_2)")
-    return {"prep_s": prep_s, "attention": attention, "train_start": start, "step_ends": rec.ends, "step_cpu_ends": rec.cpu_ends,
-            "losses": rec.losses,
+    from fastchat_ft.model.attention import describe
+
+    base = model.get_base_model()
+    attention = describe(base, device=device, half=bf16) if flat else base.config._attn_implementation
+    if flat and device == "cuda" and not flash:
+        attention += " (flash-attn not installed, so no flash_attention_2)"
+    return {"prep_s": prep_s, "attention": attention, "train_start": start, "step_ends": rec.ends,
+            "step_cpu_ends": rec.cpu_ends, "losses": rec.losses,
             "val_loss_start": val_start, "val_loss_end": val_end, "peak_memory_mb": peak_memory_mb(device),
             "conversations": len(convs), "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
             "lengths": [len(c[0]) for c in convs], "label_tokens": [sum(1 for x in c[1][1:] if x != -100) for c in convs]}
@@ -301,8 +303,8 @@ def run_engine(plan: dict) -> dict:
     from fastchat_ft.model.attention import describe
 
     attention = describe(setups[0].model, device=plan["device"], half=plan["dtype"] == "bfloat16")
-    return {"prep_s": prep_s, "attention": attention, "train_start": starts[0] if starts else None, "step_ends": ends, "step_cpu_ends": cpu_ends,
-            "losses": [float(x) for x in summary["train_losses"]], "val_loss_start": vals[0], "val_loss_end": vals[-1],
+    return {"prep_s": prep_s, "attention": attention, "train_start": starts[0] if starts else None,
+            "step_ends": ends, "step_cpu_ends": cpu_ends, "losses": [float(x) for x in summary["train_losses"]], "val_loss_start": vals[0], "val_loss_end": vals[-1],
             "peak_memory_mb": peak_memory_mb(plan["device"]), "conversations": len(convs),
             "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
             "lengths": [len(c[0]) for c in convs], "label_tokens": [int((c[1][1:] != -100).sum()) for c in convs]}

@@ -67,10 +67,13 @@ def _varlen_kernel():
     return varlen_attn, causal, "enable_gqa" in params, "scale" in params
 
 
+_HALF = (torch.float16, torch.bfloat16)  # flash attention's dtypes
+
+
 def varlen_enabled(query: torch.Tensor, dropout: float) -> bool:
     """One varlen call for the whole batch: CUDA, half precision (flash attention's dtypes), no dropout, a head
     size flash attention takes. (The engine routes CUDA models here unless FASTCHAT_FT_VARLEN=0, engine/loss.py.)"""
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+    return (query.is_cuda and query.dtype in _HALF and not dropout
             and query.shape[-1] % 8 == 0 and query.shape[-1] <= 256 and _varlen_kernel() is not None)
 
 
@@ -164,9 +167,6 @@ def supports(config) -> bool:
     return (getattr(config, "model_type", None) in PLAIN_CAUSAL_MODELS
             and getattr(config, "sliding_window", None) is None
             and all(t == "full_attention" for t in layer_types))
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def cuda_varlen_ready(model) -> bool:
