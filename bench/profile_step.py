@@ -69,12 +69,12 @@ def classify(name: str, shapes, vocab: int, r: int) -> str:
     return GROUPS[9]
 
 
-def engine_batches(step_convs: list[list[tuple]]) -> list[dict]:
+def engine_batches(step_convs: list[list[tuple]], device: str = "cpu") -> list[dict]:
     rows = [pack_conversations(mb) for mb in step_convs]  # one packed row per micro-batch, as the bench's (c)
-    return [to_device({k: v[None] for k, v in row.items() if k != "seq_lens"}, torch.device("cpu")) for row in rows]
+    return [to_device({k: v[None] for k, v in row.items() if k != "seq_lens"}, torch.device(device)) for row in rows]
 
 
-def hf_batches(step_convs: list[list[tuple]], pad_id: int) -> list[dict]:
+def hf_batches(step_convs: list[list[tuple]], pad_id: int, device: str = "cpu") -> list[dict]:
     """DataCollatorForSeq2Seq(padding=True)'s layout: right padding, label -100, attention_mask 0 on padding."""
     out = []
     for mb in step_convs:
@@ -84,8 +84,8 @@ def hf_batches(step_convs: list[list[tuple]], pad_id: int) -> list[dict]:
         mask = np.zeros((len(mb), n), dtype=np.int64)
         for i, (x, y) in enumerate(mb):
             ids[i, :len(x)], labels[i, :len(x)], mask[i, :len(x)] = x, y, 1
-        out.append({"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-                    "attention_mask": torch.from_numpy(mask)})
+        out.append({"input_ids": torch.from_numpy(ids).to(device), "labels": torch.from_numpy(labels).to(device),
+                    "attention_mask": torch.from_numpy(mask).to(device)})
     return out
 
 

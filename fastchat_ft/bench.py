@@ -389,20 +389,27 @@ def _device_slug(device: str) -> str:
     return "cuda"
 
 
+def random_llama_model(shape: dict, **kwargs):
+    """A Llama-shaped model with seeded random bf16 weights on the GPU (kwargs: e.g. attn_implementation)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LlamaForCausalLM._from_config(LlamaConfig(max_position_embeddings=8192, rms_norm_eps=1e-5, **shape),
+                                             dtype=torch.bfloat16, **kwargs)
+
+
 def _random_llama(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     """A Llama-shaped model with random bf16 weights saved as a HF folder, with the default model's tokenizer."""
     import shutil
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastchat_ft.model.tiny import TOKENIZER_FILES
 
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(max_position_embeddings=8192, rms_norm_eps=1e-5, **shape)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    model = random_llama_model(shape)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     torch.cuda.empty_cache()

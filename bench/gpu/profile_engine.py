@@ -19,53 +19,26 @@ from pathlib import Path
 
 import torch
 
-from fastchat_ft import bench_data
-from fastchat_ft.bench import GPU_MODELS, schedule
-from fastchat_ft.bench_runners import engine_conversations
-from fastchat_ft.config import ALL_LINEAR, ASSETS
-from fastchat_ft.engine.loss import backward_step, to_device
-from fastchat_ft.engine.train import use_norm_and_mlp_kernels
-from fastchat_ft.model import lora as lora_mod
-from fastchat_ft.model.attention import use_packed_attention
-from fastchat_ft.model.tiny import pack_conversations
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from profile_step import engine_batches, hf_batches  # noqa: E402 (the same batch layouts as the CPU profile)
 
-
-def model_for(shape: dict):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        return LlamaForCausalLM._from_config(LlamaConfig(max_position_embeddings=8192, rms_norm_eps=1e-5, **shape),
-                                             dtype=torch.bfloat16, attn_implementation="sdpa")
-
-
-def hf_padded(mbs):
-    out = []
-    for mb in mbs:
-        n = max(len(c[0]) for c in mb)
-        ids = torch.zeros(len(mb), n, dtype=torch.long)
-        labels = torch.full((len(mb), n), -100, dtype=torch.long)
-        mask = torch.zeros(len(mb), n, dtype=torch.long)
-        for i, (x, y) in enumerate(mb):
-            ids[i, :len(x)], labels[i, :len(x)], mask[i, :len(x)] = torch.from_numpy(x), torch.from_numpy(y), 1
-        out.append({"input_ids": ids.cuda(), "labels": labels.cuda(), "attention_mask": mask.cuda()})
-    return out
+from fastchat_ft import bench_data  # noqa: E402
+from fastchat_ft.bench import GPU_MODELS, random_llama_model, schedule  # noqa: E402
+from fastchat_ft.bench_runners import engine_conversations  # noqa: E402
+from fastchat_ft.config import ALL_LINEAR, ASSETS  # noqa: E402
+from fastchat_ft.engine.loss import backward_step  # noqa: E402
+from fastchat_ft.engine.train import use_norm_and_mlp_kernels  # noqa: E402
+from fastchat_ft.model import lora as lora_mod  # noqa: E402
+from fastchat_ft.model.attention import use_packed_attention  # noqa: E402
+from fastchat_ft.model.tiny import pack_conversations  # noqa: E402
 
 
 def hf_flat(mbs):
-    out = []
-    for mb in mbs:
-        row = pack_conversations(mb)
-        out.append({k: torch.as_tensor(row[k])[None].long().cuda() for k in ("input_ids", "labels", "position_ids")})
-    return out
+    """DataCollatorWithFlattening's layout: one row, position ids restarting per conversation, no mask."""
+    rows = [pack_conversations(mb) for mb in mbs]
+    return [{k: torch.as_tensor(r[k])[None].long().cuda() for k in ("input_ids", "labels", "position_ids")} for r in rows]
 
 
-def engine_rows(mbs):
-    out = []
-    for mb in mbs:
-        row = pack_conversations(mb)
-        out.append(to_device({k: v[None] for k, v in row.items() if k != "seq_lens"}, torch.device("cuda")))
-    return out
 
 
 def run_steps(kind: str, model, steps) -> None:
@@ -132,9 +105,9 @@ def main() -> int:
     if args.steps < 1 or args.rounds < 1:
         ap.error("--steps and --rounds must be at least 1")
 
-    tmp = Path(tempfile.mkdtemp())
-    train, _ = bench_data.write_multi_turn(ASSETS / "demo" / "train.jsonl", tmp, 256, 4, 42)
-    convs = engine_conversations({"tokenizer": args.tokenizer, "seq_len": 2048, "seed": 42}, str(train))
+    with tempfile.TemporaryDirectory() as tmp:
+        train, _ = bench_data.write_multi_turn(ASSETS / "demo" / "train.jsonl", Path(tmp), 256, 4, 42)
+        convs = engine_conversations({"tokenizer": args.tokenizer, "seq_len": 2048, "seed": 42}, str(train))
     per = args.micro_batch * args.grad_accum
     sched = schedule(len(convs), per, args.steps + 1, 42)
     mbs = [[[convs[i] for i in sched[s * per + k:s * per + k + args.micro_batch]] for k in range(0, per, args.micro_batch)]
@@ -145,11 +118,11 @@ def main() -> int:
     results = {}
     wanted = args.only.split(",")
     if any(w.startswith("engine") for w in wanted):
-        model = model_for(GPU_MODELS[args.model])
+        model = random_llama_model(GPU_MODELS[args.model], attn_implementation="sdpa")
         lora_mod.add_lora(model, 16, 32, 0.0, list(ALL_LINEAR))
         use_norm_and_mlp_kernels(model)
         model.train()
-        steps = [engine_rows(s) for s in mbs]
+        steps = [engine_batches(s, "cuda") for s in mbs]
         if "engine" in wanted:
             os.environ["FASTCHAT_FT_VARLEN"] = "0"  # transformers' path: its document mask from position ids
             results["engine"] = measure("(c) engine, sdpa + document mask", "engine", model, steps, args.rounds, args.top)
@@ -163,11 +136,12 @@ def main() -> int:
     if any(w.startswith("hf") for w in wanted):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model_for(GPU_MODELS[args.model]),
+        model = get_peft_model(random_llama_model(GPU_MODELS[args.model], attn_implementation="sdpa"),
                                LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(ALL_LINEAR),
                                           bias="none", task_type="CAUSAL_LM"))
         model.train()
-        for name, build in (("hf_padded", hf_padded), ("hf_flat", hf_flat)):
+        padded = lambda step: hf_batches(step, 0, "cuda")  # noqa: E731 (padding is masked and unlabelled)
+        for name, build in (("hf_padded", padded), ("hf_flat", hf_flat)):
             if name in wanted:
                 results[name] = measure(f"({'a' if name == 'hf_padded' else 'b'}) PEFT + HF forward, {name[3:]}",
                                         "hf", model, [build(s) for s in mbs], args.rounds, args.top)
