@@ -23,6 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fastchat_ft.atomic import write_json_atomic
 from fastchat_ft.bench_runners import RUNNERS
 from fastchat_ft.config import ALL_LINEAR, ASSETS, TrainConfig
 from fastchat_ft.engine.rundir import package_versions
@@ -483,9 +484,7 @@ def write_report(results: list[dict], out_dir: Path, device: str, load_before) -
                                         + "; ".join(sorted({ENGINE_ROWS[r["plan"]["engine_rows"]] for r in results}))},
            "results": results}
     json_path = out_dir / f"vs_hf_trainer-{slug}.json"
-    tmp_path = json_path.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp_path, json_path)
+    write_json_atomic(json_path, doc, indent=1)
     png = out_dir / f"vs_hf_trainer-{slug}.png"
     plot(results, png)
     print(f"wrote {json_path} and {png}")

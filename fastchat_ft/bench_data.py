@@ -12,8 +12,9 @@ text says does not matter, only its lengths and the assistant share of the token
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from fastchat_ft.atomic import write_text_atomic
 
 MULTI_TURN_MEDIAN = 10
 MULTI_TURN_SIGMA = 0.8
@@ -58,9 +59,6 @@ def write_multi_turn(source: Path, folder: Path, n_train: int, n_val: int, seed:
     paths = []
     for name, n, stream in (("train", n_train, 0), ("val", n_val, 1)):
         path = folder / f"{name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(c) + "\n" for c in multi_turn(source, n, seed * 1000 + stream)),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(c) + "\n" for c in multi_turn(source, n, seed * 1000 + stream)))
         paths.append(path)
     return paths[0], paths[1]

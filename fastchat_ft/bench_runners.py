@@ -9,13 +9,14 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import resource
 import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
+
+from fastchat_ft.atomic import write_json_atomic
 
 RUNNERS = ("hf_padded", "hf_flat", "fastchat_ft")
 
@@ -321,9 +322,7 @@ def main(argv: list[str]) -> int:
     else:
         raise SystemExit(f"unknown runner {name!r}; one of {RUNNERS}")
     result["runner"] = name
-    tmp = Path(out_path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out_path)
+    write_json_atomic(out_path, result)
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from fastchat_ft.atomic import write_text_atomic
 from fastchat_ft.errors import ConfigError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -321,7 +322,4 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def save(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (tmp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+from fastchat_ft.atomic import write_text_atomic
 from fastchat_ft.errors import FastchatError, ModelError
 from fastchat_ft.inference import (ADAPTER_CONFIG, LoadedModel, load_adapter_tensors, load_hf_model, load_model,
                                    merge_lora, read_adapter_config, resolve_model, split_adapter_tensors,
@@ -167,7 +168,7 @@ def save_tokenizer(tokenizer, out: Path) -> None:
     conf_path = out / "tokenizer_config.json"
     conf = json.loads(conf_path.read_text())
     conf["chat_template"] = tokenizer.chat_template
-    _atomic_write(conf_path, json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(conf_path, json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_adapter(ckpt: Path, base: Path, tokenizer, out: Path) -> dict:
@@ -201,7 +202,7 @@ def write_adapter(ckpt: Path, base: Path, tokenizer, out: Path) -> dict:
     conf.setdefault("bias", "none")
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_generation_config(base_for_adapter, tokenizer).save_pretrained(out)
-    _atomic_write(out / ADAPTER_CONFIG, json.dumps(conf, indent=2) + "\n")
+    write_text_atomic(out / ADAPTER_CONFIG, json.dumps(conf, indent=2) + "\n")
     save_tokenizer(tokenizer, out)
     return info
 
@@ -215,12 +216,6 @@ def _readable_by_all(folder: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def stage_paths_relocate(out: Path, stage: Path) -> None:
     """After the staging folder is renamed, absolute paths written into it must point at the final place."""
     conf_path = out / ADAPTER_CONFIG
@@ -229,5 +224,5 @@ def stage_paths_relocate(out: Path, stage: Path) -> None:
         base = conf.get("base_model_name_or_path", "")
         if base.startswith(str(stage)):
             conf["base_model_name_or_path"] = str(out.resolve()) + base[len(str(stage)):]
-            _atomic_write(conf_path, json.dumps(conf, indent=2) + "\n")
+            write_text_atomic(conf_path, json.dumps(conf, indent=2) + "\n")
 

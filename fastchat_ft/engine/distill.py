@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fastchat_ft.atomic import write_json_atomic
 from fastchat_ft import config as config_mod
 from fastchat_ft.engine import checkpoint as ckpt
 from fastchat_ft.engine import data as data_mod
@@ -332,8 +333,8 @@ class DistillReporter(train_mod.Reporter):
         manifest = json.loads(manifest_path.read_text())
         manifest.update(command="fastchat-ft distill", student=manifest.get("base_model"),
                         teacher=str(Path(opts.teacher).resolve()), distillation=asdict(opts))
-        _write_json(manifest_path, manifest)
-        _write_json(self.run_dir / "distill_config.json", asdict(opts))
+        write_json_atomic(manifest_path, manifest, indent=2, default=str)
+        write_json_atomic(self.run_dir / "distill_config.json", asdict(opts), indent=2, default=str)
 
     def after_step(self, loss, grad_norm, t_data, t_step, stopping) -> None:
         """As the train loop's, with the step's divergence (kl) and label CE (ce) in its metrics record."""
@@ -381,12 +382,8 @@ class DistillReporter(train_mod.Reporter):
             path = self.run_dir / "run_manifest.json"
             manifest = json.loads(path.read_text())
             manifest.setdefault("result", {}).update(val_kl_before=kls[0], val_kl_after=kls[-1])
-            _write_json(path, manifest)
+            write_json_atomic(path, manifest, indent=2, default=str)
         summary["val_kl"] = kls
         return summary
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)

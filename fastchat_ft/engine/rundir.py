@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastchat_ft.atomic import write_json_atomic
 from fastchat_ft import config as config_mod
 from fastchat_ft.engine.data import file_digest, records_with_lines
 
@@ -250,6 +251,4 @@ def finish_report(run_dir: Path, summary: dict) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=2, default=str)
