@@ -420,15 +420,39 @@ def _random_llama(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
     return folder
 
 
+# the least value each numeric flag takes (None: its default); the first step is warm-up, so two or more
+_LEAST = {"steps": 2, "micro_batch": 1, "grad_accum": 1, "seq_len": 2, "lora_r": 1, "threads": 1, "repeats": 1,
+          "cpu_merge_tokens": 0}
+
+
+def check_args(args) -> None:
+    """Impossible flag values, refused before any model loads (they would fail minutes later, deep in a runner)."""
+    from fastchat_ft.errors import ConfigError
+
+    for name, least in _LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"must be at least {least}, got {value}", field=flag,
+                              fix=f"pass {flag} {least} or more, or leave it out for the default")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"must be a positive number, got {lr}", field="--lr", fix="e.g. --lr 2e-4, or leave it out")
+    unknown = [m for m in (getattr(args, "models", None) or "").split(",") if m and m not in GPU_MODELS]
+    if unknown:
+        raise ConfigError(f"unknown model(s) {', '.join(unknown)}", field="--models",
+                          fix=f"a comma-separated subset of {','.join(GPU_MODELS)}")
+
+
 def run_bench(args) -> int:
     import torch
 
+    from fastchat_ft.errors import ConfigError
     from fastchat_ft.model.load import resolve_base_model
 
+    check_args(args)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from fastchat_ft.errors import ConfigError
-
         raise ConfigError(f"no CUDA GPU is visible to this torch ({torch.__version__})", field="--device",
                           fix="leave --device out (auto: the CPU mode here) or run on a machine with a GPU and a CUDA "
                               "build of torch")

@@ -125,8 +125,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 12 on CPU, 20 on GPU)")
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON report and the loss-curve PNG")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when a GPU is visible (Llama 1B/8B shapes, bf16), else cpu (the default model, fp32)")
     p.add_argument("--base-model", help="HF model folder (default: SmolLM2-135M-Instruct on CPU, random Llama 1B/8B on GPU)")
     p.add_argument("--models", help="GPU mode: comma-separated subset of llama-1b,llama-8b")
     p.add_argument("--tokenizer", help="GPU mode: folder with the tokenizer files of the random-weight models "
@@ -136,13 +137,16 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-data", choices=["multi-turn", "demo"], default="multi-turn",
                    help="GPU mode without --data: multi-turn conversations built from the demo's exchanges (a few "
                         "hundred to ~2000 tokens, fastchat_ft/bench_data.py), or the demo itself (~60 tokens each)")
-    p.add_argument("--micro-batch", type=int, default=None, help="conversations per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seq-len", type=int, default=None, help="longer conversations are dropped by all three")
-    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="conversations per micro-batch (default: 4 on CPU; on GPU sized by model and GPU memory)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimizer step (default: 4 on CPU; on GPU sized with --micro-batch)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine decay (default: 1e-3 CPU, 2e-4 GPU)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="longer conversations are dropped by all three (default: 256 CPU, 2048 GPU)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank on all linear layers; alpha is twice the rank")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: all cores on CPU)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="LoRA init, data order and the GPU mode's data and weights")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of (a), (b), (c) in turn; each is reported by its median round (shared machines are noisy)")
     p.add_argument("--engine-rows", choices=["micro_batch", "step"], default="micro_batch",

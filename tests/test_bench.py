@@ -173,6 +173,23 @@ def test_cuda_mode_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
     assert "--device" in err and "no CUDA GPU is visible" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags, field", [
+    (["--micro-batch", "-1"], "--micro-batch"), (["--lora-r", "0"], "--lora-r"), (["--steps", "1"], "--steps"),
+    (["--grad-accum", "0"], "--grad-accum"), (["--threads", "0"], "--threads"), (["--lr", "0"], "--lr"),
+    (["--models", "llama-1b,llama-70b"], "--models"), (["--cpu-merge-tokens", "-5"], "--cpu-merge-tokens"),
+])
+def test_impossible_flags_are_refused_before_anything_loads(monkeypatch, capsys, flags, field):
+    from fastchat_ft.cli import main
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a model was looked up before the flags were checked")
+
+    monkeypatch.setattr("fastchat_ft.model.load.resolve_base_model", no_loading)
+    assert main(["bench", *flags]) != 0
+    err = capsys.readouterr().err
+    assert f"field '{field}'" in err and "fix:" in err and "Traceback" not in err
+
+
 def test_gpu_multi_turn_data_is_valid_chatml_with_a_wide_deterministic_length_spread(tmp_path):
     from fastchat_ft import bench_data
     from fastchat_ft.config import ASSETS
