@@ -27,6 +27,7 @@ from fastchat_ft.atomic import write_json_atomic
 from fastchat_ft.bench_runners import RUNNERS
 from fastchat_ft.config import ALL_LINEAR, ASSETS, TrainConfig
 from fastchat_ft.engine.rundir import package_versions
+from fastchat_ft.errors import ConfigError
 
 LABELS = {"hf_padded": "(a) HF Trainer, padded", "hf_flat": "(b) HF Trainer, flattened", "fastchat_ft": "(c) fastchat-ft"}
 # Llama-shaped configs for the GPU mode (random weights): Llama-3.2-1B and Llama-3.1-8B shapes
@@ -241,8 +242,6 @@ def check_agreement(runs: dict, dtype: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------- running
 def out_of_memory(name: str, plan: dict):
     """The error for a runner that ran out of GPU memory, with flags that use less (same effective batch)."""
-    from fastchat_ft.errors import ConfigError
-
     micro, accum = plan["micro_batch"], plan["grad_accum"]
     whole_step = name == "fastchat_ft" and plan.get("engine_rows") == "step"
     if micro > 1 and not whole_step:
@@ -422,32 +421,32 @@ def _random_llama(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
 
 # the least value each numeric flag takes (None: its default); the first step is warm-up, so two or more
 _LEAST = {"steps": 2, "micro_batch": 1, "grad_accum": 1, "seq_len": 2, "lora_r": 1, "threads": 1, "repeats": 1,
-          "cpu_merge_tokens": 0}
+          "cpu_merge_tokens": 0, "seed": 0}
 
 
 def check_args(args) -> None:
-    """Impossible flag values, refused before any model loads (they would fail minutes later, deep in a runner)."""
-    from fastchat_ft.errors import ConfigError
+    """Impossible flag values and unusable paths, refused before any model loads (they would fail minutes later,
+    deep in a runner, or after every run had finished)."""
+    from fastchat_ft import flags
+    from fastchat_ft.errors import DataError
 
-    for name, least in _LEAST.items():
-        value = getattr(args, name, None)
-        if value is not None and value < least:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"must be at least {least}, got {value}", field=flag,
-                              fix=f"pass {flag} {least} or more, or leave it out for the default")
-    lr = getattr(args, "lr", None)
-    if lr is not None and not lr > 0:
-        raise ConfigError(f"must be a positive number, got {lr}", field="--lr", fix="e.g. --lr 2e-4, or leave it out")
+    flags.at_least(args, _LEAST)
+    flags.positive(args, ["lr"])
     unknown = [m for m in (getattr(args, "models", None) or "").split(",") if m and m not in GPU_MODELS]
     if unknown:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}", field="--models",
                           fix=f"a comma-separated subset of {','.join(GPU_MODELS)}")
+    for name in ("data", "val_data"):
+        given = getattr(args, name, None)
+        if given and not Path(given).is_file():
+            raise DataError("no such file" if not Path(given).exists() else "not a file", file=given,
+                            field=flags.flag_name(name), fix="check the path")
+    flags.output_folder(args.out, "--out")
 
 
 def run_bench(args) -> int:
     import torch
 
-    from fastchat_ft.errors import ConfigError
     from fastchat_ft.model.load import resolve_base_model
 
     check_args(args)

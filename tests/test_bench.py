@@ -177,9 +177,14 @@ def test_cuda_mode_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
     (["--micro-batch", "-1"], "--micro-batch"), (["--lora-r", "0"], "--lora-r"), (["--steps", "1"], "--steps"),
     (["--grad-accum", "0"], "--grad-accum"), (["--threads", "0"], "--threads"), (["--lr", "0"], "--lr"),
     (["--models", "llama-1b,llama-70b"], "--models"), (["--cpu-merge-tokens", "-5"], "--cpu-merge-tokens"),
+    (["--seed", "-1"], "--seed"), (["--lr", "nan"], "--lr"), (["--val-data", "missing.jsonl"], "--val-data"),
+    (["--out", "a_file.txt"], "--out"),
 ])
-def test_impossible_flags_are_refused_before_anything_loads(monkeypatch, capsys, flags, field):
+def test_impossible_flags_are_refused_before_anything_loads(monkeypatch, capsys, tmp_path, flags, field):
     from fastchat_ft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file.txt").write_text("not a folder")
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("a model was looked up before the flags were checked")

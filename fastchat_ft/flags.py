@@ -1,0 +1,71 @@
+"""Checks on command-line values that several subcommands share. Each raises ConfigError naming the flag and the
+fix, and runs before any model or data loads: a value that cannot work should not cost a model load first, and an
+output path that cannot be written should not cost the run that produced the output.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from fastchat_ft.errors import ConfigError
+
+
+def flag_name(name: str) -> str:
+    """argparse's dest back to the flag a user typed: max_new_tokens -> --max-new-tokens."""
+    return "--" + name.replace("_", "-")
+
+
+def at_least(args, least: dict[str, int | float]) -> None:
+    """Each named argument, where given (not None), is a number >= its bound; NaN fails too."""
+    for name, low in least.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not value >= low:  # written so that NaN fails
+            flag = flag_name(name)
+            raise ConfigError(f"must be at least {low}, got {value}", field=flag,
+                              fix=f"pass {flag} {low} or more, or leave it out for the default")
+
+
+def positive(args, names: tuple[str, ...] | list[str]) -> None:
+    """Each named argument, where given, is a finite number > 0."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            flag = flag_name(name)
+            raise ConfigError(f"must be a finite number above 0, got {value}", field=flag,
+                              fix=f"pass a positive {flag}, or leave it out for the default")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def output_file(path: str | Path, flag: str, *, inputs=()) -> Path:
+    """A file the command will write: not one of its inputs (nothing is overwritten that the run reads), not an
+    existing folder, and in a folder that exists. Returns the path."""
+    out = Path(path)
+    for given in inputs:
+        if given is not None and _same_file(out, Path(given)):
+            raise ConfigError(f"{out} is also an input of this command; writing it would destroy that input",
+                              field=flag, fix=f"give {flag} a new file name")
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder", field=flag, fix=f"give {flag} a file path, e.g. {out / 'out'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(f"the folder {parent} does not exist", field=flag,
+                          fix=f"create {parent} first, or give {flag} a path in an existing folder")
+    return out
+
+
+def output_folder(path: str | Path, flag: str) -> Path:
+    """A folder the command will create or write into: not an existing file (or a path under one)."""
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{p} is a file, not a folder", field=flag,
+                              fix=f"give {flag} a folder path (it is created if missing)")
+    return out

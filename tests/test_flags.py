@@ -1,0 +1,46 @@
+"""The shared command-line checks (fastchat_ft/flags.py): each names the flag and gives a fix."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from fastchat_ft import flags
+from fastchat_ft.errors import ConfigError
+
+
+def test_at_least_and_positive_name_the_flag_and_let_defaults_through():
+    args = argparse.Namespace(max_new_tokens=0, steps=None, lr=float("nan"), top_p=0.5)
+    with pytest.raises(ConfigError, match="--max-new-tokens") as err:
+        flags.at_least(args, {"max_new_tokens": 1, "steps": 2})
+    assert "got 0" in str(err.value) and "fix:" in str(err.value)
+    flags.at_least(args, {"steps": 2})  # None: the default, not checked
+    with pytest.raises(ConfigError, match="--lr"):
+        flags.positive(args, ["lr"])
+    flags.positive(args, ["top_p"])
+    with pytest.raises(ConfigError, match="--seed"):
+        flags.at_least(argparse.Namespace(seed=float("nan")), {"seed": 0})
+
+
+def test_output_file_refuses_an_input_a_folder_and_a_missing_parent(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    with pytest.raises(ConfigError, match="destroy that input"):
+        flags.output_file(data, "--plot", inputs=[data])
+    with pytest.raises(ConfigError, match="destroy that input"):  # the same file by another spelling
+        flags.output_file(tmp_path / "." / "train.jsonl", "--plot", inputs=[str(data)])
+    with pytest.raises(ConfigError, match="is a folder"):
+        flags.output_file(tmp_path, "--plot", inputs=[data])
+    with pytest.raises(ConfigError, match="does not exist"):
+        flags.output_file(tmp_path / "nodir" / "x.png", "--plot")
+    assert flags.output_file(tmp_path / "x.png", "--plot", inputs=[data, None]) == tmp_path / "x.png"
+    assert data.read_text() == "{}\n"
+
+
+def test_output_folder_refuses_a_file_or_a_path_under_one(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    for bad in (f, f / "sub"):
+        with pytest.raises(ConfigError, match="is a file"):
+            flags.output_folder(bad, "--out")
+    assert flags.output_folder(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
