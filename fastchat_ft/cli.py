@@ -28,10 +28,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+TEMPLATES = "chatml, llama3, llama2, mistral, alpaca, tokenizer"  # the names data/encode.py knows
+
+
 def _add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="ChatML .jsonl or .json file")
     p.add_argument("--tokenizer", help="model or tokenizer folder, for length and trainable-token checks")
-    p.add_argument("--template", default="chatml", help="chat template (chatml, llama3, llama2, mistral, alpaca, tokenizer)")
+    p.add_argument("--template", default="chatml", help=f"chat template ({TEMPLATES})")
     p.add_argument("--max-seq-len", type=int, default=None, help="flag conversations longer than this")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--fix", metavar="OUT", help="write a cleaned copy to OUT and the rejects beside it (input untouched)")
@@ -41,26 +44,27 @@ def _add_validate(p: argparse.ArgumentParser) -> None:
 
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file")
+    p.add_argument("file", help="ChatML .jsonl or .json file")
     p.add_argument("--tokenizer", help="model or tokenizer folder (default: the default model's)")
-    p.add_argument("--template", default="chatml")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--template", default="chatml", help=f"chat template ({TEMPLATES})")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="training sequence length: longer conversations "
+                   "count as over-long (see --overlong)")
     p.add_argument("--budget", type=int, default=None, help="token budget to check against")
     p.add_argument("--plot", metavar="PNG", help="write a length histogram")
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per micro-batch (steps estimate)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (steps estimate)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (steps estimate)")
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop", help="as training treats over-long conversations")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _add_split(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file")
-    p.add_argument("--val-ratio", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("file", help="ChatML .jsonl or .json file (left untouched)")
+    p.add_argument("--val-ratio", type=float, default=0.1, help="share of conversations for validation, 0 to 1")
+    p.add_argument("--seed", type=int, default=0, help="which conversations go to validation (same seed, same split)")
     p.add_argument("--out-dir", default=None, help="where to write <name>.train.jsonl and <name>.val.jsonl")
     p.add_argument("--near-threshold", type=float, default=0.8, help="near duplicate: estimated Jaccard of word 3-grams")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -79,29 +83,31 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder, run directory or checkpoint")
     p.add_argument("--data", required=True, help="ChatML file")
     p.add_argument("--baseline", help="model folder to compare against")
-    p.add_argument("--template", default=None)
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--template", default=None, help=f"chat template ({TEMPLATES}; default: the run's training "
+                   "template, else the model's own)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="longer conversations are left out of the metrics")
     p.add_argument("--samples", type=int, default=0, help="write a side-by-side report of N generations")
     p.add_argument("--report", help="where --samples writes its Markdown (default: eval-samples-<model>.md)")
     p.add_argument("--train-data", help="training file for the memorisation check (default: the run's train split)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit for --samples")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder, run directory or LoRA checkpoint")
     p.add_argument("--prompt", help="one user message; omit for an interactive chat")
     p.add_argument("--system", help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stop a reply after this many tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this "
+                   "probability mass (0 < p <= 1; with --temperature above 0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model folder's own Python code")
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir")
-    p.add_argument("--out", required=True)
+    p.add_argument("run_dir", help="run directory (its final model) or one of its checkpoints")
+    p.add_argument("--out", required=True, help="new (or empty) folder to write the export into")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--merge", action="store_true", help="merged full-precision model (default)")
     mode.add_argument("--adapter", action="store_true", help="PEFT adapter only")
@@ -114,9 +120,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("model", help="model folder, run directory or LoRA checkpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                    help="auto: vLLM when installed, else the built-in transformers server")
     p.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
@@ -124,7 +130,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 12 on CPU, 20 on GPU)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run, at least 2 (the first is warm-up, "
+                   "not timed; default: 12 on CPU, 20 on GPU)")
     p.add_argument("--out", default="bench/results", help="folder for the JSON report and the loss-curve PNG")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when a GPU is visible (Llama 1B/8B shapes, bf16), else cpu (the default model, fp32)")
@@ -162,18 +169,20 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True, help="student HF model folder (same tokenizer as the teacher)")
     p.add_argument("--data", required=True, help="ChatML training file")
     p.add_argument("--val-data", help="ChatML validation file (default: hold out val_set_size of --data)")
-    p.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl")
+    p.add_argument("--loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl",
+                   help="divergence between teacher and student token distributions")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation loss vs the label loss")
     p.add_argument("--temperature", type=float, default=1.0, help="softens both distributions (loss scaled by T^2)")
     p.add_argument("--jsd-beta", type=float, default=0.5, help="JSD mixture weight of the teacher")
     p.add_argument("--chunk-size", type=int, default=None, help="label tokens per loss chunk (default: memory budget)")
     p.add_argument("--adapter", choices=["full", "lora"], default=None, help="train the student whole (default) or LoRA")
-    p.add_argument("--learning-rate", type=float, default=None)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (overrides learning_rate)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides max_steps; default: "
+                   "num_epochs over the data)")
     p.add_argument("--config", help="YAML training config for the student (Axolotl keys), default: distill defaults")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")
-    p.add_argument("--output-dir", default="runs/distill")
+    p.add_argument("--output-dir", default="runs/distill", help="run directory for the student (default: runs/distill)")
     p.add_argument("--nproc", type=int, default=None, help="shortcut for torchrun --nproc-per-node N")
 
 

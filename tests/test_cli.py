@@ -46,3 +46,18 @@ def test_no_command_prints_help_and_fails():
     out = run_cli()
     assert out.returncode == 2
     assert "COMMAND" in out.stdout
+
+
+def test_every_argument_of_every_command_has_help_text():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")  # argparse keeps subparsers here
+    missing = [f"{name} {action.option_strings[0] if action.option_strings else action.dest}"
+               for name, p in sub.choices.items() for action in p._actions
+               if action.dest != "help" and not action.help]
+    assert missing == []
+
+
+def test_the_template_names_in_help_are_the_ones_the_encoder_knows():
+    from fastchat_ft.data.encode import BUILTIN_TEMPLATES
+
+    assert cli.TEMPLATES.split(", ") == [*BUILTIN_TEMPLATES, "tokenizer"]
