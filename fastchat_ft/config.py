@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -214,19 +215,26 @@ def validate(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
             shown = ", ".join("null" if c is None else str(c) for c in CHOICES[key])
             raise ConfigError(f"'{value}' is not one of: {shown}", file=source, field=key,
                               fix=f"did you mean '{hint}'? (allowed: {shown})" if hint else f"use one of: {shown}")
-        if key in POSITIVE and value <= 0:
+        # `--set x=.nan` / `.inf` read as floats; NaN passes every comparison, so test finiteness first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"must be a finite number, got {value}", file=source, field=key,
+                              fix=f"set {key} to a finite number (or leave it out for the default)")
+        if key in POSITIVE and not value > 0:
             raise ConfigError(f"must be > 0, got {value}", file=source, field=key, fix=f"set {key} to a positive value")
     for key in ("learning_rate", "lora_dropout", "warmup_ratio", "val_set_size", "weight_decay", "max_grad_norm",
                 "cpu_merge_tokens"):
         value = getattr(cfg, key)
-        if value is not None and value < 0:
+        if value is not None and not value >= 0:
             raise ConfigError(f"must be >= 0, got {value}", file=source, field=key, fix=f"set {key} to 0 or more")
+    if not 0 <= cfg.seed < 2**63:  # torch, numpy and the native packer take a non-negative 64-bit seed
+        raise ConfigError(f"must be a non-negative integer, got {cfg.seed}", file=source, field="seed",
+                          fix="set seed to 0 or more, e.g. 42")
     if not cfg.lora_dropout < 1 or not cfg.warmup_ratio < 1:
         bad = "lora_dropout" if not cfg.lora_dropout < 1 else "warmup_ratio"
         raise ConfigError(f"must be < 1, got {getattr(cfg, bad)}", file=source, field=bad, fix="use a fraction such as 0.1")
     for key in ("max_steps", "eval_steps", "save_steps"):
         value = getattr(cfg, key)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise ConfigError(f"must be a positive step count or null, got {value}", file=source, field=key,
                               fix=f"remove {key} or set it to a positive integer")
     if not all(isinstance(m, str) for m in cfg.lora_target_modules) or not cfg.lora_target_modules:
@@ -278,6 +286,9 @@ def from_dict(data: dict, source: str | None = None) -> TrainConfig:
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (the bundled demo when path is None), apply KEY=VALUE overrides, validate."""
     path = Path(path) if path else DEFAULT_CONFIG
+    if path.is_dir():
+        raise ConfigError("is a folder, not a config file", file=str(path),
+                          fix="pass the path of a YAML file (e.g. fastchat_ft/assets/default.yaml)")
     if not path.is_file():
         raise ConfigError("config file not found", file=str(path), fix="pass the path of a YAML file")
     try:

@@ -44,6 +44,14 @@ def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
     ("lr_scheduler", "cosin", ["lr_scheduler", "did you mean 'cosine'"]),
     ("loss_normalization", "tokens", ["loss_normalization", "did you mean 'token'"]),
     ("lora_target_modules", [], ["lora_target_modules", "non-empty"]),
+    # NaN passes `value <= 0`; inf passes every bound: both used to reach training (or a ValueError in it)
+    ("num_epochs", float("nan"), ["num_epochs", "finite"]),
+    ("learning_rate", float("inf"), ["learning_rate", "finite"]),
+    ("learning_rate", float("nan"), ["learning_rate", "finite"]),
+    ("warmup_ratio", float("nan"), ["warmup_ratio", "finite"]),
+    ("max_grad_norm", float("-inf"), ["max_grad_norm", "finite"]),
+    ("seed", -1, ["seed", "non-negative"]),  # was a TypeError from the native packer
+    ("seed", 2**70, ["seed", "non-negative"]),
 ])
 def test_bad_values_name_the_key_and_the_fix(key, value, words):
     with pytest.raises(ConfigError) as e:
@@ -111,3 +119,17 @@ def test_a_dataset_level_chat_template_applies_when_no_top_level_one_is_given():
                                        {"path": "b.jsonl", "chat_template": "mistral"}]})
     assert e.value.field == "datasets" and "top-level chat_template" in e.value.fix
     assert config.from_dict({"datasets": ["a.jsonl"]}).chat_template == "chatml"
+
+
+def test_nan_and_inf_overrides_are_refused(tmp_path):
+    for item, key in (("num_epochs=.nan", "num_epochs"), ("learning_rate=.inf", "learning_rate"),
+                      ("lora_dropout=.nan", "lora_dropout"), ("max_steps=.nan", "max_steps")):
+        with pytest.raises(ConfigError) as e:
+            config.load(None, [item])
+        assert e.value.field == key and e.value.fix, item
+
+
+def test_a_folder_given_as_the_config_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder") as e:
+        config.load(tmp_path)
+    assert e.value.file == str(tmp_path) and e.value.fix
