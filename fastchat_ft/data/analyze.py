@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastchat_ft import _native
+from fastchat_ft import _native, flags
 from fastchat_ft.data.validate import (SEVERITIES, iter_batches, load_tokenizer, open_scanner, resolve_template,
                                        tokenizer_special_strings)
 from fastchat_ft.errors import DataError
@@ -65,6 +65,8 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
         raise DataError(f"overlong must be 'drop' or 'truncate', not {overlong!r}", field="overlong")
     if max_seq_len <= 0:
         raise DataError("max_seq_len must be positive", field="max_seq_len")
+    if plot:  # before the scan: the PNG must never replace the dataset, nor fail after the whole analysis
+        flags.output_file(plot, "--plot", inputs=[path])
     tok_path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "path", None)
     tmpl = resolve_template(template, tok_path)
     tok = load_tokenizer(tokenizer)
@@ -243,6 +245,11 @@ def format_report(r: dict) -> str:
 
 
 def run_analyze(args) -> int:
+    # Flag values first: a default tokenizer may need converting (seconds) and the scan reads the whole file.
+    flags.positive(args, ["max_seq_len", "micro_batch_size", "grad_accum", "world_size"])
+    flags.at_least(args, {"budget": 1})
+    if args.plot:
+        flags.output_file(args.plot, "--plot", inputs=[args.file])
     tokenizer = args.tokenizer
     if tokenizer is None:
         from fastchat_ft.model.default_model import default_model_dir
