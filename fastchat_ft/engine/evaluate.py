@@ -12,9 +12,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from fastchat_ft.errors import DataError
+from fastchat_ft import flags
+from fastchat_ft.atomic import write_text_atomic
+from fastchat_ft.config import TEMPLATES
+from fastchat_ft.errors import ConfigError, DataError
 from fastchat_ft.export_artifacts import prompts_from, read_conversations, split_files
-from fastchat_ft.inference import ChatStream, LoadedModel, load_model
+from fastchat_ft.inference import ChatStream, LoadedModel, ModelSource, load_model, resolve_model
 
 EVAL_ROWS_PER_BATCH = 4
 
@@ -23,6 +26,11 @@ def run_eval(args) -> int:
     data = Path(args.data).expanduser()
     if not data.is_file():
         raise DataError("eval data file not found", file=str(data), fix="give a ChatML .jsonl/.json file")
+    source = resolve_model(args.model)  # no weights read yet: the checks below need only where the run is
+    if args.baseline:
+        resolve_model(args.baseline)  # a wrong --baseline path is reported before the model's metrics are computed
+    run_dir = source.run_dir or _run_of(source.path)
+    train_file, report = check_eval_args(args, data, run_dir, source)
     model = load_model(args.model)
     template = eval_template(args, model)
     results = {"data": str(data), "template": template,
@@ -34,11 +42,7 @@ def run_eval(args) -> int:
                                **metrics_of(baseline, data, template, args.max_seq_len)}
         results["improvement"] = improvement(results["model"], results["baseline"])
     if args.samples:
-        report = Path(args.report) if getattr(args, "report", None) else Path(f"eval-samples-{_slug(model)}.md")
-        run_dir = model.source.run_dir or _run_of(model.source.path)
-        train_file = getattr(args, "train_data", None) or split_files(run_dir).get("train")
-        write_samples_report(report, model, baseline, data, args.samples, results,
-                             train_file=Path(train_file) if train_file else None,
+        write_samples_report(report, model, baseline, data, args.samples, results, train_file=train_file,
                              max_new_tokens=getattr(args, "max_new_tokens", 256), run_dir=run_dir)
         results["samples_report"] = str(report)
     if args.json:
@@ -46,6 +50,27 @@ def run_eval(args) -> int:
     else:
         print(format_table(results))
     return 0
+
+
+def check_eval_args(args, data: Path, run_dir: Path | None, source: ModelSource) -> tuple[Path | None, Path | None]:
+    """The flag values, before any model loads or sample is generated: (training file of the memorisation check,
+    report path; None without --samples)."""
+    flags.at_least(args, {"max_seq_len": 1, "samples": 0, "max_new_tokens": 1})
+    if args.template is not None and args.template not in TEMPLATES:  # else a ValueError after the model loaded
+        raise ConfigError(f"unknown template {args.template!r}", field="--template",
+                          fix=f"pass one of {', '.join(TEMPLATES)}, or leave it out for the run's own template")
+    given = getattr(args, "train_data", None)
+    if given is not None and not Path(given).expanduser().is_file():
+        # a silent "no training file found" would read as a memorisation check that found nothing
+        raise DataError("training data file not found", file=str(given), field="--train-data",
+                        fix="give the ChatML file the model was trained on, or leave --train-data out for the "
+                            "run's own train split")
+    train_file = Path(given).expanduser() if given else split_files(run_dir).get("train")
+    if not args.samples:
+        return train_file, None
+    report = Path(getattr(args, "report", None) or f"eval-samples-{_slug(source)}.md")
+    flags.output_file(report, "--report", inputs=[data, train_file])
+    return train_file, report
 
 
 def eval_template(args, model: LoadedModel) -> str:
@@ -74,8 +99,8 @@ def _run_of(path: Path) -> Path | None:
     return None
 
 
-def _slug(model: LoadedModel) -> str:
-    p = model.source.run_dir or model.source.path
+def _slug(source: ModelSource) -> str:
+    p = source.run_dir or source.path
     return p.name or "model"
 
 
@@ -268,9 +293,7 @@ def write_samples_report(path: Path, model: LoadedModel, baseline: LoadedModel |
                 lines += [f"Longest n-gram shared with a training answer: {n_words} word{'s' if n_words != 1 else ''}{flag}"
                           + (f": \"{_one_line(ngram, 200)}\"" if n_words else ""), ""]
         print(f"sample {i}/{len(prompts)} done", file=sys.stderr)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _quote(text: str) -> str:
