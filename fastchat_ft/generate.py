@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from fastchat_ft.inference import ChatStream, load_model
+from fastchat_ft import flags
+from fastchat_ft.errors import ConfigError
+from fastchat_ft.inference import ChatStream, load_model, sampling_problem
 
 HELP = "(/reset starts over, /exit or Ctrl-D quits)"
 
 
 def run_generate(args) -> int:
+    check_generate_args(args)
     loaded = load_model(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
     print(f"loaded {loaded.source.describe()}" + "".join(f"; {n}" for n in loaded.notes), file=sys.stderr)
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -39,6 +42,15 @@ def run_generate(args) -> int:
         stream = reply(loaded, history, opts, prefix="assistant> " if interactive else "")
         history.append({"role": "assistant", "content": stream.text})
     return 0
+
+
+def check_generate_args(args) -> None:
+    """Values no reply can be decoded with, refused before the model loads."""
+    flags.at_least(args, {"max_new_tokens": 1})
+    problem = sampling_problem(args.temperature, getattr(args, "top_p", 1.0))
+    if problem:
+        flag = flags.flag_name(problem[0])
+        raise ConfigError(problem[1], field=flag, fix=f"pass {flag} in that range, or leave it out for the default")
 
 
 def reply(loaded, messages: list[dict], opts: dict, prefix: str = "") -> ChatStream:

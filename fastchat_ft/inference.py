@@ -362,6 +362,17 @@ class ChatStream:
         return self.text
 
 
+def sampling_problem(temperature: float, top_p: float) -> tuple[str, str] | None:
+    """(name, reason) of a sampling value outside OpenAI's ranges, or None. One rule for generate's flags and
+    serve's requests: top_p 0 keeps no token (torch.multinomial fails on the empty distribution) and a negative
+    temperature is not the greedy decoding that 0 means."""
+    if not 0 <= temperature <= 2:  # written so that NaN fails too
+        return "temperature", f"temperature must be in [0, 2] (0: greedy), got {temperature}"
+    if not 0 < top_p <= 1:
+        return "top_p", f"top_p must be in (0, 1], got {top_p}"
+    return None
+
+
 def _pick(logits, temperature: float, top_p: float, gen) -> int:
     import torch
 

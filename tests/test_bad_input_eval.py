@@ -101,3 +101,23 @@ def test_eval_missing_baseline_is_reported_before_the_model_loads(tiny_run, eval
                                                                   capsys):
     assert _eval(tiny_run, eval_data, "--baseline", str(tmp_path / "nope")) == 1
     _clean_error(capsys, str(tmp_path / "nope"), "no such model folder")
+
+
+@pytest.mark.parametrize("flags, named", [(["--temperature", "1", "--top-p", "0"], "--top-p"),
+                                          (["--top-p", "1.5"], "--top-p"),
+                                          (["--temperature", "-1"], "--temperature"),
+                                          (["--temperature", "nan"], "--temperature"),
+                                          (["--max-new-tokens", "-1"], "--max-new-tokens"),
+                                          (["--max-new-tokens", "0"], "--max-new-tokens")])
+def test_generate_impossible_values_are_refused_before_the_model_loads(tiny_run, no_model_load, capsys, flags, named):
+    # --top-p 0 was a RuntimeError (invalid multinomial distribution), --temperature -1 decoded greedily and
+    # --max-new-tokens -1 printed "[stopped at --max-new-tokens -1 ...]"
+    assert main(["generate", "--model", str(tiny_run["run"]), "--prompt", "hi?", *flags]) == 1
+    _clean_error(capsys, named, "got ")
+
+
+def test_generate_greedy_and_sampling_values_in_range_still_work(tiny_run, capsys):
+    for opts in (["--temperature", "0", "--top-p", "1"], ["--temperature", "2", "--top-p", "0.01", "--seed", "3"]):
+        assert main(["generate", "--model", str(tiny_run["run"]), "--prompt", "hi?", "--max-new-tokens", "2",
+                     *opts]) == 0
+    capsys.readouterr()
