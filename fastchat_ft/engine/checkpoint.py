@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from fastchat_ft.engine import distributed as dist_mod
-from fastchat_ft.errors import ConfigError
+from fastchat_ft.errors import ConfigError, ModelError
 from fastchat_ft.model import lora as lora_mod
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+RESUME_FIX = "resume with the same base_model and adapter settings (lora_r, target modules) the run started with"
 
 
 @dataclass
@@ -135,6 +136,13 @@ def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, c
         if extra:
             from safetensors.torch import load_file
             tensors = load_file(str(path / lora_mod.ADAPTER_WEIGHTS))
+            for mod_name, module in extra.items():
+                saved = tensors.get(f"{lora_mod.PEFT_PREFIX}{mod_name}.weight")
+                if saved is None or saved.shape != module.weight.shape:
+                    raise ModelError(f"checkpoint's {mod_name} weights do not fit this model "
+                                     f"({'missing' if saved is None else tuple(saved.shape)} vs "
+                                     f"{tuple(module.weight.shape)})", file=str(path), field="--resume",
+                                     fix=RESUME_FIX)
             with torch.no_grad():
                 for mod_name, module in extra.items():
                     module.weight.copy_(tensors[f"{lora_mod.PEFT_PREFIX}{mod_name}.weight"])
@@ -162,15 +170,24 @@ def _load_full_weights(model, path: Path) -> None:
 
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if not all((path / name).is_file() for name in files):  # e.g. a LoRA checkpoint resumed as full fine-tuning
+        raise ModelError("checkpoint has no full model weights (model.safetensors)", file=str(path), field="--resume",
+                         fix=RESUME_FIX)
     state = {}
     for name in files:
         state.update(load_file(str(path / name)))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:  # load_state_dict would raise a RuntimeError listing every tensor
+        raise ModelError(f"checkpoint weights do not fit this model (saved vs model shape): {'; '.join(wrong[:2])}",
+                         file=str(path), field="--resume", fix=RESUME_FIX)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k} if model.get_output_embeddings() is not None else set()
     if unexpected or set(missing) - tied:
         raise ConfigError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}", file=str(path), field="--resume",
-                          fix="resume with the same base_model and adapter settings the run started with")
+                          fix=RESUME_FIX)
 
 
 def rng_file_name(rank: int) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from fastchat_ft.atomic import write_json_atomic
 from fastchat_ft import config as config_mod
+from fastchat_ft import flags
 from fastchat_ft.engine import checkpoint as ckpt
 from fastchat_ft.engine import data as data_mod
 from fastchat_ft.engine import diagnostics as diag
@@ -63,6 +64,7 @@ class DistillOptions:
 
 
 def run_distill(args) -> int:
+    flags.at_least(args, {"nproc": 1})
     cfg, opts = config_from_args(args)
     nproc = getattr(args, "nproc", None)
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -84,8 +86,10 @@ def config_from_args(args) -> tuple[config_mod.TrainConfig, DistillOptions]:
     else:
         cfg = config_mod.from_dict(config_mod.apply_overrides(dict(DEFAULTS), overrides))
     cfg.base_model = args.student
+    train_mod.check_data_file(args.data, "--data", train_mod.CWD_FIX)
     cfg.datasets = [{"path": str(Path(args.data).resolve()), "type": "chat_template"}]
     if getattr(args, "val_data", None):
+        train_mod.check_data_file(args.val_data, "--val-data", train_mod.CWD_FIX)
         cfg.test_datasets = [{"path": str(Path(args.val_data).resolve()), "type": "chat_template"}]
     if getattr(args, "adapter", None):
         cfg.adapter = None if args.adapter == "full" else args.adapter
@@ -93,6 +97,7 @@ def config_from_args(args) -> tuple[config_mod.TrainConfig, DistillOptions]:
         if getattr(args, flag, None) is not None:
             setattr(cfg, key, getattr(args, flag))
     config_mod.validate(cfg)
+    flags.output_folder(cfg.output_dir, "--output-dir")
     if cfg.loss_normalization != "token":
         raise ConfigError("distillation normalises per label token", field="loss_normalization",
                           fix="remove loss_normalization (or set it to token)")
@@ -266,16 +271,18 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
     torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
     random.seed(cfg.seed + rank)
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # rank 0 first (tokenizer, data cache), the others then reuse its files; see dist_mod.rank_zero_first
-    s, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
-    student = s.model
-    teacher, _ = load_teacher(opts.teacher, s.device, s.amp_dtype or torch.float32)
-    for name, m in (("student", student), ("teacher", teacher)):
-        rows = m.get_output_embeddings().weight.shape[0]
-        if rows < vocab:
-            raise ModelError(f"the {name}'s lm_head has {rows} rows, the tokenizer {vocab} tokens",
-                             fix="use the model saved with this tokenizer")
+    if not (resume or cfg.overwrite_output_dir):  # as train: an earlier run's final/ and metrics stay
+        train_mod.refuse_to_overwrite(run_dir)
+    with train_mod.removed_if_setup_fails(run_dir, rank):
+        # rank 0 first (tokenizer, data cache), the others then reuse its files; see dist_mod.rank_zero_first
+        s, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
+        student = s.model
+        teacher, _ = load_teacher(opts.teacher, s.device, s.amp_dtype or torch.float32)
+        for name, m in (("student", student), ("teacher", teacher)):
+            rows = m.get_output_embeddings().weight.shape[0]
+            if rows < vocab:
+                raise ModelError(f"the {name}'s lm_head has {rows} rows, the tokenizer {vocab} tokens",
+                                 fix="use the model saved with this tokenizer")
 
     dist_mod.broadcast_parameters(student)  # ranks seeded differently: start from rank 0's trained weights
     replicated = dist_mod.replicate(student)  # DDP when world > 1 (the teacher is frozen: each rank keeps one)

@@ -8,6 +8,7 @@ import itertools
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fastchat_ft import config as config_mod
+from fastchat_ft import flags
 from fastchat_ft.engine import checkpoint as ckpt
 from fastchat_ft.engine import data as data_mod
 from fastchat_ft.engine import diagnostics as diag
@@ -28,20 +30,25 @@ from fastchat_ft.engine.metrics import MetricsLogger, append_samples
 from fastchat_ft.engine.rundir import generate_samples, write_run_files
 from fastchat_ft.engine.schedule import build_scheduler
 from fastchat_ft.engine.validation import EvalResult, evaluate
-from fastchat_ft.errors import ConfigError, ModelError
+from fastchat_ft.errors import ConfigError, DataError, ModelError
 from fastchat_ft.model import load as load_mod
 from fastchat_ft.model import lora as lora_mod
 
 
 def run_train(args) -> int:
+    flags.at_least(args, {"nproc": 1})  # --nproc 0 used to mean one process, silently
     cfg = config_mod.load(args.config, args.set)
     if args.base_model:
         cfg.base_model = args.base_model
     if args.data:
+        for p in args.data:
+            check_data_file(p, "--data", CWD_FIX)
         cfg.datasets = [{"path": str(Path(p).resolve()), "type": "chat_template"} for p in args.data]
     if args.output_dir:
         cfg.output_dir = args.output_dir
     config_mod.validate(cfg)
+    check_config_data_files(cfg)
+    flags.output_folder(cfg.output_dir, "--output-dir" if args.output_dir else "output_dir")
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist_mod.relaunch_with_torchrun(args.nproc, sys.argv[1:])
     try:
@@ -51,6 +58,44 @@ def run_train(args) -> int:
         raise
     dist_mod.shutdown()
     return 0
+
+
+CWD_FIX = "check the path (a relative path is relative to the current folder)"
+
+
+def check_data_file(path, field: str, fix: str) -> None:
+    """A dataset path is an existing file; checked before any model loads."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError("is a folder, not a dataset file", file=str(p), field=field,
+                        fix="pass a ChatML .jsonl or .json file inside it")
+    if not p.is_file():
+        raise DataError("dataset file not found", file=str(p), field=field, fix=fix)
+
+
+def check_config_data_files(cfg) -> None:
+    """The datasets / test_datasets of the config (already resolved against the config file's folder)."""
+    for key in ("datasets", "test_datasets"):
+        for entry in getattr(cfg, key):
+            check_data_file(entry["path"], key, "check the path (in a config file a relative path is relative to "
+                                                "that file; in --set, to the current folder)")
+
+
+@contextlib.contextmanager
+def removed_if_setup_fails(run_dir: Path, rank: int):
+    """Create run_dir; if setup then fails (a bad base model, data or checkpoint), remove it again when this
+    run created it, so no empty run folder is left behind. A folder that existed before is never touched."""
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and not rank:  # rank 0 alone: the other ranks may have seen rank 0's folder already
+            shutil.rmtree(run_dir, ignore_errors=True)
+            for parent in created[1:]:  # parent folders go only if empty: another run may have started there
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+        raise
 
 
 @dataclass
@@ -177,29 +222,29 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     run_dir = Path(cfg.output_dir)
     if not (resume or dry_run or cfg.overwrite_output_dir):
         refuse_to_overwrite(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
-    s = dist_mod.rank_zero_first(lambda: build(cfg, run_dir, data))
-    dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
-    model, mode, rows = s.model, cfg.loss_normalization, s.data.train
-    replicated = sharded = None
-    if world > 1 and use_fsdp(cfg):
-        if dry_run:  # the timed steps run unsharded: their memory is an upper bound for the sharded run
-            print("dry run under FSDP: timing an unsharded replica per rank (memory below is an upper bound)")
+    with removed_if_setup_fails(run_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
+        # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
+        s = dist_mod.rank_zero_first(lambda: build(cfg, run_dir, data))
+        dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
+        model, mode, rows = s.model, cfg.loss_normalization, s.data.train
+        replicated = sharded = None
+        if world > 1 and use_fsdp(cfg):
+            if dry_run:  # the timed steps run unsharded: their memory is an upper bound for the sharded run
+                print("dry run under FSDP: timing an unsharded replica per rank (memory below is an upper bound)")
+            else:
+                sharded = fsdp.shard(model)  # FSDP2: full fine-tuning, parameters and optimizer state sharded
         else:
-            sharded = fsdp.shard(model)  # FSDP2: full fine-tuning, parameters and optimizer state sharded
-    else:
-        replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
-    optimizer = build_optimizer(cfg, model)  # after sharding: it steps on the shards
-    per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
-    steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, per_step)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
-    scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
-    state = ckpt.TrainState(config_hash=cfg.config_hash())
-    if resume:
-        path = ckpt.resolve_resume(run_dir, resume)
-        state = ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler, cfg.config_hash(), sharded)
-        print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+            replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
+        optimizer = build_optimizer(cfg, model)  # after sharding: it steps on the shards
+        per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
+        steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, per_step)
+        total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
+        scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
+        state = ckpt.TrainState(config_hash=cfg.config_hash())
+        if resume:
+            path = ckpt.resolve_resume(run_dir, resume)
+            state = ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler, cfg.config_hash(), sharded)
+            print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     if dry_run:
         from fastchat_ft.engine.dryrun import report
         return report(cfg, s, optimizer, total_steps, steps_epoch)

@@ -116,12 +116,21 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
     """Load PEFT-layout LoRA weights into a model that already has our LoraLinear wrappers."""
     from safetensors.torch import load_file
 
+    if not (Path(folder) / ADAPTER_WEIGHTS).is_file():  # e.g. a full fine-tune's checkpoint
+        raise ModelError(f"no {ADAPTER_WEIGHTS} here: not a LoRA adapter", file=str(folder),
+                         fix="load a LoRA checkpoint (to resume a run, use the adapter setting it started with)")
     tensors = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
     own = {f"{PEFT_PREFIX}{n}": p for n, p in model.named_parameters()}
     missing = [k for k in tensors if k not in own]
     if missing:
         raise ModelError(f"adapter has weights this model lacks: {missing[:3]}", file=str(folder),
                          fix="load the adapter onto the base model and target modules it was trained with")
+    # same names, other shapes: another base model (hidden size) or lora_r; copy_ would fail mid-way
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ModelError(f"adapter weights do not fit this model (saved vs model shape): {'; '.join(wrong[:2])}",
+                         file=str(folder), fix="load the adapter onto the base model and lora_r it was trained with "
+                                               "(to resume a run, use the base_model and config it started with)")
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value.to(own[key].dtype))

@@ -1,0 +1,146 @@
+"""Bad input to `train` and `distill`: each is a clear error (no traceback) naming the flag, key or file and a fix,
+given before a model loads where the value alone decides; existing runs and inputs are left as they were."""
+import hashlib
+
+import pytest
+
+from engine_fixtures import tiny_run_config
+from fastchat_ft import cli
+
+
+def _snapshot(folder):
+    """Every file under folder with its content hash: a run or input that must not change."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model, data, config and a finished 2-step LoRA run in root/runs/tinyrun."""
+    root = tmp_path_factory.mktemp("bad_input")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTCHAT_FT_CACHE", str(root / "cache"))
+        cfg, model = tiny_run_config(root, 12, 4, sequence_len=128, micro_batch_size=4, gradient_accumulation_steps=1,
+                                     sample_prompts=0, lora_r=4, lora_alpha=8)
+        run = root / "runs" / "tinyrun"
+        assert cli.main(["train", str(cfg), "--output-dir", str(run), "--set", "max_steps=2"]) == 0
+    return root, cfg, model, run
+
+
+@pytest.fixture
+def env(setup, monkeypatch):
+    root = setup[0]
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(root / "cache"))
+    monkeypatch.chdir(root)
+    return setup
+
+
+def _fails(capsys, argv, *words):
+    """cli.main(argv) exits 1 with an error naming every word, a fix and no traceback; returns stderr."""
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "Traceback" not in err and "fix:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+def _distill(model, *more):
+    return ["distill", "--teacher", str(model), "--student", str(model), "--data", "train.jsonl",
+            "--val-data", "val.jsonl", "--max-steps", "2", "--set", "micro_batch_size=4",
+            "--set", "sequence_len=128", "--set", "sample_prompts=0", *more]
+
+
+def test_distill_refuses_to_overwrite_an_existing_run(env, capsys):
+    root, _, model, run = env
+    before = _snapshot(run)
+    _fails(capsys, _distill(model, "--output-dir", str(run)), "already holds a run", "--resume",
+           "overwrite_output_dir")
+    assert _snapshot(run) == before  # final/, training_config.yaml, run_manifest.json, metrics: all as they were
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_an_output_dir_that_is_a_file_is_refused_up_front(env, capsys, command):
+    root, cfg, model, _ = env
+    (root / "small.jsonl").write_text("keep me\n")
+    argv = (["train", str(cfg)] if command == "train" else _distill(model)) + ["--output-dir", "small.jsonl"]
+    _fails(capsys, argv, "--output-dir", "small.jsonl", "is a file")
+    assert (root / "small.jsonl").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_nproc_below_one_is_refused(env, capsys, command):
+    root, cfg, model, _ = env
+    argv = (["train", str(cfg), "--dry-run"] if command == "train" else _distill(model)) + ["--nproc", "0"]
+    _fails(capsys, argv + ["--output-dir", "runs/nproc"], "--nproc", "at least 1")
+    assert not (root / "runs" / "nproc").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("setting, key", [("seed=-1", "seed"), ("num_epochs=.nan", "num_epochs"),
+                                          ("learning_rate=.inf", "learning_rate")])
+def test_impossible_config_values_are_refused_before_the_model_loads(env, capsys, command, setting, key):
+    root, cfg, model, _ = env
+    argv = ["train", str(cfg), "--dry-run"] if command == "train" else _distill(model)
+    _fails(capsys, argv + ["--set", setting, "--output-dir", "runs/values"], f"'{key}'")
+    assert not (root / "runs" / "values").exists()
+
+
+def test_a_folder_given_as_data_or_config_says_it_is_a_folder(env, capsys):
+    root, cfg, model, _ = env
+    (root / "afolder").mkdir(exist_ok=True)
+    _fails(capsys, ["train", str(cfg), "--data", "afolder", "--output-dir", "runs/f"], "afolder", "--data",
+           "is a folder")
+    _fails(capsys, ["train", "afolder"], "afolder", "is a folder")
+    _fails(capsys, _distill(model, "--output-dir", "runs/f")[:5] + ["--data", "afolder"], "--data", "is a folder")
+    assert not (root / "runs" / "f").exists()
+
+
+def test_a_missing_data_file_fix_fits_where_the_path_came_from(env, capsys):
+    root, cfg, model, _ = env
+    err = _fails(capsys, ["train", str(cfg), "--data", "nonexist.jsonl", "--output-dir", "runs/m"],
+                 "nonexist.jsonl", "--data", "not found", "current folder")
+    assert "config file" not in err  # no config file named that path
+    argv = _distill(model, "--output-dir", "runs/m")
+    argv[argv.index("train.jsonl")] = "nonexist.jsonl"
+    err = _fails(capsys, argv, "nonexist.jsonl", "--data", "current folder")
+    assert "config file" not in err
+    # named in the config file: relative to that file
+    _fails(capsys, ["train", str(cfg), "--set", "test_datasets=[{path: gone.jsonl}]", "--output-dir", "runs/m"],
+           "gone.jsonl", "test_datasets")
+    bad = root / "bad.yaml"
+    bad.write_text(cfg.read_text().replace("val.jsonl", "gone.jsonl"))
+    _fails(capsys, ["train", str(bad), "--output-dir", "runs/m"], "gone.jsonl", "relative to that file")
+    assert not (root / "runs" / "m").exists()
+
+
+def test_a_failed_run_leaves_no_empty_run_folder_and_keeps_an_existing_one(env, capsys):
+    root, cfg, _, _ = env
+    _fails(capsys, ["train", str(cfg), "--set", "base_model=nonexist_model", "--output-dir", "new/deep/run"],
+           "nonexist_model")
+    assert not (root / "new").exists()  # the run created new/deep/run: all of it goes again
+    existing = root / "mine"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    _fails(capsys, ["train", str(cfg), "--set", "base_model=nonexist_model", "--output-dir", str(existing)],
+           "nonexist_model")
+    assert _snapshot(existing) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    (root / "empty").mkdir()
+    _fails(capsys, ["train", str(cfg), "--set", "base_model=nonexist_model", "--output-dir", "empty"],
+           "nonexist_model")
+    assert (root / "empty").is_dir()  # it existed before the run: never removed
+
+
+def test_resuming_a_checkpoint_of_another_shape_is_a_clear_error(env, capsys):
+    root, cfg, _, run = env
+    before = _snapshot(run)
+    ckpt = run / "checkpoints" / "step-000002"
+    # lora_r 8 vs the checkpoint's 4: the same key names, other shapes (as another base model's hidden size)
+    _fails(capsys, ["train", str(cfg), "--output-dir", "runs/other", "--resume", str(ckpt), "--set", "max_steps=3",
+                    "--set", "lora_r=8"], str(ckpt), "do not fit", "(4, ", "(8, ", "base_model")
+    # a LoRA checkpoint resumed as a full fine-tune
+    _fails(capsys, ["train", str(cfg), "--output-dir", "runs/other", "--resume", str(ckpt), "--set", "max_steps=3",
+                    "--set", "adapter=null"], str(ckpt), "--resume", "no full model weights")
+    assert _snapshot(run) == before
+    assert not (root / "runs" / "other").exists()
