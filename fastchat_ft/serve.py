@@ -7,6 +7,7 @@ testing aid, and the OpenAI wire format is a few JSON shapes.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -16,24 +17,32 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fastchat_ft.errors import FastchatError
-from fastchat_ft.inference import ChatStream, LoadedModel, load_model, resolve_model
+from fastchat_ft import flags
+from fastchat_ft.errors import ConfigError, FastchatError
+from fastchat_ft.inference import ChatStream, LoadedModel, load_model, resolve_model, sampling_problem
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_BODY = 8 * 1024 * 1024
 
 
 def run_serve(args) -> int:
+    check_serve_args(args)
     backend = getattr(args, "backend", "auto")
     if backend == "vllm" or (backend == "auto" and _has_vllm()):
         return _exec_vllm(args)
+    # bound before the model loads: a busy port or a wrong --host is reported without waiting for the weights
+    server = make_server(None, args.host, args.port, default_max_tokens=getattr(args, "max_new_tokens", 512))
     if args.host not in LOOPBACK:
         print(f"warning: serving on {args.host}: this server is for local testing (no auth, one request at a "
               "time)", file=sys.stderr)
-    loaded = load_model(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
-    server = make_server(loaded, args.host, args.port, default_max_tokens=getattr(args, "max_new_tokens", 512))
+    try:
+        server.loaded = loaded = load_model(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
+    except BaseException:
+        server.server_close()
+        raise
     host, port = server.server_address[:2]
-    print(f"serving {loaded.source.describe()} as {server.model_name!r} on http://{host}:{port}/v1 "
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"serving {loaded.source.describe()} as {server.model_name!r} on http://{url_host}:{port}/v1 "
           "(transformers backend; Ctrl-C stops)", file=sys.stderr)
     try:
         server.serve_forever()
@@ -42,6 +51,15 @@ def run_serve(args) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def check_serve_args(args) -> None:
+    """Flag values the server cannot start or answer with, refused before any model loads."""
+    # a negative default would answer every request that sends no max_tokens with a 400 about a field it never sent
+    flags.at_least(args, {"max_new_tokens": 1})
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"port {args.port} is not a TCP port (0 to 65535)", field="--port",
+                          fix="pass a --port from 1024 to 65535 (0: any free port)")
 
 
 def _has_vllm() -> bool:
@@ -81,14 +99,20 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, address, loaded: LoadedModel, default_max_tokens: int = 512):
-        super().__init__(address, ChatHandler)
-        self.loaded = loaded
-        self.model_name = (loaded.source.run_dir or loaded.source.path).name or "model"
-        self.default_max_tokens = default_max_tokens
-        self.lock = threading.Lock()  # one generation at a time: a CPU/GPU model is not shared usefully
+    def __init__(self, address, loaded: LoadedModel | None, default_max_tokens: int = 512):
+        # set before binding: when bind fails, super().__init__() calls server_close(), which reads them
         self._open: set = set()  # connections being served, so server_close() can end them
         self._open_lock = threading.Lock()
+        if ":" in address[0]:  # an IPv6 literal such as ::1 cannot be bound by an AF_INET socket
+            self.address_family = socket.AF_INET6
+        super().__init__(address, ChatHandler)
+        self.loaded = loaded  # None until run_serve has loaded it (the port is bound first); set before serving
+        self.default_max_tokens = default_max_tokens
+        self.lock = threading.Lock()  # one generation at a time: a CPU/GPU model is not shared usefully
+
+    @property
+    def model_name(self) -> str:
+        return (self.loaded.source.run_dir or self.loaded.source.path).name or "model"
 
     def process_request(self, request, client_address):
         with self._open_lock:
@@ -111,8 +135,22 @@ class ChatServer(ThreadingHTTPServer):
         super().server_close()  # joins the handler threads (a running generation ends at its token limit)
 
 
-def make_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 8000, *, default_max_tokens: int = 512):
-    return ChatServer((host, port), loaded, default_max_tokens)
+def make_server(loaded: LoadedModel | None, host: str = "127.0.0.1", port: int = 8000, *,
+                default_max_tokens: int = 512):
+    try:
+        return ChatServer((host, port), loaded, default_max_tokens)
+    except socket.gaierror as e:  # before OSError: it is one
+        raise ConfigError(f"cannot resolve host {host!r} ({e.strerror})", field="--host",
+                          fix="pass --host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is in use", field="--port",
+                              fix="pick another --port, or stop the program that is listening on it") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"no permission to listen on port {port}", field="--port",
+                              fix="pick a --port from 1024 up (lower ones need root)") from None
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror})", field="--host",
+                          fix="pass --host 127.0.0.1, 0.0.0.0 or an address of this machine") from None
 
 
 class RequestError(Exception):
@@ -230,14 +268,16 @@ def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], 
         clean.append({"role": ROLES[m["role"]], "content": content})
     if req.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", param="n")
-    max_tokens = req.get("max_completion_tokens") or req.get("max_tokens") or default_max_tokens
+    # `is not None`, not `or`: max_tokens 0 is an error to report, not a request for the server's default
+    key = next((k for k in ("max_completion_tokens", "max_tokens") if req.get(k) is not None), None)
     temperature = req.get("temperature")
-    opts = {"max_new_tokens": _positive_int(max_tokens, "max_tokens"),
+    opts = {"max_new_tokens": default_max_tokens if key is None else _positive_int(req[key], key),
             "temperature": 1.0 if temperature is None else _number(temperature, "temperature"),
             "top_p": 1.0 if req.get("top_p") is None else _number(req["top_p"], "top_p"),
             "seed": req.get("seed")}
-    if not 0 <= opts["temperature"] <= 2 or not 0 < opts["top_p"] <= 1:
-        raise RequestError("temperature must be in [0, 2] and top_p in (0, 1]", param="temperature")
+    problem = sampling_problem(opts["temperature"], opts["top_p"])
+    if problem:
+        raise RequestError(problem[1], param=problem[0])
     return clean, opts, bool(req.get("stream"))
 
 

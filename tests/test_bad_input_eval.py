@@ -121,3 +121,30 @@ def test_generate_greedy_and_sampling_values_in_range_still_work(tiny_run, capsy
         assert main(["generate", "--model", str(tiny_run["run"]), "--prompt", "hi?", "--max-new-tokens", "2",
                      *opts]) == 0
     capsys.readouterr()
+
+
+def _serve(tiny_run, *extra) -> int:
+    return main(["serve", str(tiny_run["run"]), "--backend", "transformers", *extra])
+
+
+@pytest.mark.parametrize("flags, named", [(["--port", "99999"], "--port"), (["--port", "-1"], "--port"),
+                                          (["--max-new-tokens", "-3"], "--max-new-tokens"),
+                                          (["--max-new-tokens", "0"], "--max-new-tokens")])
+def test_serve_impossible_values_are_refused_at_start_up(tiny_run, no_model_load, capsys, flags, named):
+    # --port 99999 was an OverflowError plus an AttributeError ('_open_lock'); --max-new-tokens -3 started and
+    # then answered every request without max_tokens with a 400 about a field the client never sent
+    assert _serve(tiny_run, *flags) == 1
+    _clean_error(capsys, named, flags[1])
+
+
+def test_serve_busy_port_and_bad_host_are_clean_errors_before_the_model_loads(tiny_run, no_model_load, capsys):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert _serve(tiny_run, "--port", port) == 1
+    _clean_error(capsys, "--port", port, "in use")
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): no machine has it, so binding it fails
+    assert _serve(tiny_run, "--host", "192.0.2.1", "--port", "0") == 1
+    _clean_error(capsys, "--host", "192.0.2.1")

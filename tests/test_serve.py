@@ -110,6 +110,30 @@ def test_request_fields_of_the_wrong_type_are_a_400_not_a_dropped_connection(fie
     assert err.value.param == field and err.value.status == 400
 
 
+@pytest.mark.parametrize("field, value", [("top_p", 0), ("top_p", 1.5), ("temperature", -1), ("temperature", 2.5),
+                                          ("max_tokens", 0), ("max_completion_tokens", -4)])
+def test_out_of_range_request_values_are_a_400_naming_that_field(field, value):
+    # top_p 0 used to be reported as param "temperature"; max_tokens 0 silently meant the server's default
+    from fastchat_ft.serve import RequestError, parse_chat_request
+    with pytest.raises(RequestError, match=field) as err:
+        parse_chat_request({"messages": [{"role": "user", "content": "hi"}], field: value}, 8)
+    assert err.value.param == field and err.value.status == 400
+
+
+def test_make_server_on_a_busy_port_is_a_config_error():
+    # a failed bind made ThreadingHTTPServer call server_close() before __init__ had set _open_lock:
+    # an AttributeError traceback after the OSError one
+    import socket
+
+    from fastchat_ft.errors import ConfigError
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ConfigError, match="in use") as err:
+            make_server(None, "127.0.0.1", busy.getsockname()[1])
+    assert err.value.field == "--port" and err.value.fix
+
+
 def test_unknown_roles_are_a_400_and_developer_is_the_system_turn():
     from fastchat_ft.serve import RequestError, parse_chat_request
     with pytest.raises(RequestError, match="'usr' is not one of system") as err:
@@ -139,3 +163,18 @@ def test_server_close_ends_keep_alive_connections_and_joins_their_threads(chatty
     t.join(timeout=10)
     assert not any(th.is_alive() for th in handlers)
     conn.close()
+
+
+def test_run_serve_binds_then_loads_the_model_and_names_it(tiny_run, monkeypatch, capsys):
+    # the port is bound before the model loads (so a busy one is reported first); the server gets the model after
+    from fastchat_ft.cli import main
+    from fastchat_ft.serve import ChatServer
+    served = []
+
+    def stop_at_once(self, *a, **k):
+        served.append((self.loaded, self.model_name))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ChatServer, "serve_forever", stop_at_once)
+    assert main(["serve", str(tiny_run["run"]), "--backend", "transformers", "--port", "0"]) == 0
+    assert served and served[0][0] is not None and served[0][1] == "run"
+    assert "as 'run' on http://127.0.0.1:" in capsys.readouterr().err
