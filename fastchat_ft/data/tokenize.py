@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,9 +84,19 @@ class LoaderTokenizer:
         out = cls(path=str(file))
         try:
             out.native = _native.Tokenizer.from_file(str(file))
-        except (AttributeError, ValueError):  # not built yet, or a component the native tokenizer lacks
+        except (AttributeError, ValueError) as e:  # not built yet, or a component the native tokenizer lacks
             import tokenizers
-            out.hf = tokenizers.Tokenizer.from_file(str(file))
+            try:
+                out.hf = tokenizers.Tokenizer.from_file(str(file))
+            except Exception as hf_error:  # tokenizers raises a bare Exception: not a tokenizer.json at all
+                # The native loader's message says more (a JSON error's line:column, the missing component).
+                m = re.match(r".*?:(\d+):(\d+): (.*)", str(e), re.S) if type(e) is ValueError else None
+                reason = m.group(3) if m else e if isinstance(e, ValueError) else hf_error
+                raise TokenizerError(f"cannot load this tokenizer.json: {reason}",
+                                     file=str(file), line=int(m.group(1)) if m else None,
+                                     column=int(m.group(2)) if m else None,
+                                     fix="pass a model folder (or its tokenizer.json) saved with save_pretrained; "
+                                         "a truncated file needs copying again") from None
         out._read_config(file.parent)
         out._set_fingerprint()
         return out
@@ -95,7 +106,11 @@ class LoaderTokenizer:
         cfg = {}
         if cfg_path.is_file():
             with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
+                try:
+                    cfg = json.load(f)
+                except ValueError as e:
+                    raise TokenizerError(f"not valid JSON: {e}", file=str(cfg_path),
+                                         fix="copy the model folder's tokenizer_config.json again") from None
 
         def token_text(v):
             return v.get("content") if isinstance(v, dict) else v
