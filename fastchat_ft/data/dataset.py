@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from fastchat_ft import _native
-from fastchat_ft.errors import DataError
+from fastchat_ft.errors import ConfigError, DataError
 from fastchat_ft.data.encode import NO_LABEL, ChatOptions, LoaderStats, process_batch, record_error
 from fastchat_ft.data.tokenize import LoaderTokenizer
+from fastchat_ft.data.validate import reader_error
 
 CACHE_VERSION = "chat-v3"  # bump when the on-disk layout or the encoding rules change
 BATCH_RECORDS = 1024  # records per native reader batch: the window that bounds the build's memory
@@ -60,6 +61,10 @@ class ChatDataset:
         self.paths = [Path(p) for p in paths]
         if on_error not in ("raise", "skip"):
             raise ValueError("on_error must be 'raise' or 'skip'")
+        if not max_seq_len >= 1:  # the native reader's byte cap is max_seq_len * bytes per token: a TypeError below 0
+            raise ConfigError(f"max_seq_len must be at least 1 token, got {max_seq_len}", field="max_seq_len",
+                              fix="pass max_seq_len (sequence_len in a config, --max-seq-len on the command line) "
+                                  "of 1 or more, e.g. 2048")
         self.tokenizer = LoaderTokenizer.from_any(tokenizer)
         self.options = ChatOptions(template=template, train_on=train_on, think=think,
                                    system_prompt=system_prompt or "",
@@ -151,8 +156,7 @@ class ChatDataset:
                     if not line:  # the file itself (missing, a folder, no permission), not a place in it
                         raise DataError(reason, file=str(path), fix="check the path (a relative one is read from the "
                                         "current folder) and that the file is readable") from None
-                    raise DataError(reason, file=str(path), line=line, column=col,
-                                    fix="the file is not valid JSON; JSONL files need one object per line") from None
+                    raise reader_error(path, line, col, reason) from None
                 while (batch := reader.next_batch()) is not None:
                     for err in batch["errors"]:
                         if self.on_error == "raise":

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from fastchat_ft import _native
-from fastchat_ft.errors import DataError, TokenizerError
+from fastchat_ft import _native, flags
+from fastchat_ft.errors import ConfigError, DataError, TokenizerError
 
 SEVERITIES = ("info", "warning", "error")
 BUILTIN_TEMPLATES = ("chatml", "llama3", "llama2", "mistral", "alpaca")
+# The near-duplicate index finds pairs through LSH (8 bands of 8 MinHash rows, csrc/dedup.h): a pair with Jaccard
+# J becomes a candidate with probability 1-(1-J^8)^8, 3% at J=0.5, so a lower threshold would promise matches the
+# index does not look for.
+NEAR_THRESHOLD_RANGE = (0.5, 1.0)
 # Control-token text of the built-in templates: flagged in content even without a tokenizer.
 TEMPLATE_CONTROL_STRINGS = (
     "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
@@ -110,14 +114,20 @@ def resolve_template(name: str, tokenizer_path: str | os.PathLike | None) -> str
     if name not in ("tokenizer", "auto"):
         raise DataError(f"unknown template '{name}'", field="template",
                         fix=f"use one of {', '.join(BUILTIN_TEMPLATES)} or 'tokenizer'")
+    if tokenizer_path is None:
+        raise ConfigError(f"--template {name} needs --tokenizer: it picks the template from the tokenizer's own",
+                          field="--template", fix=f"pass --tokenizer MODEL_FOLDER, or a built-in --template "
+                                                  f"({', '.join(BUILTIN_TEMPLATES)})")
     text = ""
-    if tokenizer_path is not None:
-        folder = Path(tokenizer_path)
-        folder = folder if folder.is_dir() else folder.parent
-        if (folder / "chat_template.jinja").is_file():
-            text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        elif (folder / "tokenizer_config.json").is_file():
+    folder = Path(tokenizer_path)
+    folder = folder if folder.is_dir() else folder.parent
+    if (folder / "chat_template.jinja").is_file():
+        text = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (folder / "tokenizer_config.json").is_file():
+        try:
             text = str(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template") or "")
+        except (ValueError, AttributeError):  # the tokenizer loader names a broken file; here it is just no template
+            text = ""
     for marker, tmpl in (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"),
                          ("[AVAILABLE_TOOLS]", "mistral"), ("<<SYS>>", "llama2"), ("[INST]", "mistral")):
         if marker in text:
@@ -131,6 +141,42 @@ def resolve_template(name: str, tokenizer_path: str | os.PathLike | None) -> str
                     file=str(tokenizer_path), field="template", fix=f"pass --template ({', '.join(BUILTIN_TEMPLATES)})")
 
 
+def check_near_threshold(value: float, flag: str = "--near-threshold") -> None:
+    low, high = NEAR_THRESHOLD_RANGE
+    if not low <= value <= high:  # written so that NaN fails
+        raise ConfigError(f"must be between {low} and {high} (an estimated Jaccard similarity), got {value}",
+                          field=flag, fix=f"pass {flag} between {low} and {high} (default 0.8; 1.0: identical "
+                                          "words only), or --no-near-duplicates to skip the check")
+
+
+def check_max_seq_len(value: int | None, flag: str = "--max-seq-len") -> None:
+    """None or 0 means no length check (the scanner's 0); a negative length is a mistake, not a wish."""
+    if value is not None and not value >= 0:
+        raise ConfigError(f"must be a positive number of tokens, got {value}", field=flag,
+                          fix=f"pass {flag} 1 or more, or leave it out")
+
+
+def reader_error(path: Path, line: int, column: int, reason: str) -> DataError:
+    """A file the reader cannot read as records at all. The reader takes any file whose first byte is '[' for one
+    JSON array (csrc/jsonl.cc), whatever its name, so a .jsonl file of bare message lists, one per line, fails
+    at line 2 as a second JSON value: name the real problem there."""
+    if path.suffix.lower() == ".jsonl" and line >= 2:
+        try:
+            with open(path, "rb") as f:
+                first = json.loads(next((raw for raw in f if raw.strip()), b"null"))
+        except ValueError:
+            first = None
+        if isinstance(first, list):
+            bare = all(isinstance(m, dict) and "role" in m for m in first) and first
+            return DataError("each line of a .jsonl file must be one record, a JSON object with \"messages\" (or a "
+                             "ShareGPT \"conversations\" list); " + ("this line is a bare list of messages" if bare else
+                             "this line is a JSON list, so the file was read as one JSON array, which ends on line 1"),
+                             file=str(path), line=1,
+                             fix='write each line as {"messages": [{"role": "user", "content": "..."}, ...]}')
+    return DataError(reason, file=str(path), line=line or None, column=column or None,
+                     fix="a .json file must hold one JSON list of records; use .jsonl for one record per line")
+
+
 def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "chatml", max_seq_len: int | None = None,
                  special_strings: list[str] | None = None, near_duplicates: bool = True, near_threshold: float = 0.8,
                  count_bigrams: bool = False, threads: int = 0, batch_records: int = 4096):
@@ -140,6 +186,9 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
         raise DataError("this is a folder, not a dataset file", file=str(p), fix="give one .jsonl or .json file")
     if not p.is_file():
         raise DataError("no such file", file=str(p), fix="check the path")
+    check_max_seq_len(max_seq_len, "max_seq_len")
+    if near_duplicates:
+        check_near_threshold(near_threshold, "near_threshold")
     bos = eos = ""
     if tokenizer is not None:  # the loader's BOS/EOS choice per template, so counts match training
         from fastchat_ft.data.encode import ChatOptions
@@ -155,8 +204,7 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
         msg = str(e)
         m = re.match(r"(\d+):(\d+): (.*)", msg[len(str(p)) + 1:], re.S) if msg.startswith(f"{p}:") else None
         if m:
-            raise DataError(m.group(3), file=str(p), line=int(m.group(1)) or None, column=int(m.group(2)) or None,
-                            fix="a .json file must hold one JSON list of records; use .jsonl for one record per line") from None
+            raise reader_error(p, int(m.group(1)), int(m.group(2)), m.group(3)) from None
         raise DataError(msg, file=str(p)) from None
 
 
@@ -227,9 +275,13 @@ def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path,
     the input. Returns (out, rejects, kept, dropped)."""
     src, dst = Path(report.file).resolve(), Path(out).resolve()
     rej = rejects_path(dst)
-    if dst == src or rej == src or (dst.exists() and os.path.samefile(dst, src)):
+    if dst == src or (dst.exists() and os.path.samefile(dst, src)):
         raise DataError("--fix OUT must differ from the input file (the input is never modified)", file=str(out),
                         fix="write the cleaned copy to a new path, e.g. data.clean.jsonl")
+    if rej == src or (rej.exists() and os.path.samefile(rej, src)):
+        raise DataError(f"--fix {out} would write its rejects to {rej.name}, which is the input file (the input is "
+                        "never modified)", file=str(out), fix="give --fix a name whose .rejects.jsonl is not the "
+                                                              "input, e.g. data.clean.jsonl")
     kept = dropped = 0
 
     def split_records():
@@ -285,12 +337,32 @@ def print_report(report: ValidationReport, max_issues: int, out=sys.stdout) -> N
         print(f"  {n:>8}  {key}", file=out)
 
 
+def check_fix_paths(out: str | os.PathLike, src: str | os.PathLike) -> None:
+    """--fix OUT and the rejects file beside it can both be written, and neither is the input."""
+    dst = flags.output_file(out, "--fix", inputs=[src])
+    rej = rejects_path(dst)
+    if rej.is_dir() or (rej.exists() and os.path.samefile(rej, src)):
+        what = "a folder" if rej.is_dir() else "the input file"
+        raise ConfigError(f"--fix {out} writes its rejects to {rej}, which is {what}", field="--fix",
+                          fix="give --fix another name, e.g. data.clean.jsonl")
+
+
 def run_validate(args) -> int:
+    # Flag values before the tokenizer loads and the file is read; 0 for --max-seq-len would mean no length
+    # check at all, which leaving the flag out already says (analyze refuses 0 too).
+    flags.positive(args, ["max_seq_len"])
+    if not getattr(args, "no_near_duplicates", False):
+        check_near_threshold(getattr(args, "near_threshold", 0.8))
+    if args.fix:
+        check_fix_paths(args.fix, args.file)
     if args.max_seq_len and not args.tokenizer:
         print("note: --max-seq-len needs --tokenizer to count tokens; lengths are not checked", file=sys.stderr)
     report = validate_file(args.file, tokenizer=args.tokenizer, template=args.template, max_seq_len=args.max_seq_len,
                            near_duplicates=not getattr(args, "no_near_duplicates", False),
                            near_threshold=getattr(args, "near_threshold", 0.8))
+    if report.records == 0:  # nothing to train on is what a validator exists to catch
+        raise DataError("the file holds no records", file=str(args.file),
+                        fix='add records: one JSON object per line, {"messages": [{"role": "user", ...}, ...]}')
     fixed = None
     if args.fix:
         fixed = write_fixed(report, args.fix)
