@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastchat_ft.data.validate import _records_raw, iter_batches, make_usual_mode, open_scanner
-from fastchat_ft.errors import DataError
+from fastchat_ft import flags
+from fastchat_ft.data.validate import _records_raw, check_near_threshold, iter_batches, make_usual_mode, open_scanner
+from fastchat_ft.errors import ConfigError, DataError
 
 
 def assign_groups(groups: np.ndarray, usable: np.ndarray, val_ratio: float, seed: int) -> np.ndarray:
@@ -40,21 +41,10 @@ def assign_groups(groups: np.ndarray, usable: np.ndarray, val_ratio: float, seed
     return val
 
 
-def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0, out_dir: str | os.PathLike | None = None,
-               near_threshold: float = 0.8, threads: int = 0) -> dict:
-    """Write <name>.train.jsonl and <name>.val.jsonl; returns counts and paths."""
-    if not 0.0 <= val_ratio < 1.0:
-        raise DataError(f"--val-ratio must be in [0, 1), not {val_ratio}", field="val_ratio")
-    src = Path(path)
-    scanner = open_scanner(src, near_threshold=near_threshold, threads=threads)
-    usable_parts = []
-    for batch in iter_batches(scanner):
-        usable_parts.append(~batch["has_error"])
-    usable = np.concatenate(usable_parts) if usable_parts else np.zeros(0, dtype=bool)
-    groups = scanner.groups()
-    val = assign_groups(groups, usable, val_ratio, seed)
-    out = Path(out_dir) if out_dir else src.parent
-    out.mkdir(parents=True, exist_ok=True)
+def output_paths(src: Path, out_dir: str | os.PathLike | None) -> tuple[Path, Path, Path]:
+    """(folder, train file, val file), refused before the scan when they cannot be written or would replace the
+    input."""
+    out = flags.output_folder(out_dir, "--out-dir") if out_dir else src.parent
     stem = src.name
     for suffix in (".jsonl", ".json"):
         if stem.endswith(suffix):
@@ -62,6 +52,36 @@ def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0
     train_path, val_path = out / f"{stem}.train.jsonl", out / f"{stem}.val.jsonl"
     if src.resolve() in (train_path.resolve(), val_path.resolve()):
         raise DataError("the split would overwrite its input", file=str(src), fix="pass --out-dir")
+    for p in (train_path, val_path):
+        if p.is_dir():
+            raise ConfigError(f"{p} is a folder, and the split writes a file of that name", field="--out-dir",
+                              fix="move that folder away, or pass another --out-dir")
+    return out, train_path, val_path
+
+
+def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0, out_dir: str | os.PathLike | None = None,
+               near_threshold: float = 0.8, threads: int = 0) -> dict:
+    """Write <name>.train.jsonl and <name>.val.jsonl; returns counts and paths, and `warnings` (a list of
+    sentences) when a side came out empty."""
+    if not 0.0 <= val_ratio < 1.0:
+        raise ConfigError(f"must be at least 0 and below 1, got {val_ratio}", field="--val-ratio",
+                          fix="pass a share such as 0.1 (0: no validation file content)")
+    if not seed >= 0:  # numpy's seeded generator takes no negative seed
+        raise ConfigError(f"must be 0 or more, got {seed}", field="--seed", fix="pass --seed 0 or more")
+    check_near_threshold(near_threshold)
+    src = Path(path)
+    out, train_path, val_path = output_paths(src, out_dir)
+    scanner = open_scanner(src, near_threshold=near_threshold, threads=threads)
+    usable_parts = []
+    for batch in iter_batches(scanner):
+        usable_parts.append(~batch["has_error"])
+    usable = np.concatenate(usable_parts) if usable_parts else np.zeros(0, dtype=bool)
+    groups = scanner.groups()
+    if not usable.any():  # two empty files are no split
+        what = "no records" if usable.size == 0 else f"no valid records ({usable.size} with errors)"
+        raise DataError(f"the file holds {what}", file=str(src), fix="see `fastchat-ft validate` for what is wrong")
+    val = assign_groups(groups, usable, val_ratio, seed)
+    out.mkdir(parents=True, exist_ok=True)
     fds = [tempfile.mkstemp(dir=str(out), prefix=f".{p.name}.", suffix=".tmp") for p in (train_path, val_path)]
     counts = [0, 0]
     try:
@@ -81,8 +101,12 @@ def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0
             if os.path.exists(tmp):
                 os.unlink(tmp)
     n_groups = int(np.unique(groups[usable]).size) if usable.any() else 0
+    warnings = []
+    if val_ratio > 0 and counts[1] == 0:
+        warnings.append(f"{val_path} is empty: {val_ratio} of {counts[0]} valid records rounds to none, or every "
+                        f"duplicate group is larger than that; pass a larger --val-ratio or add data")
     return {
-        "file": str(src), "seed": seed, "val_ratio": val_ratio,
+        "file": str(src), "seed": seed, "val_ratio": val_ratio, "warnings": warnings,
         "train": {"path": str(train_path), "records": counts[0]},
         "val": {"path": str(val_path), "records": counts[1]},
         "skipped_invalid": int((~usable).sum()),
@@ -97,10 +121,13 @@ def run_split(args) -> int:
     if getattr(args, "json", False):
         json.dump(result, sys.stdout, indent=2)
         print()
-        return 0
-    print(f"train {result['train']['records']:>8}  {result['train']['path']}")
-    print(f"val   {result['val']['records']:>8}  {result['val']['path']}")
-    print(f"{result['grouped_records']} duplicate or near-duplicate records kept on the side of their group "
-          f"({result['groups']} groups); {result['skipped_invalid']} invalid records left out "
-          f"(see `fastchat-ft validate`)")
+    else:
+        print(f"train {result['train']['records']:>8}  {result['train']['path']}")
+        print(f"val   {result['val']['records']:>8}  {result['val']['path']}")
+        print(f"{result['grouped_records']} duplicate or near-duplicate records kept on the side of their group "
+              f"({result['groups']} groups); {result['skipped_invalid']} invalid records left out "
+              f"(see `fastchat-ft validate`)")
+    sys.stdout.flush()  # the warnings come after the report they are about
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
