@@ -76,3 +76,161 @@ def test_analyze_plot_refused_before_the_scan(data, monkeypatch):
                                         ("--budget", "-100"), ("--budget", "0"), ("--max-seq-len", "0")])
 def test_analyze_refuses_impossible_numbers(data, tok_dir, capsys, flag, value):
     refused(capsys, ["analyze", str(data), "--tokenizer", tok_dir, flag, value], flag=flag)
+
+
+# ----------------------------------------------------------------------------------------------- validate
+
+def test_validate_fix_to_a_folder_or_a_missing_folder(data, tmp_path, capsys):
+    (tmp_path / "afolder").mkdir()
+    refused(capsys, ["validate", str(data), "--fix", str(tmp_path / "afolder")], flag="--fix")
+    refused(capsys, ["validate", str(data), "--fix", str(tmp_path / "nodir" / "out.jsonl")], flag="--fix")
+    (tmp_path / "x.rejects.jsonl").mkdir()  # where the rejects of --fix x.jsonl would go
+    err = refused(capsys, ["validate", str(data), "--fix", str(tmp_path / "x.jsonl")], flag="--fix")
+    assert "x.rejects.jsonl" in err and "folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afolder", "small.jsonl", "x.rejects.jsonl"]
+
+
+def test_validate_fix_names_the_rejects_clash(tmp_path, capsys):
+    src = write_records(tmp_path / "in.rejects.jsonl")
+    before = src.read_bytes()
+    err = refused(capsys, ["validate", str(src), "--fix", str(tmp_path / "in.jsonl")], flag="--fix")
+    assert "rejects" in err and "input" in err and "must differ" not in err
+    assert src.read_bytes() == before and not (tmp_path / "in.jsonl").exists()
+    from fastchat_ft.data.validate import validate_file, write_fixed
+    with pytest.raises(FastchatError, match="rejects to in.rejects.jsonl, which is the input"):
+        write_fixed(validate_file(src), tmp_path / "in.jsonl")
+
+
+@pytest.mark.parametrize("tokenizer", ["truncated", "dataset"])
+def test_validate_broken_tokenizer_file_is_named(data, tmp_path, tok_dir, capsys, tokenizer):
+    if tokenizer == "truncated":
+        (tmp_path / "brokentok").mkdir()
+        full = (shared_path("tokenizers", "smollm2") / "tokenizer.json").read_bytes()
+        (tmp_path / "brokentok" / "tokenizer.json").write_bytes(full[:5000])
+        arg, named = tmp_path / "brokentok", tmp_path / "brokentok" / "tokenizer.json"
+    else:
+        arg = named = data  # not a tokenizer at all
+    err = refused(capsys, ["validate", str(data), "--tokenizer", str(arg)], file=named)
+    assert "tokenizer.json" in err
+
+
+def test_broken_tokenizer_config_is_named(data, tmp_path, capsys):
+    folder = tmp_path / "tok"
+    shutil.copytree(shared_path("tokenizers", "smollm2"), folder)
+    (folder / "tokenizer_config.json").write_text('{"bos_token": "<|im')
+    refused(capsys, ["validate", str(data), "--tokenizer", str(folder)], file=folder / "tokenizer_config.json")
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_validate_max_seq_len_must_be_positive(data, tok_dir, capsys, value):
+    # 0 used to switch the length check off silently; analyze refuses it too.
+    refused(capsys, ["validate", str(data), "--tokenizer", tok_dir, "--max-seq-len", value], flag="--max-seq-len")
+
+
+@pytest.mark.parametrize("value", ["5", "-1", "0", "0.3", "nan"])
+def test_near_threshold_range(data, tmp_path, capsys, value):
+    err = refused(capsys, ["validate", str(data), "--near-threshold", value], flag="--near-threshold")
+    assert "0.5" in err
+    refused(capsys, ["split", str(data), "--near-threshold", value, "--out-dir", str(tmp_path / "o")],
+            flag="--near-threshold")
+    assert not (tmp_path / "o").exists()
+
+
+def test_near_threshold_bounds_are_accepted(data):
+    from fastchat_ft.data.validate import validate_file
+    for value in (0.5, 1.0):
+        assert validate_file(data, near_threshold=value).ok
+
+
+def test_validate_template_tokenizer_needs_a_tokenizer(data, capsys):
+    err = refused(capsys, ["validate", str(data), "--template", "tokenizer"], flag="--template")
+    assert "--tokenizer" in err and "None" not in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n", b"[]"])
+def test_validate_an_empty_dataset_fails(tmp_path, capsys, content):
+    f = tmp_path / ("empty.json" if content == b"[]" else "empty.jsonl")
+    f.write_bytes(content)
+    refused(capsys, ["validate", str(f)], file=f)
+
+
+# -------------------------------------------------------------------------- .jsonl of bare message lists
+
+def bare_lists(path):
+    lines = [json.dumps(r["messages"]) for r in (RECORD, RECORD | {"x": 1})]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("command", ["validate", "analyze"])
+def test_jsonl_of_bare_message_lists_says_so(tmp_path, tok_dir, capsys, command):
+    f = bare_lists(tmp_path / "lists.jsonl")
+    argv = [command, str(f)] + (["--tokenizer", tok_dir] if command == "analyze" else [])
+    err = refused(capsys, argv, file=f"{f}:1")
+    assert '"messages"' in err and "bare list of messages" in err and ".json file must" not in err
+
+
+def test_loader_names_a_jsonl_of_bare_message_lists(tmp_path, tok_dir):
+    from fastchat_ft.data import ChatDataset
+    f = bare_lists(tmp_path / "lists.jsonl")
+    with pytest.raises(FastchatError, match="bare list of messages") as info:
+        ChatDataset([f], tok_dir, max_seq_len=64, cache=False, verbose=False)
+    assert info.value.file == str(f) and info.value.line == 1 and '"messages"' in info.value.fix
+
+
+def test_a_json_array_in_a_jsonl_file_still_loads(tmp_path):
+    from fastchat_ft.data.validate import validate_file
+    f = tmp_path / "arr.jsonl"
+    f.write_text(json.dumps([RECORD, RECORD | {"id": 2}], indent=1))
+    assert validate_file(f).records == 2
+
+
+# ------------------------------------------------------------------------------------------------- loader
+
+@pytest.mark.parametrize("value", [-3, 0])
+def test_loader_max_seq_len_must_be_positive(data, tok_dir, value):
+    from fastchat_ft.data import ChatDataset
+    with pytest.raises(ConfigError, match="at least 1") as info:
+        ChatDataset([data], tok_dir, max_seq_len=value, cache=False, verbose=False)
+    assert info.value.field == "max_seq_len" and info.value.fix
+
+
+# -------------------------------------------------------------------------------------------------- split
+
+def test_split_out_dir_that_is_a_file(data, capsys):
+    before = data.read_bytes()
+    refused(capsys, ["split", str(data), "--out-dir", str(data)], flag="--out-dir")
+    refused(capsys, ["split", str(data), "--out-dir", str(data / "sub")], flag="--out-dir")
+    assert data.read_bytes() == before
+
+
+def test_split_output_file_that_is_a_folder(data, tmp_path, capsys, monkeypatch):
+    (tmp_path / "g" / "small.train.jsonl").mkdir(parents=True)
+    from fastchat_ft.data import split
+    monkeypatch.setattr(split, "open_scanner", lambda *a, **k: pytest.fail("scanned before checking --out-dir"))
+    err = refused(capsys, ["split", str(data), "--out-dir", str(tmp_path / "g")], flag="--out-dir")
+    assert "small.train.jsonl" in err
+    assert [p.name for p in (tmp_path / "g").iterdir()] == ["small.train.jsonl"]
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", "-1"), ("--val-ratio", "1"), ("--val-ratio", "-0.1")])
+def test_split_refuses_impossible_numbers(data, tmp_path, capsys, flag, value):
+    refused(capsys, ["split", str(data), flag, value, "--out-dir", str(tmp_path / "o")], flag=flag)
+    assert not (tmp_path / "o").exists()
+
+
+def test_split_warns_when_the_validation_file_is_empty(tmp_path, capsys):
+    f = write_records(tmp_path / "five.jsonl", n=5)
+    assert main(["split", str(f)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: " in err and "five.val.jsonl is empty" in err and "--val-ratio" in err
+    assert (tmp_path / "five.val.jsonl").read_bytes() == b""
+    assert main(["split", str(f), "--val-ratio", "0"]) == 0  # asked for: no warning
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_split_of_an_empty_file_fails(tmp_path, capsys):
+    f = tmp_path / "empty.jsonl"
+    f.write_bytes(b"")
+    refused(capsys, ["split", str(f)], file=f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]

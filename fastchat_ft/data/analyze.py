@@ -222,7 +222,7 @@ def format_report(r: dict) -> str:
         "  roles              " + ", ".join(f"{k} {v}" for k, v in r["role_counts"].items()),
         f"  tokens             {t['total']} total, {t['trainable']} trainable ({t['trainable_share']:.1%}); "
         f"one epoch reads {t['trained_total']} ({t['trained_trainable']} trainable)",
-        f"  length             " + "  ".join(f"p{q} {ln[f'p{q}']}" for q in PERCENTILES) +
+        "  length             " + "  ".join(f"p{q} {ln[f'p{q}']}" for q in PERCENTILES) +
         f"  max {ln['max']};  {ln['over_max_seq_len']} over max_seq_len ({ln['over_max_seq_len_share']:.1%}, "
         f"overlong={r['overlong']})",
         f"  diversity          score {d['score']:.3f} = distinct-2 {d['distinct_2']:.3f} x (1 - duplicate share "
