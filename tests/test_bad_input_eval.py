@@ -148,3 +148,12 @@ def test_serve_busy_port_and_bad_host_are_clean_errors_before_the_model_loads(ti
     # 192.0.2.1 is TEST-NET-1 (RFC 5737): no machine has it, so binding it fails
     assert _serve(tiny_run, "--host", "192.0.2.1", "--port", "0") == 1
     _clean_error(capsys, "--host", "192.0.2.1")
+
+
+def test_eval_train_data_with_no_conversation_is_an_error(tiny_run, eval_data, tmp_path, no_model_load, capsys):
+    # the lenient reader skipped every line and the memorisation check compared the replies with nothing
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"messages": [bad\n')
+    assert _eval(tiny_run, eval_data, "--samples", "1", "--train-data", str(bad), "--report", str(tmp_path / "r.md")) == 1
+    _clean_error(capsys, "--train-data", str(bad), "no conversation")
+    assert bad.read_text() == '{"messages": [bad\n' and not (tmp_path / "r.md").exists()
