@@ -234,3 +234,12 @@ def test_split_of_an_empty_file_fails(tmp_path, capsys):
     f.write_bytes(b"")
     refused(capsys, ["split", str(f)], file=f)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
+def test_outputs_never_overwrite_a_tokenizer_file(data, tmp_path, capsys):
+    tok = tmp_path / "tokenizer.json"
+    shutil.copy(shared_path("tokenizers", "smollm2") / "tokenizer.json", tok)
+    before = tok.read_bytes()
+    refused(capsys, ["analyze", str(data), "--tokenizer", str(tok), "--plot", str(tok)], flag="--plot")
+    refused(capsys, ["validate", str(data), "--tokenizer", str(tok), "--fix", str(tok)], flag="--fix")
+    assert tok.read_bytes() == before

@@ -66,7 +66,8 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
     if max_seq_len <= 0:
         raise DataError("max_seq_len must be positive", field="max_seq_len")
     if plot:  # before the scan: the PNG must never replace the dataset, nor fail after the whole analysis
-        flags.output_file(plot, "--plot", inputs=[path])
+        tok_file = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
+        flags.output_file(plot, "--plot", inputs=[path, tok_file])
     tok_path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "path", None)
     tmpl = resolve_template(template, tok_path)
     tok = load_tokenizer(tokenizer)
@@ -249,7 +250,7 @@ def run_analyze(args) -> int:
     flags.positive(args, ["max_seq_len", "micro_batch_size", "grad_accum", "world_size"])
     flags.at_least(args, {"budget": 1})
     if args.plot:
-        flags.output_file(args.plot, "--plot", inputs=[args.file])
+        flags.output_file(args.plot, "--plot", inputs=[args.file, args.tokenizer])
     tokenizer = args.tokenizer
     if tokenizer is None:
         from fastchat_ft.model.default_model import default_model_dir

@@ -337,9 +337,9 @@ def print_report(report: ValidationReport, max_issues: int, out=sys.stdout) -> N
         print(f"  {n:>8}  {key}", file=out)
 
 
-def check_fix_paths(out: str | os.PathLike, src: str | os.PathLike) -> None:
-    """--fix OUT and the rejects file beside it can both be written, and neither is the input."""
-    dst = flags.output_file(out, "--fix", inputs=[src])
+def check_fix_paths(out: str | os.PathLike, src: str | os.PathLike, tokenizer=None) -> None:
+    """--fix OUT and the rejects file beside it can both be written, and neither is an input."""
+    dst = flags.output_file(out, "--fix", inputs=[src, tokenizer])
     rej = rejects_path(dst)
     if rej.is_dir() or (rej.exists() and os.path.samefile(rej, src)):
         what = "a folder" if rej.is_dir() else "the input file"
@@ -354,7 +354,7 @@ def run_validate(args) -> int:
     if not getattr(args, "no_near_duplicates", False):
         check_near_threshold(getattr(args, "near_threshold", 0.8))
     if args.fix:
-        check_fix_paths(args.fix, args.file)
+        check_fix_paths(args.fix, args.file, args.tokenizer)
     if args.max_seq_len and not args.tokenizer:
         print("note: --max-seq-len needs --tokenizer to count tokens; lengths are not checked", file=sys.stderr)
     report = validate_file(args.file, tokenizer=args.tokenizer, template=args.template, max_seq_len=args.max_seq_len,
