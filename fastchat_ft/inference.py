@@ -313,6 +313,9 @@ class ChatStream:
 
     def __init__(self, model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_ids=None):
+        problem = sampling_problem(temperature, top_p)
+        if problem:  # callers check their own flags; this keeps torch's "invalid multinomial distribution" away
+            raise ValueError(problem[1])
         self.model, self.tokenizer = model, tokenizer
         self.messages, self.max_new_tokens = messages, max_new_tokens
         self.temperature, self.top_p, self.seed = temperature, top_p, seed

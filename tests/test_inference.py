@@ -116,6 +116,19 @@ def test_sampling_is_seeded(chatty_run):
     assert a == b and a != greedy
 
 
+@pytest.mark.parametrize("temperature, top_p, bad", [(1.0, 0.0, "top_p"), (-1.0, 1.0, "temperature"),
+                                                     (float("nan"), 1.0, "temperature"), (1.0, 1.5, "top_p")])
+def test_impossible_sampling_values_are_named_not_a_torch_error(tiny_run, temperature, top_p, bad):
+    # top_p 0 kept no token: torch.multinomial's "invalid multinomial distribution"; temperature -1 decoded greedily
+    from fastchat_ft.inference import sampling_problem
+    assert sampling_problem(temperature, top_p)[0] == bad
+    assert sampling_problem(0.0, 1.0) is None and sampling_problem(2.0, 0.01) is None
+    loaded = load_model(tiny_run["run"], device="cpu")
+    with pytest.raises(ValueError, match=bad):
+        ChatStream(loaded.model, loaded.tokenizer, [{"role": "user", "content": "hi"}], temperature=temperature,
+                   top_p=top_p).run()
+
+
 def test_model_folder_without_a_usable_tokenizer_is_a_user_error(tiny_run, tmp_path):
     """eval / generate / export / serve load through load_model: a folder with weights but no tokenizer, or a
     broken tokenizer.json, must be a ModelError naming the folder, not transformers' sentencepiece traceback."""
