@@ -243,3 +243,10 @@ def test_outputs_never_overwrite_a_tokenizer_file(data, tmp_path, capsys):
     refused(capsys, ["analyze", str(data), "--tokenizer", str(tok), "--plot", str(tok)], flag="--plot")
     refused(capsys, ["validate", str(data), "--tokenizer", str(tok), "--fix", str(tok)], flag="--fix")
     assert tok.read_bytes() == before
+
+
+def test_a_missing_input_with_outputs_is_named(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    refused(capsys, ["validate", str(missing), "--fix", str(tmp_path / "out.jsonl")], file=missing)
+    refused(capsys, ["split", str(missing), "--out-dir", str(tmp_path / "o")], file=missing)
+    assert list(tmp_path.iterdir()) == []

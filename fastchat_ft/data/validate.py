@@ -142,6 +142,7 @@ def resolve_template(name: str, tokenizer_path: str | os.PathLike | None) -> str
 
 
 def check_near_threshold(value: float, flag: str = "--near-threshold") -> None:
+    """Within NEAR_THRESHOLD_RANGE (shared by validate and split)."""
     low, high = NEAR_THRESHOLD_RANGE
     if not low <= value <= high:  # written so that NaN fails
         raise ConfigError(f"must be between {low} and {high} (an estimated Jaccard similarity), got {value}",
@@ -152,7 +153,7 @@ def check_near_threshold(value: float, flag: str = "--near-threshold") -> None:
 def check_max_seq_len(value: int | None, flag: str = "--max-seq-len") -> None:
     """None or 0 means no length check (the scanner's 0); a negative length is a mistake, not a wish."""
     if value is not None and not value >= 0:
-        raise ConfigError(f"must be a positive number of tokens, got {value}", field=flag,
+        raise ConfigError(f"must be a number of tokens (0: no length check), got {value}", field=flag,
                           fix=f"pass {flag} 1 or more, or leave it out")
 
 
@@ -341,7 +342,7 @@ def check_fix_paths(out: str | os.PathLike, src: str | os.PathLike, tokenizer=No
     """--fix OUT and the rejects file beside it can both be written, and neither is an input."""
     dst = flags.output_file(out, "--fix", inputs=[src, tokenizer])
     rej = rejects_path(dst)
-    if rej.is_dir() or (rej.exists() and os.path.samefile(rej, src)):
+    if rej.is_dir() or (rej.exists() and Path(src).exists() and os.path.samefile(rej, src)):
         what = "a folder" if rej.is_dir() else "the input file"
         raise ConfigError(f"--fix {out} writes its rejects to {rej}, which is {what}", field="--fix",
                           fix="give --fix another name, e.g. data.clean.jsonl")
