@@ -86,7 +86,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None, help=f"chat template ({TEMPLATES}; default: the run's training "
                    "template, else the model's own)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longer conversations are left out of the metrics")
-    p.add_argument("--samples", type=int, default=0, help="write a side-by-side report of N generations")
+    p.add_argument("--samples", type=int, default=0, help="write a side-by-side report of N generations (0: none)")
     p.add_argument("--report", help="where --samples writes its Markdown (default: eval-samples-<model>.md)")
     p.add_argument("--train-data", help="training file for the memorisation check (default: the run's train split)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation limit for --samples")
@@ -98,7 +98,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="one user message; omit for an interactive chat")
     p.add_argument("--system", help="system message")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stop a reply after this many tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sampling")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0, up to 2: sampling")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this "
                    "probability mass (0 < p <= 1; with --temperature above 0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
@@ -122,7 +122,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model folder, run directory or LoRA checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (0: any free port)")
     p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
                    help="auto: vLLM when installed, else the built-in transformers server")
     p.add_argument("--max-new-tokens", type=int, default=512, help="default max_tokens of a request")
