@@ -11,8 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+from fastchat_ft import flags
 from fastchat_ft.atomic import write_text_atomic
-from fastchat_ft.errors import FastchatError, ModelError
+from fastchat_ft.errors import ConfigError, FastchatError, ModelError
 from fastchat_ft.inference import (ADAPTER_CONFIG, LoadedModel, load_adapter_tensors, load_hf_model, load_model,
                                    merge_lora, read_adapter_config, resolve_model, split_adapter_tensors,
                                    stop_token_ids)
@@ -22,7 +23,33 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+# written into a failed export's kept folder: only a folder carrying it may be replaced by a later failure
+FAILED_MARKER = ".fastchat-ft-failed-export"
+
+
+def check_export_flags(args) -> None:
+    """Values that cannot work, refused before the model loads and merges (minutes on a large model)."""
+    flags.at_least(args, {"check_max_new_tokens": 1})
+    requested = getattr(args, "dtype", None)
+    if requested not in (None, "auto") and requested not in DTYPES:
+        raise ConfigError(f"unknown dtype {requested!r}", field="--dtype",
+                          fix="auto (the base model's), float32, bfloat16 or float16")
+    notes = getattr(args, "notes", None)
+    if notes is not None:
+        path = Path(notes)
+        if not path.is_file():
+            raise ConfigError("is a folder, not a notes file" if path.is_dir() else "notes file not found",
+                              file=str(path), field="--notes",
+                              fix="pass a text or Markdown file (or leave --notes out)")
+        try:
+            path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read it as UTF-8 text: {e}", file=str(path), field="--notes",
+                              fix="pass a UTF-8 text or Markdown file") from None
+
+
 def run_export(args) -> int:
+    check_export_flags(args)
     run_path = Path(args.run_dir).expanduser()
     out = Path(args.out).expanduser()
     source = resolve_model(run_path)
@@ -63,9 +90,10 @@ def run_export(args) -> int:
         from fastchat_ft.model_card import write_model_card
         write_model_card(stage, source, summary, artifacts, check)
     except BaseException as e:
-        failed = out.with_name(out.name + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
         if stage.exists():
+            failed = _failed_folder(out)
+            (stage / FAILED_MARKER).write_text("kept by a failed `fastchat-ft export`; the next failed export of "
+                                               "the same --out replaces this folder\n")
             stage_abs = stage.resolve()
             stage.rename(failed)
             stage_paths_relocate(failed, stage_abs)
@@ -81,6 +109,20 @@ def run_export(args) -> int:
     stage_paths_relocate(out, stage_abs)
     print(f"wrote {out}")
     return 0
+
+
+def _failed_folder(out: Path) -> Path:
+    """Where a failed export's files are kept: <out>.failed. An earlier failed export there (it carries
+    FAILED_MARKER) is replaced; a folder or file of that name without the marker is the user's and is left
+    alone: the next <out>.failed-N is used instead."""
+    candidate, n = out.with_name(out.name + ".failed"), 1
+    while candidate.exists() or candidate.is_symlink():
+        if not candidate.is_symlink() and (candidate / FAILED_MARKER).is_file():
+            shutil.rmtree(candidate)
+            break
+        n += 1
+        candidate = out.with_name(f"{out.name}.failed-{n}")
+    return candidate
 
 
 def _check_out_dir(out: Path, run_path: Path, source) -> None:

@@ -229,7 +229,7 @@ def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = No
     info["check_prompts"] = prompts_from(read_conversations(val, limit=50), 3) if val else []
     if held_out and "copied_as" not in info["splits"]["train"]:
         splits["train"].unlink()  # too big to ship: splits.json names the file and its held-out lines
-    notes = Path(notes_file).read_text() if notes_file else None
+    notes = Path(notes_file).read_text(encoding="utf-8") if notes_file else None
     (out / "generation_notes.md").write_text(generation_notes(notes, info))
     info["files"].append("generation_notes.md")
     return info

@@ -123,10 +123,18 @@ def _check_generate_api(model, tok, messages, limit, gen_eos, report, problems) 
 
 
 def _check_gguf(folder: Path, gguf_file: Path, ids, ref, report, problems) -> None:
+    """The GGUF file read back on its own, as llama.cpp reads it. It holds the merged model (also in an --adapter
+    export), so it is loaded from a folder of its own: beside adapter_config.json transformers would load the
+    adapter's base model and look for the GGUF there."""
+    import os
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory(prefix="fastchat-ft-gguf-check-") as alone:
+        os.symlink(gguf_file.resolve(), Path(alone) / gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     with torch.no_grad():
         got = model(ids).logits.float()
     cos = float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0))

@@ -218,3 +218,61 @@ def test_split_files_reads_every_splits_json_form(tiny_run, tmp_path):
     assert split_files(tmp_path) == {"train": train, "val": val}
     (tmp_path / "data" / "val.jsonl").write_text("{}\n")  # a copied split wins over the recorded path
     assert split_files(tmp_path)["val"] == tmp_path / "data" / "val.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("flags, words", [
+    (["--dtype", "bogus"], ["--dtype", "bogus"]),
+    (["--check-max-new-tokens", "-5"], ["--check-max-new-tokens", "at least 1"]),
+    (["--check-max-new-tokens", "0"], ["--check-max-new-tokens", "at least 1"]),
+    (["--notes", "nonexist.txt"], ["--notes", "nonexist.txt", "not found"]),
+])
+def test_impossible_flags_are_refused_before_the_model_loads(tiny_run, tmp_path, monkeypatch, capsys, flags, words):
+    import fastchat_ft.export as export_mod
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(export_mod, "load_model", no_load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "myexp.failed").mkdir()
+    (tmp_path / "myexp.failed" / "mine.txt").write_text("mine")
+    assert main(["export", str(tiny_run["run"]), "--out", "myexp", *flags]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "fix:" in err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "myexp").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["myexp.failed"]
+    assert (tmp_path / "myexp.failed" / "mine.txt").read_text() == "mine"  # it used to be deleted
+
+
+def test_a_failed_export_never_deletes_a_folder_it_did_not_write(tiny_run, tmp_path, monkeypatch, capsys):
+    import fastchat_ft.export_artifacts as artifacts
+
+    def broken(*a, **kw):
+        raise ModelError("artifacts broke")
+
+    monkeypatch.setattr(artifacts, "write_artifacts", broken)  # fails after the merged weights are staged
+    out = tmp_path / "myexp"
+    (tmp_path / "myexp.failed").mkdir()
+    (tmp_path / "myexp.failed" / "mine.txt").write_text("mine")
+    for _ in range(2):
+        with pytest.raises(ModelError, match="artifacts broke"):
+            run_export(_args(tiny_run["run"], out))
+    # the user's folder is untouched; the failed export went to the next free name, and the second failure
+    # replaced the first's (it carries the export's marker) instead of piling up
+    assert [p.name for p in (tmp_path / "myexp.failed").iterdir()] == ["mine.txt"]
+    kept = tmp_path / "myexp.failed-2"
+    assert (kept / "config.json").is_file() and (kept / ".fastchat-ft-failed-export").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["myexp.failed", "myexp.failed-2"]
+    assert "kept in" in capsys.readouterr().out
+
+
+def test_gguf_of_an_adapter_export_is_the_merged_model_and_passes_the_self_check(tiny_run, tmp_path):
+    """--adapter --gguf: the GGUF holds the merged model (llama.cpp has no use for a PEFT folder); the self-check
+    used to look for it in the adapter's base model folder (OSError)."""
+    out = tmp_path / "ex"
+    run_export(_args(tiny_run["run"], out, adapter=True, gguf="f16"))
+    assert (out / "model-f16.gguf").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "ex.failed").exists()
