@@ -113,3 +113,21 @@ def test_missing_template_tokens_are_added_and_only_their_rows_train(tmp_path):
     opt.step()
     changed = (emb.detach() != before).any(dim=1).nonzero().flatten().tolist()
     assert sorted(changed) == sorted(new_ids)
+
+
+def test_an_adapter_of_another_model_shape_is_a_model_error_naming_it(tmp_path):
+    """Same key names, other hidden size (a checkpoint of another base model): was a RuntimeError from copy_."""
+    from transformers import LlamaForCausalLM
+
+    small = llama()
+    add_lora(small, 8, 16, 0.0, TARGETS)
+    save_adapter(small, tmp_path, adapter_config(small, "base", 8, 16, 0.0, TARGETS))
+    wider = LlamaForCausalLM(tiny_llama_config(301, hidden=48, layers=2, heads=4, kv_heads=2, intermediate=72))
+    add_lora(wider, 8, 16, 0.0, TARGETS)
+    before = {n: p.clone() for n, p in wider.named_parameters()}
+    with pytest.raises(ModelError, match="do not fit") as e:
+        load_adapter(wider, tmp_path)
+    assert e.value.file == str(tmp_path) and "base model" in e.value.fix
+    assert all(torch.equal(p, before[n]) for n, p in wider.named_parameters())  # nothing half-loaded
+    with pytest.raises(ModelError, match="not a LoRA adapter"):
+        load_adapter(wider, tmp_path / "nothing")

@@ -273,7 +273,7 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
     run_dir = Path(cfg.output_dir)
     if not (resume or cfg.overwrite_output_dir):  # as train: an earlier run's final/ and metrics stay
         train_mod.refuse_to_overwrite(run_dir)
-    with train_mod.removed_if_setup_fails(run_dir, rank):
+    with train_mod.removed_if_setup_fails(run_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
         # rank 0 first (tokenizer, data cache), the others then reuse its files; see dist_mod.rank_zero_first
         s, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
         student = s.model
@@ -284,18 +284,18 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
                 raise ModelError(f"the {name}'s lm_head has {rows} rows, the tokenizer {vocab} tokens",
                                  fix="use the model saved with this tokenizer")
 
-    dist_mod.broadcast_parameters(student)  # ranks seeded differently: start from rank 0's trained weights
-    replicated = dist_mod.replicate(student)  # DDP when world > 1 (the teacher is frozen: each rank keeps one)
-    optimizer = train_mod.build_optimizer(cfg, student)
-    per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
-    steps_epoch = data_mod.steps_per_epoch(len(s.data.train), cfg.micro_batch_size, per_step)
-    total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
-    scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
-    state = ckpt.TrainState(config_hash=cfg.config_hash())
-    if resume:
-        path = ckpt.resolve_resume(run_dir, resume)
-        state = ckpt.load_checkpoint(path, student, s.model_info, optimizer, scheduler, cfg.config_hash())
-        print(f"resumed from {path} at step {state.step}")
+        dist_mod.broadcast_parameters(student)  # ranks seeded differently: start from rank 0's trained weights
+        replicated = dist_mod.replicate(student)  # DDP when world > 1 (the teacher is frozen: each rank keeps one)
+        optimizer = train_mod.build_optimizer(cfg, student)
+        per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
+        steps_epoch = data_mod.steps_per_epoch(len(s.data.train), cfg.micro_batch_size, per_step)
+        total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
+        scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
+        state = ckpt.TrainState(config_hash=cfg.config_hash())
+        if resume:
+            path = ckpt.resolve_resume(run_dir, resume)
+            state = ckpt.load_checkpoint(path, student, s.model_info, optimizer, scheduler, cfg.config_hash())
+            print(f"resumed from {path} at step {state.step}")
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in student.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm or float("inf")
