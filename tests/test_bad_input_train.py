@@ -154,3 +154,20 @@ def test_distill_resuming_a_checkpoint_of_another_shape_is_a_clear_error(env, ca
            str(ckpt), "do not fit")
     assert _snapshot(run) == before
     assert not (root / "runs" / "d_other").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten(env, capsys):
+    root, cfg, _, _ = env
+    early = root / "runs" / "early"
+    early.mkdir(parents=True)
+    (early / "metrics.jsonl").write_text('{"step": 1, "loss": 3.2}\n')  # what such a run leaves besides its config
+    before = _snapshot(early)
+    _fails(capsys, ["train", str(cfg), "--output-dir", str(early)], "already holds a run", "metrics.jsonl")
+    assert _snapshot(early) == before
+
+
+def test_a_dry_run_writes_nothing_into_an_existing_run(env, capsys):
+    root, cfg, _, run = env
+    before = _snapshot(run)
+    assert cli.main(["train", str(cfg), "--dry-run", "--output-dir", str(run), "--set", "chat_template=llama3"]) == 0
+    assert _snapshot(run) == before  # its tokenizer/ (extended for another template) stays as the run left it

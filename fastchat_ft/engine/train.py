@@ -204,8 +204,12 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:
-    """A new run never silently replaces an earlier run's checkpoints, final model and metrics."""
+    """A new run never silently replaces an earlier run's checkpoints, final model and metrics (a run stopped
+    before its first checkpoint has only its logged steps)."""
     earlier = [n for n in ("final", "checkpoints") if (run_dir / n).is_dir() and any((run_dir / n).iterdir())]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        earlier.append(metrics.name)
     if earlier:
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(earlier)})", field="output_dir",
                           fix="continue it with --resume, train into a new --output-dir, or replace it with "
@@ -222,9 +226,13 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     run_dir = Path(cfg.output_dir)
     if not (resume or dry_run or cfg.overwrite_output_dir):
         refuse_to_overwrite(run_dir)
+    # A one-process dry run builds (the extended tokenizer) in scratch space: it writes nothing into the output
+    # folder, where it would replace an earlier run's tokenizer/. Ranks of a torchrun share run_dir to build.
+    scratch = tempfile.TemporaryDirectory(prefix="fastchat-ft-dry-run-") if dry_run and world == 1 else None
+    build_dir = Path(scratch.name) if scratch else run_dir
     with removed_if_setup_fails(run_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
         # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
-        s = dist_mod.rank_zero_first(lambda: build(cfg, run_dir, data))
+        s = dist_mod.rank_zero_first(lambda: build(cfg, build_dir, data))
         dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
         model, mode, rows = s.model, cfg.loss_normalization, s.data.train
         replicated = sharded = None
@@ -247,7 +255,11 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     if dry_run:
         from fastchat_ft.engine.dryrun import report
-        return report(cfg, s, optimizer, total_steps, steps_epoch)
+        try:
+            return report(cfg, s, optimizer, total_steps, steps_epoch)
+        finally:
+            if scratch:
+                scratch.cleanup()
 
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
