@@ -171,3 +171,22 @@ def test_a_dry_run_writes_nothing_into_an_existing_run(env, capsys):
     before = _snapshot(run)
     assert cli.main(["train", str(cfg), "--dry-run", "--output-dir", str(run), "--set", "chat_template=llama3"]) == 0
     assert _snapshot(run) == before  # its tokenizer/ (extended for another template) stays as the run left it
+
+
+def test_a_dry_run_into_a_new_folder_leaves_no_folder_behind(env, capsys):
+    root, cfg, _, _ = env
+    assert cli.main(["train", str(cfg), "--dry-run", "--output-dir", "dry/new"]) == 0
+    assert not (root / "dry").exists()
+
+
+def test_train_called_directly_names_a_folder_given_as_dataset(env):
+    from fastchat_ft.config import load
+    from fastchat_ft.engine.train import train
+    from fastchat_ft.errors import DataError
+
+    root, cfg_path, _, _ = env
+    cfg = load(str(cfg_path), [])
+    cfg.datasets = [{"path": str(root), "type": "chat_template"}]  # skips the CLI's up-front checks
+    cfg.output_dir = str(root / "runs" / "direct")
+    with pytest.raises(DataError, match="is a folder"):
+        train(cfg, dry_run=True)

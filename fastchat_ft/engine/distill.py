@@ -86,10 +86,10 @@ def config_from_args(args) -> tuple[config_mod.TrainConfig, DistillOptions]:
     else:
         cfg = config_mod.from_dict(config_mod.apply_overrides(dict(DEFAULTS), overrides))
     cfg.base_model = args.student
-    train_mod.check_data_file(args.data, "--data", train_mod.CWD_FIX)
+    data_mod.check_data_file(args.data, "--data", data_mod.CWD_FIX)
     cfg.datasets = [{"path": str(Path(args.data).resolve()), "type": "chat_template"}]
     if getattr(args, "val_data", None):
-        train_mod.check_data_file(args.val_data, "--val-data", train_mod.CWD_FIX)
+        data_mod.check_data_file(args.val_data, "--val-data", data_mod.CWD_FIX)
         cfg.test_datasets = [{"path": str(Path(args.val_data).resolve()), "type": "chat_template"}]
     if getattr(args, "adapter", None):
         cfg.adapter = None if args.adapter == "full" else args.adapter

@@ -30,7 +30,7 @@ from fastchat_ft.engine.metrics import MetricsLogger, append_samples
 from fastchat_ft.engine.rundir import generate_samples, write_run_files
 from fastchat_ft.engine.schedule import build_scheduler
 from fastchat_ft.engine.validation import EvalResult, evaluate
-from fastchat_ft.errors import ConfigError, DataError, ModelError
+from fastchat_ft.errors import ConfigError, ModelError
 from fastchat_ft.model import load as load_mod
 from fastchat_ft.model import lora as lora_mod
 
@@ -42,7 +42,7 @@ def run_train(args) -> int:
         cfg.base_model = args.base_model
     if args.data:
         for p in args.data:
-            check_data_file(p, "--data", CWD_FIX)
+            data_mod.check_data_file(p, "--data", data_mod.CWD_FIX)
         cfg.datasets = [{"path": str(Path(p).resolve()), "type": "chat_template"} for p in args.data]
     if args.output_dir:
         cfg.output_dir = args.output_dir
@@ -60,25 +60,11 @@ def run_train(args) -> int:
     return 0
 
 
-CWD_FIX = "check the path (a relative path is relative to the current folder)"
-
-
-def check_data_file(path, field: str, fix: str) -> None:
-    """A dataset path is an existing file; checked before any model loads."""
-    p = Path(path)
-    if p.is_dir():
-        raise DataError("is a folder, not a dataset file", file=str(p), field=field,
-                        fix="pass a ChatML .jsonl or .json file inside it")
-    if not p.is_file():
-        raise DataError("dataset file not found", file=str(p), field=field, fix=fix)
-
-
 def check_config_data_files(cfg) -> None:
     """The datasets / test_datasets of the config (already resolved against the config file's folder)."""
     for key in ("datasets", "test_datasets"):
         for entry in getattr(cfg, key):
-            check_data_file(entry["path"], key, "check the path (in a config file a relative path is relative to "
-                                                "that file; in --set, to the current folder)")
+            data_mod.check_data_file(entry["path"], key, data_mod.CONFIG_FIX)
 
 
 @contextlib.contextmanager
@@ -230,7 +216,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     # folder, where it would replace an earlier run's tokenizer/. Ranks of a torchrun share run_dir to build.
     scratch = tempfile.TemporaryDirectory(prefix="fastchat-ft-dry-run-") if dry_run and world == 1 else None
     build_dir = Path(scratch.name) if scratch else run_dir
-    with removed_if_setup_fails(run_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
+    with removed_if_setup_fails(build_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
         # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
         s = dist_mod.rank_zero_first(lambda: build(cfg, build_dir, data))
         dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
