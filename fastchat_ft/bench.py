@@ -428,7 +428,6 @@ def check_args(args) -> None:
     """Impossible flag values and unusable paths, refused before any model loads (they would fail minutes later,
     deep in a runner, or after every run had finished)."""
     from fastchat_ft import flags
-    from fastchat_ft.errors import DataError
 
     flags.at_least(args, _LEAST)
     flags.positive(args, ["lr"])
@@ -437,10 +436,8 @@ def check_args(args) -> None:
         raise ConfigError(f"unknown model(s) {', '.join(unknown)}", field="--models",
                           fix=f"a comma-separated subset of {','.join(GPU_MODELS)}")
     for name in ("data", "val_data"):
-        given = getattr(args, name, None)
-        if given and not Path(given).is_file():
-            raise DataError("no such file" if not Path(given).exists() else "not a file", file=given,
-                            field=flags.flag_name(name), fix="check the path")
+        if getattr(args, name, None):
+            flags.input_file(getattr(args, name), flags.flag_name(name))
     flags.output_folder(args.out, "--out")
 
 

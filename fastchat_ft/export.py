@@ -6,6 +6,7 @@ renames it into place. GGUF, artifacts, the self-check and the card live in thei
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,17 +31,14 @@ FAILED_MARKER = ".fastchat-ft-failed-export"
 def check_export_flags(args) -> None:
     """Values that cannot work, refused before the model loads and merges (minutes on a large model)."""
     flags.at_least(args, {"check_max_new_tokens": 1})
+    flags.output_folder(Path(args.out).expanduser(), "--out")  # not a file, nor a path under one
     requested = getattr(args, "dtype", None)
     if requested not in (None, "auto") and requested not in DTYPES:
         raise ConfigError(f"unknown dtype {requested!r}", field="--dtype",
                           fix="auto (the base model's), float32, bfloat16 or float16")
     notes = getattr(args, "notes", None)
     if notes is not None:
-        path = Path(notes)
-        if not path.is_file():
-            raise ConfigError("is a folder, not a notes file" if path.is_dir() else "notes file not found",
-                              file=str(path), field="--notes",
-                              fix="pass a text or Markdown file (or leave --notes out)")
+        path = flags.input_file(notes, "--notes", "pass a text or Markdown file (or leave --notes out)")
         try:
             path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -92,8 +90,9 @@ def run_export(args) -> int:
     except BaseException as e:
         if stage.exists():
             failed = _failed_folder(out)
-            (stage / FAILED_MARKER).write_text("kept by a failed `fastchat-ft export`; the next failed export of "
-                                               "the same --out replaces this folder\n")
+            with contextlib.suppress(OSError):  # e.g. a full disk: the export's own error is the one to report
+                (stage / FAILED_MARKER).write_text("kept by a failed `fastchat-ft export`; the next failed export "
+                                                   "of the same --out replaces this folder\n")
             stage_abs = stage.resolve()
             stage.rename(failed)
             stage_paths_relocate(failed, stage_abs)
@@ -144,9 +143,7 @@ def export_dtype(requested: str | None, loaded: LoadedModel, source):
     either way; a bf16 base saved as fp32 would double the size for no gain)."""
     import torch
 
-    if requested and requested != "auto":
-        if requested not in DTYPES:
-            raise FastchatError(f"unknown dtype {requested!r}", field="--dtype", fix="float32, bfloat16 or float16")
+    if requested and requested != "auto":  # a name check_export_flags accepted
         return getattr(torch, DTYPES[requested])
     folder = source.base if source.kind == "lora" else source.path
     conf = json.loads((folder / "config.json").read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fastchat_ft.errors import ConfigError
+from fastchat_ft.errors import ConfigError, DataError
 
 
 def flag_name(name: str) -> str:
@@ -15,26 +15,46 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_range(value, flag: str, *, low=None, high=None, low_open: bool = False) -> None:
+    """value lies in [low, high] (low excluded with low_open; None: no bound); NaN fails."""
+    ok = (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
+    if not ok:  # every comparison with NaN is False: NaN lands here
+        lo = "" if low is None else f"{'above' if low_open else 'at least'} {low}"
+        hi = "" if high is None else f"at most {high}"
+        want = " and ".join(w for w in (lo, hi) if w)
+        raise ConfigError(f"must be {want}, got {value}", field=flag,
+                          fix=f"pass {flag} {want}, or leave it out for the default")
+
+
 def at_least(args, least: dict[str, int | float]) -> None:
     """Each named argument, where given (not None), is a number >= its bound; NaN fails too."""
     for name, low in least.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        if not value >= low:  # written so that NaN fails
-            flag = flag_name(name)
-            raise ConfigError(f"must be at least {low}, got {value}", field=flag,
-                              fix=f"pass {flag} {low} or more, or leave it out for the default")
+        if getattr(args, name, None) is not None:
+            check_range(getattr(args, name), flag_name(name), low=low)
 
 
 def positive(args, names: tuple[str, ...] | list[str]) -> None:
     """Each named argument, where given, is a finite number > 0."""
     for name in names:
         value = getattr(args, name, None)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            flag = flag_name(name)
-            raise ConfigError(f"must be a finite number above 0, got {value}", field=flag,
-                              fix=f"pass a positive {flag}, or leave it out for the default")
+        if value is not None:
+            check_range(value, flag_name(name), low=0, low_open=True)
+            if not math.isfinite(value):
+                raise ConfigError(f"must be a finite number, got {value}", field=flag_name(name),
+                                  fix=f"pass a positive {flag_name(name)}, or leave it out for the default")
+
+
+CWD_FIX = "check the path (a relative path is relative to the current folder)"
+
+
+def input_file(path: str | Path, flag: str, fix: str = CWD_FIX) -> Path:
+    """A file the command reads: it exists and is not a folder. Returns the path."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError("is a folder, not a file", file=str(p), field=flag, fix="pass a file (inside it?)")
+    if not p.is_file():
+        raise DataError("file not found", file=str(p), field=flag, fix=fix)
+    return p
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -54,7 +74,7 @@ def output_file(path: str | Path, flag: str, *, inputs=()) -> Path:
                               field=flag, fix=f"give {flag} a new file name")
     if out.is_dir():
         raise ConfigError(f"{out} is a folder", field=flag, fix=f"give {flag} a file path, e.g. {out / 'out'}")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent  # Path("x").parent is Path(".")
     if not parent.is_dir():
         raise ConfigError(f"the folder {parent} does not exist", field=flag,
                           fix=f"create {parent} first, or give {flag} a path in an existing folder")

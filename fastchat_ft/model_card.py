@@ -41,7 +41,8 @@ def model_card(out: Path, source, summary: dict, artifacts: dict, check: dict) -
     if summary.get("adapter", {}).get("base_copy"):
         files.append("base/: the base model with the trained embedding rows (added tokens) the adapter needs")
     if summary.get("gguf"):
-        files.append(f"{summary['gguf']}: GGUF for llama.cpp / Ollama")
+        merged = " (merged weights, runs without the adapter)" if mode == "adapter" else ""
+        files.append(f"{summary['gguf']}: GGUF for llama.cpp / Ollama{merged}")
     if summary.get("four_bit"):
         files.append("nf4/: bitsandbytes 4-bit (nf4, double quantization) copy")
     files += [f for f in artifacts.get("files", [])]

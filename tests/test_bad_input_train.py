@@ -35,6 +35,16 @@ def env(setup, monkeypatch):
     return setup
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A check that ran after the model started loading fails the test (and its traceback fails _fails)."""
+    def refuse(*_a, **_kw):
+        raise AssertionError("a model was looked up before the bad value was refused")
+
+    for name in ("resolve_base_model", "load_model"):
+        monkeypatch.setattr(f"fastchat_ft.model.load.{name}", refuse)
+
+
 def _fails(capsys, argv, *words):
     """cli.main(argv) exits 1 with an error naming every word, a fix and no traceback; returns stderr."""
     rc = cli.main(argv)
@@ -61,7 +71,7 @@ def test_distill_refuses_to_overwrite_an_existing_run(env, capsys):
 
 
 @pytest.mark.parametrize("command", ["train", "distill"])
-def test_an_output_dir_that_is_a_file_is_refused_up_front(env, capsys, command):
+def test_an_output_dir_that_is_a_file_is_refused_up_front(env, capsys, no_model_load, command):
     root, cfg, model, _ = env
     (root / "small.jsonl").write_text("keep me\n")
     argv = (["train", str(cfg)] if command == "train" else _distill(model)) + ["--output-dir", "small.jsonl"]
@@ -70,7 +80,7 @@ def test_an_output_dir_that_is_a_file_is_refused_up_front(env, capsys, command):
 
 
 @pytest.mark.parametrize("command", ["train", "distill"])
-def test_nproc_below_one_is_refused(env, capsys, command):
+def test_nproc_below_one_is_refused(env, capsys, no_model_load, command):
     root, cfg, model, _ = env
     argv = (["train", str(cfg), "--dry-run"] if command == "train" else _distill(model)) + ["--nproc", "0"]
     _fails(capsys, argv + ["--output-dir", "runs/nproc"], "--nproc", "at least 1")
@@ -80,14 +90,14 @@ def test_nproc_below_one_is_refused(env, capsys, command):
 @pytest.mark.parametrize("command", ["train", "distill"])
 @pytest.mark.parametrize("setting, key", [("seed=-1", "seed"), ("num_epochs=.nan", "num_epochs"),
                                           ("learning_rate=.inf", "learning_rate")])
-def test_impossible_config_values_are_refused_before_the_model_loads(env, capsys, command, setting, key):
+def test_impossible_config_values_are_refused_before_the_model_loads(env, capsys, no_model_load, command, setting, key):
     root, cfg, model, _ = env
     argv = ["train", str(cfg), "--dry-run"] if command == "train" else _distill(model)
     _fails(capsys, argv + ["--set", setting, "--output-dir", "runs/values"], f"'{key}'")
     assert not (root / "runs" / "values").exists()
 
 
-def test_a_folder_given_as_data_or_config_says_it_is_a_folder(env, capsys):
+def test_a_folder_given_as_data_or_config_says_it_is_a_folder(env, capsys, no_model_load):
     root, cfg, model, _ = env
     (root / "afolder").mkdir(exist_ok=True)
     _fails(capsys, ["train", str(cfg), "--data", "afolder", "--output-dir", "runs/f"], "afolder", "--data",
@@ -97,7 +107,7 @@ def test_a_folder_given_as_data_or_config_says_it_is_a_folder(env, capsys):
     assert not (root / "runs" / "f").exists()
 
 
-def test_a_missing_data_file_fix_fits_where_the_path_came_from(env, capsys):
+def test_a_missing_data_file_fix_fits_where_the_path_came_from(env, capsys, no_model_load):
     root, cfg, model, _ = env
     err = _fails(capsys, ["train", str(cfg), "--data", "nonexist.jsonl", "--output-dir", "runs/m"],
                  "nonexist.jsonl", "--data", "not found", "current folder")
@@ -162,7 +172,9 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_overwritten(env, capsy
     early.mkdir(parents=True)
     (early / "metrics.jsonl").write_text('{"step": 1, "loss": 3.2}\n')  # what such a run leaves besides its config
     before = _snapshot(early)
-    _fails(capsys, ["train", str(cfg), "--output-dir", str(early)], "already holds a run", "metrics.jsonl")
+    err = _fails(capsys, ["train", str(cfg), "--output-dir", str(early)], "already holds a run", "metrics.jsonl",
+                 "--output-dir")
+    assert "--resume" not in err  # no checkpoint to resume from: that fix would fail again
     assert _snapshot(early) == before
 
 

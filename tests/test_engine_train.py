@@ -73,7 +73,9 @@ def test_a_new_run_never_replaces_an_earlier_one_silently(tiny_dir, tmp_path):
     before = (out / "metrics.jsonl").read_bytes()
     with pytest.raises(ConfigError) as err:
         train_mod.train(make_cfg(tiny_dir, out, max_steps=1), data=data, show_bar=False)
-    assert err.value.field == "output_dir" and "--resume" in err.value.fix and "final" in str(err.value)
+    assert err.value.field == "output_dir" and "final" in str(err.value)
+    # no checkpoints/ (save_steps 100): --resume would fail, so the fix offers a new folder or the overwrite
+    assert "--resume" not in err.value.fix and "--output-dir" in err.value.fix and "overwrite_output_dir" in err.value.fix
     assert (out / "metrics.jsonl").read_bytes() == before  # nothing of the earlier run was touched
     summary = train_mod.train(make_cfg(tiny_dir, out, max_steps=1, overwrite_output_dir=True), data=data,
                               show_bar=False)

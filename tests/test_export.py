@@ -247,6 +247,16 @@ def test_impossible_flags_are_refused_before_the_model_loads(tiny_run, tmp_path,
     assert (tmp_path / "myexp.failed" / "mine.txt").read_text() == "mine"  # it used to be deleted
 
 
+def test_an_out_path_under_a_file_is_refused_before_the_model_loads(tiny_run, tmp_path, monkeypatch, capsys):
+    import fastchat_ft.export as export_mod
+
+    monkeypatch.setattr(export_mod, "load_model", lambda *a, **kw: pytest.fail("loaded before the check"))
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(tiny_run["run"]), "--out", str(tmp_path / "afile" / "exp")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--out" in err and "is a file" in err and "fix:" in err
+
+
 def test_a_failed_export_never_deletes_a_folder_it_did_not_write(tiny_run, tmp_path, monkeypatch, capsys):
     import fastchat_ft.export_artifacts as artifacts
 
@@ -276,3 +286,4 @@ def test_gguf_of_an_adapter_export_is_the_merged_model_and_passes_the_self_check
     run_export(_args(tiny_run["run"], out, adapter=True, gguf="f16"))
     assert (out / "model-f16.gguf").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "ex.failed").exists()
+    assert "model-f16.gguf: GGUF for llama.cpp / Ollama (merged weights" in (out / "README.md").read_text()

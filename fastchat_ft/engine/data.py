@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastchat_ft import flags
 from fastchat_ft.config import LOADER_KEYS
 from fastchat_ft.data.collate import collate
 from fastchat_ft.errors import ConfigError, DataError
@@ -164,18 +165,7 @@ def held_out_conversations(rows) -> dict[str, list[int]]:
     return {path: sorted(lines) for path, lines in out.items()}
 
 
-CWD_FIX = "check the path (a relative path is relative to the current folder)"
 CONFIG_FIX = "check the path (in a config file a relative path is relative to that file; in --set, to the current folder)"
-
-
-def check_data_file(path, field: str, fix: str) -> None:
-    """A dataset path is an existing file (checked before any model loads, and again here for direct callers)."""
-    p = Path(path)
-    if p.is_dir():
-        raise DataError("is a folder, not a dataset file", file=str(p), field=field,
-                        fix="pass a ChatML .jsonl or .json file inside it")
-    if not p.is_file():
-        raise DataError("dataset file not found", file=str(p), field=field, fix=fix)
 
 
 def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
@@ -185,7 +175,7 @@ def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
     if not train_files:
         raise ConfigError("no training data", field="datasets", fix="add datasets: [{path: your.jsonl}] or pass --data FILE")
     for p in train_files + val_files:
-        check_data_file(p, "datasets" if p in train_files else "test_datasets", CONFIG_FIX)
+        flags.input_file(p, "datasets" if p in train_files else "test_datasets", CONFIG_FIX)  # direct callers
     train, stats = pack_entries(cfg.datasets, tokenizer_dir, cfg)
     val = pack_entries(cfg.test_datasets, tokenizer_dir, cfg)[0] if val_files else []
     held_out = {}

@@ -66,6 +66,8 @@ class DistillOptions:
 def run_distill(args) -> int:
     flags.at_least(args, {"nproc": 1})
     cfg, opts = config_from_args(args)
+    if not (getattr(args, "resume", None) or cfg.overwrite_output_dir):  # before torchrun starts N processes
+        train_mod.refuse_to_overwrite(Path(cfg.output_dir))
     nproc = getattr(args, "nproc", None)
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist_mod.relaunch_with_torchrun(nproc, sys.argv[1:])
@@ -86,10 +88,10 @@ def config_from_args(args) -> tuple[config_mod.TrainConfig, DistillOptions]:
     else:
         cfg = config_mod.from_dict(config_mod.apply_overrides(dict(DEFAULTS), overrides))
     cfg.base_model = args.student
-    data_mod.check_data_file(args.data, "--data", data_mod.CWD_FIX)
+    flags.input_file(args.data, "--data")
     cfg.datasets = [{"path": str(Path(args.data).resolve()), "type": "chat_template"}]
     if getattr(args, "val_data", None):
-        data_mod.check_data_file(args.val_data, "--val-data", data_mod.CWD_FIX)
+        flags.input_file(args.val_data, "--val-data")
         cfg.test_datasets = [{"path": str(Path(args.val_data).resolve()), "type": "chat_template"}]
     if getattr(args, "adapter", None):
         cfg.adapter = None if args.adapter == "full" else args.adapter

@@ -23,9 +23,7 @@ EVAL_ROWS_PER_BATCH = 4
 
 
 def run_eval(args) -> int:
-    data = Path(args.data).expanduser()
-    if not data.is_file():
-        raise DataError("eval data file not found", file=str(data), fix="give a ChatML .jsonl/.json file")
+    data = flags.input_file(Path(args.data).expanduser(), "--data")
     source = resolve_model(args.model)  # no weights read yet: the checks below need only where the run is
     if args.baseline:
         resolve_model(args.baseline)  # a wrong --baseline path is reported before the model's metrics are computed
@@ -60,11 +58,10 @@ def check_eval_args(args, data: Path, run_dir: Path | None, source: ModelSource)
         raise ConfigError(f"unknown template {args.template!r}", field="--template",
                           fix=f"pass one of {', '.join(TEMPLATES)}, or leave it out for the run's own template")
     given = getattr(args, "train_data", None)
-    if given is not None and not Path(given).expanduser().is_file():
-        # a silent "no training file found" would read as a memorisation check that found nothing
-        raise DataError("training data file not found", file=str(given), field="--train-data",
-                        fix="give the ChatML file the model was trained on, or leave --train-data out for the "
-                            "run's own train split")
+    if given is not None:  # a silent "no training file found" would read as a check that found nothing
+        flags.input_file(Path(given).expanduser(), "--train-data",
+                         "give the ChatML file the model was trained on, or leave --train-data out for the run's "
+                         "own train split")
     train_file = Path(given).expanduser() if given else split_files(run_dir).get("train")
     if not args.samples:
         return train_file, None

@@ -42,13 +42,15 @@ def run_train(args) -> int:
         cfg.base_model = args.base_model
     if args.data:
         for p in args.data:
-            data_mod.check_data_file(p, "--data", data_mod.CWD_FIX)
+            flags.input_file(p, "--data")
         cfg.datasets = [{"path": str(Path(p).resolve()), "type": "chat_template"} for p in args.data]
     if args.output_dir:
         cfg.output_dir = args.output_dir
     config_mod.validate(cfg)
     check_config_data_files(cfg)
     flags.output_folder(cfg.output_dir, "--output-dir" if args.output_dir else "output_dir")
+    if not (args.resume or args.dry_run or cfg.overwrite_output_dir):  # before torchrun starts N processes
+        refuse_to_overwrite(Path(cfg.output_dir))
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist_mod.relaunch_with_torchrun(args.nproc, sys.argv[1:])
     try:
@@ -64,7 +66,7 @@ def check_config_data_files(cfg) -> None:
     """The datasets / test_datasets of the config (already resolved against the config file's folder)."""
     for key in ("datasets", "test_datasets"):
         for entry in getattr(cfg, key):
-            data_mod.check_data_file(entry["path"], key, data_mod.CONFIG_FIX)
+            flags.input_file(entry["path"], key, data_mod.CONFIG_FIX)
 
 
 @contextlib.contextmanager
@@ -197,9 +199,9 @@ def refuse_to_overwrite(run_dir: Path) -> None:
     if metrics.is_file() and metrics.stat().st_size:
         earlier.append(metrics.name)
     if earlier:
+        resume = "continue it with --resume, " if "checkpoints" in earlier else ""  # nothing to resume from else
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(earlier)})", field="output_dir",
-                          fix="continue it with --resume, train into a new --output-dir, or replace it with "
-                              "--set overwrite_output_dir=true")
+                          fix=f"{resume}train into a new --output-dir, or replace it with --set overwrite_output_dir=true")
 
 
 def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_batches: bool = False,
@@ -214,11 +216,13 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
         refuse_to_overwrite(run_dir)
     # A one-process dry run builds (the extended tokenizer) in scratch space: it writes nothing into the output
     # folder, where it would replace an earlier run's tokenizer/. Ranks of a torchrun share run_dir to build.
-    scratch = tempfile.TemporaryDirectory(prefix="fastchat-ft-dry-run-") if dry_run and world == 1 else None
-    build_dir = Path(scratch.name) if scratch else run_dir
-    with removed_if_setup_fails(build_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
+    # The dry-run report needs nothing from that folder once the model is built.
+    build_place = (tempfile.TemporaryDirectory(prefix="fastchat-ft-dry-run-") if dry_run and world == 1
+                   else contextlib.nullcontext(str(run_dir)))
+    with build_place as build_name, removed_if_setup_fails(Path(build_name), rank):
+        # up to a loaded resume checkpoint: nothing trained yet
         # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
-        s = dist_mod.rank_zero_first(lambda: build(cfg, build_dir, data))
+        s = dist_mod.rank_zero_first(lambda: build(cfg, Path(build_name), data))
         dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
         model, mode, rows = s.model, cfg.loss_normalization, s.data.train
         replicated = sharded = None
@@ -241,11 +245,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
     if dry_run:
         from fastchat_ft.engine.dryrun import report
-        try:
-            return report(cfg, s, optimizer, total_steps, steps_epoch)
-        finally:
-            if scratch:
-                scratch.cleanup()
+        return report(cfg, s, optimizer, total_steps, steps_epoch)
 
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
