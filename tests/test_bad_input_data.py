@@ -72,6 +72,18 @@ def test_analyze_plot_refused_before_the_scan(data, monkeypatch):
         analyze.analyze_file(data, None, plot=data)
 
 
+def test_analyze_plot_never_overwrites_a_tokenizer_object_file(data, tmp_path):
+    # A tokenizer given as an object is read from its .path: --plot must not replace that file either.
+    from fastchat_ft.data import analyze
+    from fastchat_ft.data.tokenize import LoaderTokenizer
+    tok_file = tmp_path / "tokenizer.json"
+    shutil.copy(shared_path("tokenizers", "smollm2") / "tokenizer.json", tok_file)
+    before = tok_file.read_bytes()
+    with pytest.raises(ConfigError, match="also an input"):
+        analyze.analyze_file(data, LoaderTokenizer.from_any(tok_file), plot=tok_file)
+    assert tok_file.read_bytes() == before
+
+
 @pytest.mark.parametrize("flag,value", [("--micro-batch-size", "0"), ("--grad-accum", "-2"), ("--world-size", "0"),
                                         ("--budget", "-100"), ("--budget", "0"), ("--max-seq-len", "0")])
 def test_analyze_refuses_impossible_numbers(data, tok_dir, capsys, flag, value):
@@ -101,6 +113,19 @@ def test_validate_fix_names_the_rejects_clash(tmp_path, capsys):
         write_fixed(validate_file(src), tmp_path / "in.jsonl")
 
 
+def test_write_fixed_checks_its_outputs_too(data, tmp_path):
+    # The API path refuses what the CLI refuses before the scan, rather than failing inside mkstemp.
+    from fastchat_ft.data.validate import validate_file, write_fixed
+    report = validate_file(data)
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        write_fixed(report, tmp_path / "nodir" / "out.jsonl")
+    assert info.value.field == "--fix"
+    (tmp_path / "y.rejects.jsonl").mkdir()
+    with pytest.raises(ConfigError, match="writes its rejects beside it.*y.rejects.jsonl is a folder"):
+        write_fixed(report, tmp_path / "y.jsonl")
+    assert not (tmp_path / "nodir").exists() and not (tmp_path / "y.jsonl").exists()
+
+
 @pytest.mark.parametrize("tokenizer", ["truncated", "dataset"])
 def test_validate_broken_tokenizer_file_is_named(data, tmp_path, tok_dir, capsys, tokenizer):
     if tokenizer == "truncated":
@@ -123,16 +148,30 @@ def test_broken_tokenizer_config_is_named(data, tmp_path, capsys):
 
 @pytest.mark.parametrize("value", ["-5", "0"])
 def test_validate_max_seq_len_must_be_positive(data, tok_dir, capsys, value):
-    # 0 used to switch the length check off silently; analyze refuses it too.
-    refused(capsys, ["validate", str(data), "--tokenizer", tok_dir, "--max-seq-len", value], flag="--max-seq-len")
+    # 0 used to switch the length check off silently; analyze refuses it too. Leaving the flag out is "no check".
+    err = refused(capsys, ["validate", str(data), "--tokenizer", tok_dir, "--max-seq-len", value],
+                  flag="--max-seq-len")
+    assert "at least 1" in err and "no length check" not in err
+
+
+@pytest.mark.parametrize("value", [-5, 0])
+def test_validate_file_max_seq_len_one_rule(data, tok_dir, value):
+    # The API follows the CLI's rule: 0 is refused, None is no length check.
+    from fastchat_ft.data.validate import validate_file
+    with pytest.raises(ConfigError, match="at least 1") as info:
+        validate_file(data, tokenizer=tok_dir, max_seq_len=value)
+    assert info.value.field == "max_seq_len"
+    assert validate_file(data, tokenizer=tok_dir, max_seq_len=None).ok
+    assert validate_file(data, tokenizer=tok_dir, max_seq_len=1).issues  # every record is over 1 token
 
 
 @pytest.mark.parametrize("value", ["5", "-1", "0", "0.3", "nan"])
 def test_near_threshold_range(data, tmp_path, capsys, value):
     err = refused(capsys, ["validate", str(data), "--near-threshold", value], flag="--near-threshold")
-    assert "0.5" in err
-    refused(capsys, ["split", str(data), "--near-threshold", value, "--out-dir", str(tmp_path / "o")],
-            flag="--near-threshold")
+    assert "0.5" in err and "Jaccard" in err and "--no-near-duplicates" in err
+    err = refused(capsys, ["split", str(data), "--near-threshold", value, "--out-dir", str(tmp_path / "o")],
+                  flag="--near-threshold")
+    assert "0.5" in err and "--no-near-duplicates" not in err  # split has no such flag
     assert not (tmp_path / "o").exists()
 
 

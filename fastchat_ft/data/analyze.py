@@ -65,10 +65,9 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
         raise DataError(f"overlong must be 'drop' or 'truncate', not {overlong!r}", field="overlong")
     if max_seq_len <= 0:
         raise DataError("max_seq_len must be positive", field="max_seq_len")
-    if plot:  # before the scan: the PNG must never replace the dataset, nor fail after the whole analysis
-        tok_file = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
-        flags.output_file(plot, "--plot", inputs=[path, tok_file])
     tok_path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "path", None)
+    if plot:  # before the scan: the PNG must never replace the dataset, nor fail after the whole analysis
+        flags.output_file(plot, "--plot", inputs=[path, tok_path])
     tmpl = resolve_template(template, tok_path)
     tok = load_tokenizer(tokenizer)
     scanner = open_scanner(path, tokenizer=tok, template=tmpl, max_seq_len=max_seq_len,
@@ -249,7 +248,7 @@ def run_analyze(args) -> int:
     # Flag values first: a default tokenizer may need converting (seconds) and the scan reads the whole file.
     flags.positive(args, ["max_seq_len", "micro_batch_size", "grad_accum", "world_size"])
     flags.at_least(args, {"budget": 1})
-    if args.plot:
+    if args.plot:  # here too: analyze_file checks it only after a default tokenizer's conversion
         flags.output_file(args.plot, "--plot", inputs=[args.file, args.tokenizer])
     tokenizer = args.tokenizer
     if tokenizer is None:

@@ -50,7 +50,8 @@ def output_paths(src: Path, out_dir: str | os.PathLike | None) -> tuple[Path, Pa
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
     train_path, val_path = out / f"{stem}.train.jsonl", out / f"{stem}.val.jsonl"
-    if src.resolve() in (train_path.resolve(), val_path.resolve()):
+    # Not flags.output_file: it refuses a file whose folder does not exist yet, and split creates --out-dir.
+    if any(flags._same_file(p, src) for p in (train_path, val_path)):
         raise DataError("the split would overwrite its input", file=str(src), fix="pass --out-dir")
     for p in (train_path, val_path):
         if p.is_dir():
@@ -63,11 +64,10 @@ def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0
                near_threshold: float = 0.8, threads: int = 0) -> dict:
     """Write <name>.train.jsonl and <name>.val.jsonl; returns counts and paths, and `warnings` (a list of
     sentences) when a side came out empty."""
-    if not 0.0 <= val_ratio < 1.0:
+    if not 0.0 <= val_ratio < 1.0:  # not flags.check_range, which has no open upper bound (1: an empty train file)
         raise ConfigError(f"must be at least 0 and below 1, got {val_ratio}", field="--val-ratio",
                           fix="pass a share such as 0.1 (0: no validation file content)")
-    if not seed >= 0:  # numpy's seeded generator takes no negative seed
-        raise ConfigError(f"must be 0 or more, got {seed}", field="--seed", fix="pass --seed 0 or more")
+    flags.check_range(seed, "--seed", low=0)  # numpy's seeded generator takes no negative seed
     check_near_threshold(near_threshold)
     src = Path(path)
     out, train_path, val_path = output_paths(src, out_dir)

@@ -90,8 +90,11 @@ class LoaderTokenizer:
                 out.hf = tokenizers.Tokenizer.from_file(str(file))
             except Exception as hf_error:  # tokenizers raises a bare Exception: not a tokenizer.json at all
                 # The native loader's message says more (a JSON error's line:column, the missing component).
-                m = re.match(r".*?:(\d+):(\d+): (.*)", str(e), re.S) if type(e) is ValueError else None
-                reason = m.group(3) if m else e if isinstance(e, ValueError) else hf_error
+                if isinstance(e, ValueError):
+                    m = re.match(r".*?:(\d+):(\d+): (.*)", str(e), re.S)
+                    reason = m.group(3) if m else e
+                else:  # AttributeError (the native module is not built): the tokenizers library's reason
+                    m, reason = None, hf_error
                 raise TokenizerError(f"cannot load this tokenizer.json: {reason}",
                                      file=str(file), line=int(m.group(1)) if m else None,
                                      column=int(m.group(2)) if m else None,

@@ -141,20 +141,23 @@ def resolve_template(name: str, tokenizer_path: str | os.PathLike | None) -> str
                     file=str(tokenizer_path), field="template", fix=f"pass --template ({', '.join(BUILTIN_TEMPLATES)})")
 
 
-def check_near_threshold(value: float, flag: str = "--near-threshold") -> None:
-    """Within NEAR_THRESHOLD_RANGE (shared by validate and split)."""
+def check_near_threshold(value: float, flag: str = "--near-threshold", *, skip_flag: str | None = None) -> None:
+    """Within NEAR_THRESHOLD_RANGE (shared by validate and split); `skip_flag`: the flag that turns the check off,
+    where the command has one. Not flags.check_range: the message says why a low threshold is refused."""
     low, high = NEAR_THRESHOLD_RANGE
     if not low <= value <= high:  # written so that NaN fails
-        raise ConfigError(f"must be between {low} and {high} (an estimated Jaccard similarity), got {value}",
+        skip = f", or {skip_flag} to skip the check" if skip_flag else ""
+        raise ConfigError(f"must be between {low} and {high}, got {value}: it is an estimated Jaccard similarity, "
+                          f"and below {low} the near-duplicate index would miss most of the pairs it asks for",
                           field=flag, fix=f"pass {flag} between {low} and {high} (default 0.8; 1.0: identical "
-                                          "words only), or --no-near-duplicates to skip the check")
+                                          f"words only){skip}")
 
 
 def check_max_seq_len(value: int | None, flag: str = "--max-seq-len") -> None:
-    """None or 0 means no length check (the scanner's 0); a negative length is a mistake, not a wish."""
-    if value is not None and not value >= 0:
-        raise ConfigError(f"must be a number of tokens (0: no length check), got {value}", field=flag,
-                          fix=f"pass {flag} 1 or more, or leave it out")
+    """A length in tokens, 1 or more; None (the flag left out) means no length check. 0 is refused, as analyze
+    and training refuse it: "no length check" is what leaving the flag out already says."""
+    if value is not None:
+        flags.check_range(value, flag, low=1)
 
 
 def reader_error(path: Path, line: int, column: int, reason: str) -> DataError:
@@ -276,13 +279,14 @@ def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path,
     the input. Returns (out, rejects, kept, dropped)."""
     src, dst = Path(report.file).resolve(), Path(out).resolve()
     rej = rejects_path(dst)
-    if dst == src or (dst.exists() and os.path.samefile(dst, src)):
+    if flags._same_file(dst, src):
         raise DataError("--fix OUT must differ from the input file (the input is never modified)", file=str(out),
                         fix="write the cleaned copy to a new path, e.g. data.clean.jsonl")
-    if rej == src or (rej.exists() and os.path.samefile(rej, src)):
+    if flags._same_file(rej, src):
         raise DataError(f"--fix {out} would write its rejects to {rej.name}, which is the input file (the input is "
                         "never modified)", file=str(out), fix="give --fix a name whose .rejects.jsonl is not the "
                                                               "input, e.g. data.clean.jsonl")
+    check_fix_paths(out, src, report.tokenizer)  # the rest: a folder in the way, a missing folder, the tokenizer
     kept = dropped = 0
 
     def split_records():
@@ -340,20 +344,21 @@ def print_report(report: ValidationReport, max_issues: int, out=sys.stdout) -> N
 
 def check_fix_paths(out: str | os.PathLike, src: str | os.PathLike, tokenizer=None) -> None:
     """--fix OUT and the rejects file beside it can both be written, and neither is an input."""
-    dst = flags.output_file(out, "--fix", inputs=[src, tokenizer])
+    inputs = [src, tokenizer]
+    dst = flags.output_file(out, "--fix", inputs=inputs)
     rej = rejects_path(dst)
-    if rej.is_dir() or (rej.exists() and Path(src).exists() and os.path.samefile(rej, src)):
-        what = "a folder" if rej.is_dir() else "the input file"
-        raise ConfigError(f"--fix {out} writes its rejects to {rej}, which is {what}", field="--fix",
-                          fix="give --fix another name, e.g. data.clean.jsonl")
+    try:
+        flags.output_file(rej, "--fix", inputs=inputs)
+    except ConfigError as e:  # the user never typed the rejects file's name: say where it comes from
+        raise ConfigError(f"--fix {out} writes its rejects beside it, and {e.reason}", field="--fix",
+                          fix="give --fix another name, e.g. data.clean.jsonl") from None
 
 
 def run_validate(args) -> int:
-    # Flag values before the tokenizer loads and the file is read; 0 for --max-seq-len would mean no length
-    # check at all, which leaving the flag out already says (analyze refuses 0 too).
-    flags.positive(args, ["max_seq_len"])
+    # Flag values before the tokenizer loads and the file is read.
+    check_max_seq_len(args.max_seq_len)
     if not getattr(args, "no_near_duplicates", False):
-        check_near_threshold(getattr(args, "near_threshold", 0.8))
+        check_near_threshold(getattr(args, "near_threshold", 0.8), skip_flag="--no-near-duplicates")
     if args.fix:
         check_fix_paths(args.fix, args.file, args.tokenizer)
     if args.max_seq_len and not args.tokenizer:
