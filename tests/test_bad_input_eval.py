@@ -157,3 +157,7 @@ def test_eval_train_data_with_no_conversation_is_an_error(tiny_run, eval_data, t
     assert _eval(tiny_run, eval_data, "--samples", "1", "--train-data", str(bad), "--report", str(tmp_path / "r.md")) == 1
     _clean_error(capsys, "--train-data", str(bad), "no conversation")
     assert bad.read_text() == '{"messages": [bad\n' and not (tmp_path / "r.md").exists()
+    for content in (b'[{"messages": [', b"\xff\xfe\x00binary"):  # a broken JSON array; not text at all
+        bad.write_bytes(content)
+        assert _eval(tiny_run, eval_data, "--samples", "1", "--train-data", str(bad)) == 1
+        _clean_error(capsys, "--train-data", str(bad), "no conversation")

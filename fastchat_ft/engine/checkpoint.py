@@ -136,13 +136,11 @@ def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, c
         if extra:
             from safetensors.torch import load_file
             tensors = load_file(str(path / lora_mod.ADAPTER_WEIGHTS))
-            for mod_name, module in extra.items():
-                saved = tensors.get(f"{lora_mod.PEFT_PREFIX}{mod_name}.weight")
-                if saved is None or saved.shape != module.weight.shape:
-                    raise ModelError(f"checkpoint's {mod_name} weights do not fit this model "
-                                     f"({'missing' if saved is None else tuple(saved.shape)} vs "
-                                     f"{tuple(module.weight.shape)})", file=str(path), field="--resume",
-                                     fix=RESUME_FIX)
+            own = {f"{lora_mod.PEFT_PREFIX}{name}.weight": module.weight for name, module in extra.items()}
+            wrong = [f"{k} missing" for k in own if k not in tensors] + lora_mod.shape_mismatches(tensors, own)
+            if wrong:
+                raise ModelError(f"checkpoint weights do not fit this model (saved vs model shape): "
+                                 f"{'; '.join(wrong[:2])}", file=str(path), field="--resume", fix=RESUME_FIX)
             with torch.no_grad():
                 for mod_name, module in extra.items():
                     module.weight.copy_(tensors[f"{lora_mod.PEFT_PREFIX}{mod_name}.weight"])
@@ -176,9 +174,7 @@ def _load_full_weights(model, path: Path) -> None:
     state = {}
     for name in files:
         state.update(load_file(str(path / name)))
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = lora_mod.shape_mismatches(state, model.state_dict())
     if wrong:  # load_state_dict would raise a RuntimeError listing every tensor
         raise ModelError(f"checkpoint weights do not fit this model (saved vs model shape): {'; '.join(wrong[:2])}",
                          file=str(path), field="--resume", fix=RESUME_FIX)

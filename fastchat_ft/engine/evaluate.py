@@ -62,14 +62,18 @@ def check_eval_args(args, data: Path, run_dir: Path | None, source: ModelSource)
         flags.input_file(Path(given).expanduser(), "--train-data",
                          "give the ChatML file the model was trained on, or leave --train-data out for the run's "
                          "own train split")
+    if not args.samples:  # the memorisation check and the report belong to --samples alone
+        return None, None
     train_file = Path(given).expanduser() if given else split_files(run_dir).get("train")
-    if not args.samples:
-        return train_file, None
-    # the reader is lenient (it skips what it cannot parse): a file it gets nothing from is not a training file
-    if given and not read_conversations(train_file, limit=1):
-        raise DataError("no conversation could be read from the training data file", file=str(given),
-                        field="--train-data", fix="give the ChatML .jsonl/.json file the model was trained on "
-                                                  "(check it with `fastchat-ft validate`)")
+    if given:  # the reader is lenient (it skips lines it cannot parse): a file it gets nothing from is no help
+        try:
+            readable = bool(read_conversations(train_file, limit=1))
+        except (ValueError, UnicodeDecodeError):  # a broken JSON array, or not text at all
+            readable = False
+        if not readable:
+            raise DataError("no conversation could be read from the training data file", file=str(given),
+                            field="--train-data", fix="give the ChatML .jsonl/.json file the model was trained on "
+                                                      "(check it with `fastchat-ft validate`)")
     report = Path(getattr(args, "report", None) or f"eval-samples-{_slug(source)}.md")
     flags.output_file(report, "--report", inputs=[data, train_file])
     return train_file, report

@@ -112,6 +112,13 @@ def save_adapter(model: nn.Module, folder: Path, config: dict, extra_modules: di
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
+def shape_mismatches(saved: dict, own: dict) -> list[str]:
+    """'name saved-shape vs model-shape' for tensors both hold with different shapes (another base model's hidden
+    size, another lora_r), so a load can refuse before copy_ or load_state_dict fails half-way."""
+    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in saved.items()
+            if k in own and v.shape != own[k].shape]
+
+
 def load_adapter(model: nn.Module, folder: Path) -> None:
     """Load PEFT-layout LoRA weights into a model that already has our LoraLinear wrappers."""
     from safetensors.torch import load_file
@@ -126,7 +133,7 @@ def load_adapter(model: nn.Module, folder: Path) -> None:
         raise ModelError(f"adapter has weights this model lacks: {missing[:3]}", file=str(folder),
                          fix="load the adapter onto the base model and target modules it was trained with")
     # same names, other shapes: another base model (hidden size) or lora_r; copy_ would fail mid-way
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items() if v.shape != own[k].shape]
+    wrong = shape_mismatches(tensors, own)
     if wrong:
         raise ModelError(f"adapter weights do not fit this model (saved vs model shape): {'; '.join(wrong[:2])}",
                          file=str(folder), fix="load the adapter onto the base model and lora_r it was trained with "
