@@ -35,6 +35,7 @@ def run_serve(args) -> int:
     if args.host not in LOOPBACK:
         print(f"warning: serving on {args.host}: this server is for local testing (no auth, one request at a "
               "time)", file=sys.stderr)
+    print(f"loading {args.model}; requests wait until it is served", file=sys.stderr)
     try:
         server.loaded = loaded = load_model(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
     except BaseException:
