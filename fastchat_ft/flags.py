@@ -69,7 +69,12 @@ def output_file(path: str | Path, flag: str, *, inputs=()) -> Path:
     existing folder, and in a folder that exists. Returns the path."""
     out = Path(path)
     for given in inputs:
-        if given is not None and _same_file(out, Path(given)):
+        if given is None:
+            continue
+        given = Path(given)
+        # an input folder (a model or tokenizer folder) is read whole: none of its files may be replaced
+        inside = given.is_dir() and out.is_file() and given.resolve() in out.resolve().parents
+        if inside or _same_file(out, given):
             raise ConfigError(f"{out} is also an input of this command; writing it would destroy that input",
                               field=flag, fix=f"give {flag} a new file name")
     if out.is_dir():

@@ -33,7 +33,12 @@ def test_output_file_refuses_an_input_a_folder_and_a_missing_parent(tmp_path):
         flags.output_file(tmp_path, "--plot", inputs=[data])
     with pytest.raises(ConfigError, match="does not exist"):
         flags.output_file(tmp_path / "nodir" / "x.png", "--plot")
-    assert flags.output_file(tmp_path / "x.png", "--plot", inputs=[data, None]) == tmp_path / "x.png"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="destroy that input"):  # a file of an input folder
+        flags.output_file(model / "tokenizer.json", "--plot", inputs=[model])
+    assert flags.output_file(tmp_path / "x.png", "--plot", inputs=[data, None, model]) == tmp_path / "x.png"
     assert data.read_text() == "{}\n"
 
 
