@@ -6,6 +6,7 @@ rank 0 writes files. `--nproc N` re-launches the command under torchrun. FSDP2 l
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import shutil
@@ -237,6 +238,9 @@ def shutdown(failed: bool = False) -> None:
     barrier or a collective destroy would hang them): this rank just exits and torchrun stops the others."""
     if not (dist.is_available() and dist.is_initialized()) or failed:
         return
+    # DDP wrappers sit in reference cycles with their modules' hooks and hold the process group: collected
+    # now, while the interpreter is whole, not at exit, where tearing gloo down can abort the process
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
