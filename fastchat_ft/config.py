@@ -291,17 +291,81 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
                           fix="pass the path of a YAML file (e.g. fastchat_ft/assets/default.yaml)")
     if not path.is_file():
         raise ConfigError("config file not found", file=str(path), fix="pass the path of a YAML file")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}", file=str(path),
+                          line=raw.count(b"\n", 0, e.start) + 1,
+                          fix="save the file as UTF-8 (or remove the stray bytes on that line)") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise ConfigError(e.problem, file=str(path), line=e.problem_mark.line + 1, field=e.key,
+                          fix=f"keep one '{e.key}' (YAML would silently use the last)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(path),
                           line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
                           fix="check indentation and quoting on that line") from None
-    if isinstance(data, dict):
-        data = _resolve_relative_paths(data, path.parent)
-    data = apply_overrides(data, overrides or [])
-    return from_dict(data, str(path))
+    if data is None:  # an empty file: every default
+        data = {}
+    if not isinstance(data, dict):  # a list or a plain string would fail later in apply_overrides
+        raise ConfigError(f"the file must hold a mapping of keys to values, not a {type(data).__name__}",
+                          file=str(path), fix="write one `key: value` per line (see fastchat_ft/assets/default.yaml)")
+    data = _resolve_relative_paths(data, path.parent)
+    return from_dict_with_overrides(data, overrides or [], str(path))
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, key: str, first_line: int, mark):
+        super().__init__(None, None, f"duplicate key '{key}' (first set on line {first_line})", mark)
+        self.key = key
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=False)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(str(key), first, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def from_dict_with_overrides(data: dict, overrides: list[str], source: str | None = None) -> TrainConfig:
+    """from_dict(apply_overrides(...)), with an error about an overridden key blamed on its `--set`, not the file."""
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(data, source)
+    except ConfigError as e:
+        item = _override_for(overrides, e.field)
+        if item is None:
+            raise
+        key, _, raw = item.partition("=")
+        key, fix = key.strip(), e.fix
+        hint = _HINTS.get(key)
+        wants_str = hint is str or str in typing.get_args(hint)
+        if wants_str and isinstance(data[key], (dict, list)):  # `a: b` or `[x]` in a value reads as YAML, not text
+            quoted = raw.replace('"', '\\"')
+            fix = f"quote the value so it stays text: --set '{key}=\"{quoted}\"'"
+        raise ConfigError(e.reason, file=f"--set {item}", field=e.field, fix=fix) from None
+
+
+def _override_for(overrides: list[str], field: str | None) -> str | None:
+    """The last `--set` item that set this key (the one whose value was used), or None."""
+    for item in reversed(overrides):
+        if field is not None and item.partition("=")[0].strip() == field:
+            return item
+    return None
 
 
 def _resolve_relative_paths(data: dict, base: Path) -> dict:
