@@ -186,6 +186,10 @@ class ChatHandler(BaseHTTPRequestHandler):
             return self._error(e)
         with self.server.lock:
             chat = ChatStream(self.server.loaded.model, self.server.loaded.tokenizer, messages, **opts)
+            try:
+                fit_to_context(req, chat, context_length(self.server.loaded.model))
+            except RequestError as e:
+                return self._error(e)
             if stream:
                 self._stream(chat, req)
             else:
@@ -263,23 +267,72 @@ def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], 
                                param=f"messages[{i}].role")
         content = m.get("content") or ""
         if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            content = _text_parts(content, f"messages[{i}].content")
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string or text parts", param=f"messages[{i}]")
         clean.append({"role": ROLES[m["role"]], "content": content})
     if req.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", param="n")
-    # `is not None`, not `or`: max_tokens 0 is an error to report, not a request for the server's default
-    key = next((k for k in ("max_completion_tokens", "max_tokens") if req.get(k) is not None), None)
+    key = _max_tokens_key(req)
     temperature = req.get("temperature")
     opts = {"max_new_tokens": default_max_tokens if key is None else _positive_int(req[key], key),
             "temperature": 1.0 if temperature is None else _number(temperature, "temperature"),
             "top_p": 1.0 if req.get("top_p") is None else _number(req["top_p"], "top_p"),
-            "seed": req.get("seed")}
+            "seed": _seed(req.get("seed"))}
     problem = sampling_problem(opts["temperature"], opts["top_p"])
     if problem:
         raise RequestError(problem[1], param=problem[0])
-    return clean, opts, bool(req.get("stream"))
+    stream = req.get("stream")
+    if stream is not None and not isinstance(stream, bool):  # bool("false") is True: it would stream
+        raise RequestError("'stream' must be true or false (a JSON boolean)", param="stream")
+    return clean, opts, bool(stream)
+
+
+def _max_tokens_key(req: dict) -> str | None:
+    # `is not None`, not `or`: max_tokens 0 is an error to report, not a request for the server's default
+    return next((k for k in ("max_completion_tokens", "max_tokens") if req.get(k) is not None), None)
+
+
+def context_length(model) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def fit_to_context(req: dict, chat: ChatStream, context: int | None) -> None:
+    """Bound the reply by the model's context, as OpenAI does: a max_tokens that does not fit is a 400 (one
+    request for 10**8 tokens would hold this one-at-a-time server until killed); the server's default is cut
+    to the room left."""
+    if not context:
+        return
+    room = context - chat.prompt_tokens
+    if room <= 0:
+        raise RequestError(f"the prompt is {chat.prompt_tokens} tokens; the model's context is {context}",
+                           param="messages")
+    key = _max_tokens_key(req)
+    if key is None:
+        chat.max_new_tokens = min(chat.max_new_tokens, room)
+    elif chat.max_new_tokens > room:
+        raise RequestError(f"'{key}' is {chat.max_new_tokens}, but the model's context is {context} tokens and the "
+                           f"prompt takes {chat.prompt_tokens}: at most {room} are left", param=key)
+
+
+def _text_parts(parts: list, param: str) -> str:
+    """OpenAI content parts joined as text. Anything else is refused: the models served here read text only,
+    and a dropped part would turn the message into one the user did not send (often an empty one)."""
+    for j, p in enumerate(parts):
+        if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+            kind = f"a {p.get('type')!r} part" if isinstance(p, dict) else f"{p!r}"
+            raise RequestError(f"{param}[{j}] is {kind}; only {{\"type\": \"text\", \"text\": ...}} parts "
+                               "(or a plain string) are supported", param=param)
+    return "".join(p["text"] for p in parts)
+
+
+def _seed(v):
+    # torch's Generator.manual_seed takes a 64-bit seed: a string, float or 2**70 raised inside the handler
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+        raise RequestError(f"'seed' must be an integer from 0 to {2**63 - 1}, got {v!r}", param="seed")
+    return v
 
 
 def _number(v, name: str) -> float:

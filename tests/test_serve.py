@@ -178,3 +178,69 @@ def test_run_serve_binds_then_loads_the_model_and_names_it(tiny_run, monkeypatch
     assert main(["serve", str(tiny_run["run"]), "--backend", "transformers", "--port", "0"]) == 0
     assert served and served[0][0] is not None and served[0][1] == "run"
     assert "as 'run' on http://127.0.0.1:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("seed", "7"), ("seed", 1.5), ("seed", 2**70), ("seed", -1), ("seed", True),
+                                          ("stream", "false"), ("stream", 1)])
+def test_seed_and_stream_of_the_wrong_type_are_a_400(field, value):
+    # a string/float/2**70 seed dropped the connection (manual_seed raised in the handler); "stream": "false" streamed
+    from fastchat_ft.serve import RequestError, parse_chat_request
+    with pytest.raises(RequestError, match=field) as err:
+        parse_chat_request({"messages": [{"role": "user", "content": "hi"}], field: value}, 8)
+    assert err.value.param == field and err.value.status == 400
+
+
+def test_good_seed_and_stream_values_pass():
+    from fastchat_ft.serve import parse_chat_request
+    _, opts, stream = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "seed": 2**63 - 1,
+                                          "stream": False}, 8)
+    assert opts["seed"] == 2**63 - 1 and stream is False
+    _, opts, stream = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "seed": None}, 8)
+    assert opts["seed"] is None and stream is False
+
+
+@pytest.mark.parametrize("content", [["hi"], [{"type": "image_url", "image_url": {"url": "data:,"}}],
+                                     [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}],
+                                     [{"type": "text", "text": 3}]])
+def test_content_parts_that_are_not_text_are_a_400_not_an_empty_message(content):
+    from fastchat_ft.serve import RequestError, parse_chat_request
+    with pytest.raises(RequestError, match=r"messages\[1\]\.content\[\d\]") as err:
+        parse_chat_request({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": content}]}, 8)
+    assert err.value.param == "messages[1].content" and err.value.status == 400
+
+
+def test_text_parts_are_joined():
+    from fastchat_ft.serve import parse_chat_request
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert parse_chat_request({"messages": [{"role": "user", "content": parts}]}, 8)[0][0]["content"] == "ab"
+
+
+def test_max_tokens_beyond_the_context_is_a_400_and_the_default_is_cut_to_fit():
+    from types import SimpleNamespace
+
+    from fastchat_ft.serve import RequestError, fit_to_context
+    chat = SimpleNamespace(prompt_tokens=100, max_new_tokens=10**8)
+    with pytest.raises(RequestError, match="at most 412") as err:
+        fit_to_context({"max_tokens": 10**8}, chat, 512)
+    assert err.value.param == "max_tokens" and err.value.status == 400
+    chat.max_new_tokens = 412
+    fit_to_context({"max_tokens": 412}, chat, 512)  # exactly fits
+    chat.max_new_tokens = 512  # the server's default, not asked for: cut to the room left
+    fit_to_context({}, chat, 512)
+    assert chat.max_new_tokens == 412
+    with pytest.raises(RequestError) as err:
+        fit_to_context({}, SimpleNamespace(prompt_tokens=600, max_new_tokens=8), 512)
+    assert err.value.param == "messages"
+    fit_to_context({"max_tokens": 10**8}, chat, None)  # no known context: nothing to check
+
+
+def test_max_tokens_beyond_the_context_over_http(server, client):
+    # one request for 10**8 tokens used to hold the one-at-a-time server until it was killed
+    import openai
+    with pytest.raises(openai.BadRequestError, match="max_tokens") as err:
+        client.chat.completions.create(model="x", messages=MSGS, max_tokens=10**8)
+    assert err.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(model="x", messages=MSGS, max_tokens=3, extra_body={"stream": "false"})
+    r = client.chat.completions.create(model="x", messages=MSGS, max_tokens=3, temperature=0.5, seed=2**63 - 1)
+    assert r.usage.completion_tokens <= 3
