@@ -202,3 +202,9 @@ def test_train_called_directly_names_a_folder_given_as_dataset(env):
     cfg.output_dir = str(root / "runs" / "direct")
     with pytest.raises(DataError, match="is a folder"):
         train(cfg, dry_run=True)
+
+
+def test_distill_blames_a_bad_set_value_on_the_set_item(env, capsys, no_model_load):
+    _, _, model, _ = env
+    _fails(capsys, _distill(model, "--set", "max_step=3", "--output-dir", "runs/s"), "--set max_step=3",
+           "unknown key")

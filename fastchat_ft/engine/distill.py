@@ -86,7 +86,7 @@ def config_from_args(args) -> tuple[config_mod.TrainConfig, DistillOptions]:
     if getattr(args, "config", None):
         cfg = config_mod.load(args.config, overrides)
     else:
-        cfg = config_mod.from_dict(config_mod.apply_overrides(dict(DEFAULTS), overrides))
+        cfg = config_mod.from_dict_with_overrides(dict(DEFAULTS), overrides)
     cfg.base_model = args.student
     flags.input_file(args.data, "--data")
     cfg.datasets = [{"path": str(Path(args.data).resolve()), "type": "chat_template"}]
