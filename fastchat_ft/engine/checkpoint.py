@@ -5,6 +5,7 @@ Everything read back uses safetensors or torch.load(weights_only=True): a checkp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -35,6 +36,18 @@ class TrainState:
     tokens_seen: int = 0          # non-padding tokens fed to the model
     best_val_loss: float | None = None
     config_hash: str = ""
+    data_fingerprint: str = ""    # the packed training rows the data position indexes (empty: older checkpoint)
+
+
+def data_fingerprint(n_rows: int, files) -> str:
+    """The training rows' count and the training files' contents: a resume's data position means the same
+    batches only if both are unchanged (config_hash covers the dataset paths, not what the files hold)."""
+    from fastchat_ft.engine.data import file_digest
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(file_digest(f).encode())
+    return f"{n_rows} rows, files {h.hexdigest()[:16]}"
 
 
 def save_model_files(folder: Path, model, model_info: dict, tokenizer_dir: Path, state_dict: dict | None = None) -> None:
@@ -119,11 +132,49 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
     return found[-1]
 
 
+def read_state(path: Path) -> TrainState:
+    return TrainState(**json.loads((Path(path) / "trainer_state.json").read_text()))
+
+
+def finished_step(run_dir: Path, resume: str, state: TrainState) -> int:
+    """The step the run has reached: the resumed checkpoint's, or for --resume alone (latest) final/'s when the
+    run finished past its last checkpoint (save_steps not dividing the total)."""
+    final = Path(run_dir) / "final" / "trainer_state.json"
+    if resume == "latest" and final.is_file():
+        return max(state.step, read_state(final.parent).step)
+    return state.step
+
+
+def refuse_to_replace_newer(run_dir: Path, path: Path, state: TrainState) -> None:
+    """Training on from an older checkpoint would save over the run's later checkpoints and its final/ model."""
+    newer = [p.name for p in list_checkpoints(run_dir) if int(STEP_DIR.match(p.name).group(1)) > state.step]
+    if (Path(run_dir) / "final").is_dir():
+        newer.append("final/")
+    if newer:
+        raise ConfigError(f"{run_dir} holds a later state of the run than {path} (step {state.step}): "
+                          f"{', '.join(newer)}; resuming there would replace it", field="--resume",
+                          fix="resume into a new --output-dir (--resume PATH may name a checkpoint of another "
+                              "folder), or replace them with --set overwrite_output_dir=true")
+
+
+def check_data_position(path: Path, state: TrainState, steps_epoch: int, fingerprint: str) -> None:
+    """The checkpoint's data position must index the same packed rows, else the resume trains on other batches
+    (or, past the epoch's end, on none)."""
+    changed = state.data_fingerprint and fingerprint and state.data_fingerprint != fingerprint
+    if changed or state.batch_in_epoch >= steps_epoch:
+        was = f" (checkpoint: {state.data_fingerprint}; now: {fingerprint})" if changed else (
+            f" (checkpoint at batch {state.batch_in_epoch} of an epoch that now has {steps_epoch})")
+        raise ConfigError(f"the training data (or its batching) changed since {path} was saved{was}",
+                          file=str(path), field="--resume",
+                          fix="restore the data files and batch settings the run started with, or start a new run "
+                              "without --resume")
+
+
 def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, config_hash: str,
                     sharded=None) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG; return the state holding the data position. With
     `sharded` (FSDP; every rank calls this) model and optimizer come from the checkpoint's dcp/ shards."""
-    state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+    state = read_state(path)
     if state.config_hash and state.config_hash != config_hash:
         print(f"warning: {path} was written with a different config; resuming with the current one")
     if sharded is not None:

@@ -1,0 +1,113 @@
+"""--resume never replaces a run's later state, does nothing to a finished run, and refuses a checkpoint whose
+data position no longer fits the training data (each leaves the run folder as it was)."""
+import hashlib
+import json
+import shutil
+
+import pytest
+import yaml
+
+from engine_fixtures import tiny_run_config
+from fastchat_ft import cli
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A finished 6-step LoRA run (checkpoints at steps 3 and 6, final/) in root/runs/x, on its own copy of the data."""
+    root = tmp_path_factory.mktemp("resume_safety")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTCHAT_FT_CACHE", str(root / "cache"))
+        cfg, _ = tiny_run_config(root, 24, 4, sequence_len=128, micro_batch_size=1, gradient_accumulation_steps=1,
+                                 sample_prompts=0, lora_r=4, lora_alpha=8, max_steps=6, save_steps=3,
+                                 save_total_limit=5, eval_steps=100)
+        run = root / "runs" / "x"
+        assert cli.main(["train", str(cfg), "--output-dir", str(run)]) == 0
+    return root, cfg, run
+
+
+@pytest.fixture
+def env(setup, monkeypatch):
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(setup[0] / "cache"))
+    monkeypatch.chdir(setup[0])
+    return setup
+
+
+def _fails(capsys, argv, *words):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "Traceback" not in err and "fix:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_resume_from_an_older_checkpoint_keeps_the_later_ones(env, capsys):
+    root, cfg, run = env
+    before = _snapshot(run)
+    _fails(capsys, ["train", str(cfg), "--output-dir", str(run), "--resume", str(run / "checkpoints" / "step-000003")],
+           "step-000006", "final/", "--output-dir", "overwrite_output_dir")
+    assert _snapshot(run) == before
+    # the fix offered: the same checkpoint resumed into a new folder trains the remaining steps there
+    other = root / "runs" / "from3"
+    assert cli.main(["train", str(cfg), "--output-dir", str(other), "--resume",
+                     str(run / "checkpoints" / "step-000003")]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert (other / "final").is_dir() and [p.name for p in (other / "checkpoints").iterdir()] == ["step-000006"]
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("extra", [[], ["--set", "learning_rate=0.001"]])
+def test_resuming_a_finished_run_writes_nothing(env, capsys, extra):
+    _, cfg, run = env
+    before = _snapshot(run)
+    assert cli.main(["train", str(cfg), "--output-dir", str(run), "--resume", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "already finished at step 6" in out and "max_steps" in out, out
+    assert _snapshot(run) == before
+
+
+def _data_run(root, cfg, name):
+    """A config training on root/<name>.jsonl (a copy of train.jsonl) and its finished run's folder."""
+    shutil.copyfile(root / "train.jsonl", root / f"{name}.jsonl")
+    settings = yaml.safe_load(cfg.read_text())
+    settings["datasets"] = [{"path": f"{name}.jsonl", "type": "chat_template"}]
+    own = root / f"{name}.yaml"
+    own.write_text(yaml.safe_dump(settings))
+    run = root / "runs" / name
+    assert cli.main(["train", str(own), "--output-dir", str(run)]) == 0
+    return own, run
+
+
+def test_resume_after_the_data_shrank_is_refused(env, capsys):
+    root, cfg, _ = env
+    own, run = _data_run(root, cfg, "shrunk")
+    lines = (root / "shrunk.jsonl").read_text().splitlines(keepends=True)
+    (root / "shrunk.jsonl").write_text("".join(lines[:2]))  # fewer rows than the checkpoint's batch position
+    # a checkpoint from before the data fingerprint: the position check alone must catch it
+    old = root / "old-step-3"
+    shutil.copytree(run / "checkpoints" / "step-000003", old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    assert state.pop("batch_in_epoch") == 3
+    state.pop("data_fingerprint", None)
+    (old / "trainer_state.json").write_text(json.dumps(dict(state, batch_in_epoch=3)))
+    before = _snapshot(run)
+    for ckpt in (run / "checkpoints" / "step-000003", old):
+        _fails(capsys, ["train", str(own), "--output-dir", str(root / "runs" / "shrunk2"), "--resume", str(ckpt)],
+               "training data", "changed", "--resume")
+    assert _snapshot(run) == before and not (root / "runs" / "shrunk2").exists()
+
+
+def test_resume_after_the_data_changed_is_refused(env, capsys):
+    root, cfg, _ = env
+    own, run = _data_run(root, cfg, "edited")
+    lines = (root / "edited.jsonl").read_text().splitlines(keepends=True)
+    (root / "edited.jsonl").write_text("".join(lines[1:] + lines[:1]))  # same rows, other order: other batches
+    before = _snapshot(run)
+    _fails(capsys, ["train", str(own), "--output-dir", str(root / "runs" / "edited2"), "--resume",
+                    str(run / "checkpoints" / "step-000003")], "training data", "changed")
+    assert _snapshot(run) == before and not (root / "runs" / "edited2").exists()
