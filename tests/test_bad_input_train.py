@@ -208,3 +208,17 @@ def test_distill_blames_a_bad_set_value_on_the_set_item(env, capsys, no_model_lo
     _, _, model, _ = env
     _fails(capsys, _distill(model, "--set", "max_step=3", "--output-dir", "runs/s"), "--set max_step=3",
            "unknown key")
+
+
+def test_distill_resume_of_a_finished_run_does_nothing_and_an_older_checkpoint_is_refused(env, capsys):
+    root, _, model, _ = env
+    run = root / "runs" / "dfin"
+    assert cli.main(_distill(model, "--output-dir", str(run), "--set", "save_steps=1")) == 0
+    capsys.readouterr()
+    before = _snapshot(run)
+    assert cli.main(_distill(model, "--output-dir", str(run), "--resume")) == 0
+    assert "already finished at step 2" in capsys.readouterr().out
+    older = run / "checkpoints" / "step-000001"
+    assert (older / "trainer_state.json").is_file() and (run / "final").is_dir()
+    _fails(capsys, _distill(model, "--output-dir", str(run), "--resume", str(older)), "--resume", "final")
+    assert _snapshot(run) == before  # final/, the newer checkpoint and the record: as they were

@@ -201,7 +201,8 @@ def test_resume_from_a_checkpoint_continues_exactly(models, tmp_path, monkeypatc
     args.set = args.set + ["eval_steps=3", "save_total_limit=3"]
     full = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False)["train_losses"]
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "final")
+    shutil.rmtree(tmp_path / "resumed" / "final")  # as a run stopped after step 3 would leave it
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000006")
     args.output_dir = str(tmp_path / "resumed")
     resumed = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False,
                                   resume=str(tmp_path / "resumed" / "checkpoints" / "step-000003"))

@@ -293,10 +293,21 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
         steps_epoch = data_mod.steps_per_epoch(len(s.data.train), cfg.micro_batch_size, per_step)
         total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
-        state = ckpt.TrainState(config_hash=cfg.config_hash())
-        if resume:
+        fingerprint = ckpt.data_fingerprint(len(s.data.train), s.data.train_files)
+        state = ckpt.TrainState(config_hash=cfg.config_hash(), data_fingerprint=fingerprint)
+        if resume:  # the same safety checks as train's (engine/train.py)
             path = ckpt.resolve_resume(run_dir, resume)
             state = ckpt.load_checkpoint(path, student, s.model_info, optimizer, scheduler, cfg.config_hash())
+            done = ckpt.finished_step(run_dir, resume, state)
+            if done >= total_steps:  # before anything is written into the run folder
+                print(f"{run_dir}: the run already finished at step {done} (of {total_steps}): nothing to do. To "
+                      "train further, raise max_steps and resume into a new --output-dir (or set "
+                      "overwrite_output_dir=true)")
+                return {"run_dir": str(run_dir), "steps": 0, "stopped": None, "finished": True, "train_losses": []}
+            if not cfg.overwrite_output_dir:
+                ckpt.refuse_to_replace_newer(run_dir, path, state)
+            ckpt.check_data_position(path, state, steps_epoch, fingerprint)
+            state.data_fingerprint = fingerprint  # an older checkpoint had none: the next ones carry it
             print(f"resumed from {path} at step {state.step}")
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -308,6 +319,10 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
         while state.step < total_steps and not stop.requested:
             t0 = time.perf_counter()
             idx, mine = data_mod.rank_step(rows, cfg, per_step, state.epoch, state.batch_in_epoch, rank)
+            if not any(idx):  # as in train: an optimizer step on no data would still move the weights
+                raise ConfigError(f"no training batch at step {state.step + 1} (epoch {state.epoch}, batch "
+                                  f"{state.batch_in_epoch} of {steps_epoch})", field="datasets",
+                                  fix="restore the data the run started with, or start a new run")
             batches = [to_device(b, s.device) for b in mine]
             t_data = time.perf_counter() - t0
             parts = distill_step(student, teacher, batches, opts, vocab, amp, replicated)
