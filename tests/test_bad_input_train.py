@@ -222,3 +222,13 @@ def test_distill_resume_of_a_finished_run_does_nothing_and_an_older_checkpoint_i
     assert (older / "trainer_state.json").is_file() and (run / "final").is_dir()
     _fails(capsys, _distill(model, "--output-dir", str(run), "--resume", str(older)), "--resume", "final")
     assert _snapshot(run) == before  # final/, the newer checkpoint and the record: as they were
+
+
+@pytest.mark.parametrize("stopped, status", [("SIGINT", 130), ("SIGTERM", 143), (None, 0)])
+def test_a_run_stopped_by_a_signal_exits_non_zero(env, monkeypatch, stopped, status):
+    """`train && export` must not go on with a half-trained model: a stop (checkpoint saved) is 128 + signal."""
+    from fastchat_ft.engine import train as train_mod
+
+    _, cfg, _, _ = env
+    monkeypatch.setattr(train_mod, "train", lambda *a, **kw: {"stopped": stopped, "steps": 1})
+    assert cli.main(["train", str(cfg), "--output-dir", "runs/sig"]) == status

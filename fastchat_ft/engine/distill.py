@@ -72,12 +72,12 @@ def run_distill(args) -> int:
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist_mod.relaunch_with_torchrun(nproc, sys.argv[1:])
     try:
-        distill(cfg, opts, resume=getattr(args, "resume", None))
+        summary = distill(cfg, opts, resume=getattr(args, "resume", None))
     except BaseException:
         dist_mod.shutdown(failed=True)
         raise
     dist_mod.shutdown()
-    return 0
+    return train_mod.stopped_status(summary)
 
 
 def config_from_args(args) -> tuple[config_mod.TrainConfig, DistillOptions]:

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -54,12 +55,20 @@ def run_train(args) -> int:
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist_mod.relaunch_with_torchrun(args.nproc, sys.argv[1:])
     try:
-        train(cfg, dry_run=args.dry_run, resume=args.resume, skip_bad_batches=args.skip_bad_batches)
+        summary = train(cfg, dry_run=args.dry_run, resume=args.resume, skip_bad_batches=args.skip_bad_batches)
     except BaseException:
         dist_mod.shutdown(failed=True)
         raise
     dist_mod.shutdown()
-    return 0
+    return stopped_status(summary)
+
+
+def stopped_status(summary) -> int:
+    """The exit status: 0 for a finished run; 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM) for one
+    stopped early, checkpoint saved, so that `train && export` does not go on with a half-trained model."""
+    stopped = summary.get("stopped") if isinstance(summary, dict) else None
+    sig = getattr(signal, str(stopped), None) if stopped else None
+    return 128 + int(sig) if sig is not None else 0
 
 
 def check_config_data_files(cfg) -> None:
