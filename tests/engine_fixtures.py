@@ -2,6 +2,7 @@
 bundled demo data as train/val files, and a training YAML; plus a subprocess runner for CLI/torchrun runs."""
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import types
 from pathlib import Path
@@ -47,3 +48,9 @@ def write_run(tmp_path: Path, cfg, run_data, tok_dir: Path) -> Path:
                               tokenizer_dir=tok_dir)
     write_run_files(run_dir, cfg, s, resumed=False)
     return run_dir
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under folder with its content hash: a run or input that a command must leave as it was."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -4,14 +4,8 @@ import hashlib
 
 import pytest
 
-from engine_fixtures import tiny_run_config
+from engine_fixtures import snapshot as _snapshot, tiny_run_config
 from fastchat_ft import cli
-
-
-def _snapshot(folder):
-    """Every file under folder with its content hash: a run or input that must not change."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,13 @@
 """--resume never replaces a run's later state, does nothing to a finished run, and refuses a checkpoint whose
 data position no longer fits the training data (each leaves the run folder as it was)."""
-import hashlib
 import json
 import shutil
 
 import pytest
 import yaml
 
-from engine_fixtures import tiny_run_config
+from engine_fixtures import snapshot as _snapshot, tiny_run_config
 from fastchat_ft import cli
-
-
-def _snapshot(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

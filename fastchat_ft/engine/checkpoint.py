@@ -170,6 +170,27 @@ def check_data_position(path: Path, state: TrainState, steps_epoch: int, fingerp
                               "without --resume")
 
 
+def resume_checked(run_dir: Path, resume: str, load, *, total_steps: int, steps_epoch: int, fingerprint: str,
+                   overwrite: bool, finished_ok: bool = False) -> TrainState | None:
+    """--resume for train and distill: the checkpoint loaded by load(path), then checked before anything is
+    written into the run folder. None when the run already finished (said so; nothing to do), unless finished_ok
+    (a dry run reports anyway)."""
+    path = resolve_resume(run_dir, resume)
+    state = load(path)
+    done = finished_step(run_dir, resume, state)
+    if done >= total_steps and not finished_ok:
+        print(f"{run_dir}: the run already finished at step {done} (of {total_steps}): nothing to do. To train "
+              "further, raise max_steps / num_epochs and resume into a new --output-dir (or set "
+              "overwrite_output_dir=true)")
+        return None
+    if not overwrite:
+        refuse_to_replace_newer(run_dir, path, state)
+    check_data_position(path, state, steps_epoch, fingerprint)
+    state.data_fingerprint = fingerprint  # an older checkpoint had none: the next ones carry it
+    print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    return state
+
+
 def load_checkpoint(path: Path, model, model_info: dict, optimizer, scheduler, config_hash: str,
                     sharded=None) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG; return the state holding the data position. With

@@ -295,20 +295,14 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
         fingerprint = ckpt.data_fingerprint(len(s.data.train), s.data.train_files)
         state = ckpt.TrainState(config_hash=cfg.config_hash(), data_fingerprint=fingerprint)
-        if resume:  # the same safety checks as train's (engine/train.py)
-            path = ckpt.resolve_resume(run_dir, resume)
-            state = ckpt.load_checkpoint(path, student, s.model_info, optimizer, scheduler, cfg.config_hash())
-            done = ckpt.finished_step(run_dir, resume, state)
-            if done >= total_steps:  # before anything is written into the run folder
-                print(f"{run_dir}: the run already finished at step {done} (of {total_steps}): nothing to do. To "
-                      "train further, raise max_steps and resume into a new --output-dir (or set "
-                      "overwrite_output_dir=true)")
-                return {"run_dir": str(run_dir), "steps": 0, "stopped": None, "finished": True, "train_losses": []}
-            if not cfg.overwrite_output_dir:
-                ckpt.refuse_to_replace_newer(run_dir, path, state)
-            ckpt.check_data_position(path, state, steps_epoch, fingerprint)
-            state.data_fingerprint = fingerprint  # an older checkpoint had none: the next ones carry it
-            print(f"resumed from {path} at step {state.step}")
+        if resume:
+            state = ckpt.resume_checked(
+                run_dir, resume, lambda path: ckpt.load_checkpoint(path, student, s.model_info, optimizer, scheduler,
+                                                                   cfg.config_hash()),
+                total_steps=total_steps, steps_epoch=steps_epoch, fingerprint=fingerprint,
+                overwrite=cfg.overwrite_output_dir)
+            if state is None:
+                return train_mod.finished_already(run_dir)
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in student.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm or float("inf")

@@ -63,6 +63,11 @@ def run_train(args) -> int:
     return stopped_status(summary)
 
 
+def finished_already(run_dir: Path) -> dict:
+    """train's (and distill's) summary for a resumed run that had already finished: nothing trained."""
+    return {"run_dir": str(run_dir), "steps": 0, "stopped": None, "finished": True, "train_losses": []}
+
+
 def stopped_status(summary) -> int:
     """The exit status: 0 for a finished run; 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM) for one
     stopped early, checkpoint saved, so that `train && export` does not go on with a half-trained model."""
@@ -250,19 +255,13 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
         fingerprint = ckpt.data_fingerprint(len(rows), s.data.train_files)
         state = ckpt.TrainState(config_hash=cfg.config_hash(), data_fingerprint=fingerprint)
         if resume:
-            path = ckpt.resolve_resume(run_dir, resume)
-            state = ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler, cfg.config_hash(), sharded)
-            done = ckpt.finished_step(run_dir, resume, state)
-            if done >= total_steps and not dry_run:  # before anything is written into the run folder
-                print(f"{run_dir}: the run already finished at step {done} (of {total_steps}): nothing to do. To "
-                      "train further, raise max_steps / num_epochs and resume into a new --output-dir (or set "
-                      "overwrite_output_dir=true)")
-                return {"run_dir": str(run_dir), "steps": 0, "stopped": None, "finished": True, "train_losses": []}
-            if not cfg.overwrite_output_dir:
-                ckpt.refuse_to_replace_newer(run_dir, path, state)
-            ckpt.check_data_position(path, state, steps_epoch, fingerprint)
-            state.data_fingerprint = fingerprint  # an older checkpoint had none: the next ones carry it
-            print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+            state = ckpt.resume_checked(
+                run_dir, resume, lambda path: ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler,
+                                                                   cfg.config_hash(), sharded),
+                total_steps=total_steps, steps_epoch=steps_epoch, fingerprint=fingerprint,
+                overwrite=cfg.overwrite_output_dir, finished_ok=dry_run)
+            if state is None:
+                return finished_already(run_dir)
     if dry_run:
         from fastchat_ft.engine.dryrun import report
         return report(cfg, s, optimizer, total_steps, steps_epoch)
