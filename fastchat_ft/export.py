@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from fastchat_ft import flags
-from fastchat_ft.atomic import write_text_atomic
+from fastchat_ft.atomic import readable_by_all, write_text_atomic
 from fastchat_ft.errors import ConfigError, FastchatError, ModelError
 from fastchat_ft.inference import (ADAPTER_CONFIG, LoadedModel, load_adapter_tensors, load_hf_model, load_model,
                                    merge_lora, read_adapter_config, resolve_model, split_adapter_tensors,
@@ -102,7 +102,7 @@ def run_export(args) -> int:
                 e.file = str(failed) + str(e.file)[len(str(stage)):]
                 e.args = (e._format(),)
         raise
-    _readable_by_all(stage)
+    readable_by_all(stage)
     stage_abs = stage.resolve()
     stage.rename(out)
     stage_paths_relocate(out, stage_abs)
@@ -244,15 +244,6 @@ def write_adapter(ckpt: Path, base: Path, tokenizer, out: Path) -> dict:
     write_text_atomic(out / ADAPTER_CONFIG, json.dumps(conf, indent=2) + "\n")
     save_tokenizer(tokenizer, out)
     return info
-
-
-def _readable_by_all(folder: Path) -> None:
-    """Some writers (safetensors' temp files) leave mode 0600; a deployed model folder is usually read by
-    another user (a serving container), so apply the normal umask-based modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [folder, *folder.rglob("*")]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def stage_paths_relocate(out: Path, stage: Path) -> None:

@@ -105,3 +105,16 @@ def test_resume_after_the_data_changed_is_refused(env, capsys):
     _fails(capsys, ["train", str(own), "--output-dir", str(root / "runs" / "edited2"), "--resume",
                     str(run / "checkpoints" / "step-000003")], "training data", "changed")
     assert _snapshot(run) == before and not (root / "runs" / "edited2").exists()
+
+
+def test_checkpoints_and_the_final_model_get_the_normal_file_modes(env):
+    """tempfile.mkdtemp stages them as 0700: another user (a serving container) could not read the model."""
+    import os
+
+    _, _, run = env
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (run / "final", *sorted((run / "checkpoints").iterdir())):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, folder
+        for f in folder.rglob("*"):
+            assert f.stat().st_mode & 0o777 == (0o777 if f.is_dir() else 0o666) & ~umask, f

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fastchat_ft.atomic import readable_by_all
 from fastchat_ft.engine import distributed as dist_mod
 from fastchat_ft.errors import ConfigError, ModelError
 from fastchat_ft.model import lora as lora_mod
@@ -97,6 +98,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, model_info: dict, t
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for r, rng in enumerate(rng_states or [_rng_state()]):
             torch.save(rng, tmp / rng_file_name(r))
+        readable_by_all(tmp)  # mkdtemp's 0700 would keep the model from anyone but this user
         if final.exists():  # a re-save of the same step (e.g. stop right after a scheduled save)
             shutil.rmtree(final)
         os.replace(tmp, final)
