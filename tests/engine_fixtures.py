@@ -54,3 +54,22 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file under folder with its content hash: a run or input that a command must leave as it was."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def enter_root(root: Path, monkeypatch) -> None:
+    """A test's working folder and data cache: the module's scratch root (the CLI reads relative paths there)."""
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(root / "cache"))
+    monkeypatch.chdir(root)
+
+
+def fails_cleanly(capsys, argv: list[str], *words: str) -> str:
+    """cli.main(argv) exits 1 with an error naming every word, a fix and no traceback; returns stderr."""
+    from fastchat_ft import cli
+
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "Traceback" not in err and "fix:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err

@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from engine_fixtures import snapshot as _snapshot, tiny_run_config
+from engine_fixtures import enter_root, fails_cleanly as _fails, snapshot as _snapshot, tiny_run_config
 from fastchat_ft import cli
 
 
@@ -23,9 +23,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def env(setup, monkeypatch):
-    root = setup[0]
-    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(root / "cache"))
-    monkeypatch.chdir(root)
+    enter_root(setup[0], monkeypatch)
     return setup
 
 
@@ -37,17 +35,6 @@ def no_model_load(monkeypatch):
 
     for name in ("resolve_base_model", "load_model"):
         monkeypatch.setattr(f"fastchat_ft.model.load.{name}", refuse)
-
-
-def _fails(capsys, argv, *words):
-    """cli.main(argv) exits 1 with an error naming every word, a fix and no traceback; returns stderr."""
-    rc = cli.main(argv)
-    err = capsys.readouterr().err
-    assert rc == 1, err
-    assert "Traceback" not in err and "fix:" in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 def _distill(model, *more):

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import yaml
 
-from engine_fixtures import snapshot as _snapshot, tiny_run_config
+from engine_fixtures import enter_root, fails_cleanly as _fails, snapshot as _snapshot, tiny_run_config
 from fastchat_ft import cli
 
 
@@ -26,18 +26,8 @@ def setup(tmp_path_factory):
 
 @pytest.fixture
 def env(setup, monkeypatch):
-    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(setup[0] / "cache"))
-    monkeypatch.chdir(setup[0])
+    enter_root(setup[0], monkeypatch)
     return setup
-
-
-def _fails(capsys, argv, *words):
-    rc = cli.main(argv)
-    err = capsys.readouterr().err
-    assert rc == 1, err
-    assert "Traceback" not in err and "fix:" in err, err
-    for w in words:
-        assert w in err, (w, err)
 
 
 def test_resume_from_an_older_checkpoint_keeps_the_later_ones(env, capsys):
