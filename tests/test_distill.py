@@ -208,3 +208,30 @@ def test_resume_from_a_checkpoint_continues_exactly(models, tmp_path, monkeypatc
                                   resume=str(tmp_path / "resumed" / "checkpoints" / "step-000003"))
     assert resumed["steps"] == 3
     assert resumed["train_losses"] == pytest.approx(full[3:], rel=1e-5)
+
+
+def test_a_stopped_distillation_reports_its_last_validation_not_a_before_after(models, tmp_path, monkeypatch, capsys):
+    # the final evaluation is skipped on a stop: the summary printed step 0's val KL (and loss) "->" itself
+    import signal
+
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+    real, calls = distill_mod.distill_step, []
+
+    def term_at_two(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # as `kill` or a cluster scheduler would send it
+        return real(*args, **kw)
+
+    monkeypatch.setattr(distill_mod, "distill_step", term_at_two)
+    out = tmp_path / "run"
+    args = _args(models, out, models / "teacher_base", max_steps=4)  # evaluations at steps 0 and 4 (the last)
+    summary = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False)
+    assert summary["stopped"] == "SIGTERM" and summary["val_kl"] and len(summary["val_kl"]) == 1
+    text = capsys.readouterr().out
+    assert (f"validation forward_kl to the teacher: none measured since the start (step 0: {summary['val_kl'][0]:.4f})"
+            in text and "validation loss: none measured since the start" in text), text
+    assert not [line for line in text.splitlines() if "validation" in line and "->" in line], text
+    result = json.loads((out / "run_manifest.json").read_text())["result"]
+    assert result["val_kl_last"] == summary["val_kl"][0] and result["val_kl_last_step"] == 0
+    assert not {"val_kl_before", "val_kl_after", "val_loss_before", "val_loss_after"} & result.keys()

@@ -155,3 +155,22 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_dir, tmp_path, monkeypatch):
     assert json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["step"] == 2
     assert not (out / "final").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
+
+
+@pytest.mark.parametrize("eval_steps, stop, said", [
+    (100, 2, "validation loss: none measured since the start (step 0: "), (2, 3, "last validation loss: ")])
+def test_a_stopped_run_reports_its_last_validation_loss_not_a_before_after(tiny_dir, tmp_path, capsys, eval_steps,
+                                                                          stop, said):
+    # the final evaluation is skipped on a stop: the summary printed (and the manifest held) step 0's
+    # validation loss "->" itself as the run's before/after
+    out = tmp_path / "run"
+    summary = train_mod.train(make_cfg(tiny_dir, out, eval_steps=eval_steps, save_steps=100), data=make_data(tmp_path),
+                              show_bar=False, stop_after=stop)
+    text = capsys.readouterr().out
+    last = summary["val"][-1]
+    assert last["step"] == (0 if eval_steps > stop else 2)
+    assert f"{said}{last['val_loss']:.4f}" in text and f"at step {stop} of 6" in text, text
+    assert not [line for line in text.splitlines() if "validation loss" in line and "->" in line], text
+    result = json.loads((out / "run_manifest.json").read_text())["result"]
+    assert "val_loss_before" not in result and "val_loss_after" not in result
+    assert (result["val_loss_last"], result["val_loss_last_step"]) == (last["val_loss"], last["step"])

@@ -30,7 +30,7 @@ from fastchat_ft.engine import train as train_mod
 from fastchat_ft.engine.distill_loss import KINDS, Head, distill_loss
 from fastchat_ft.engine.loss import hidden_states, lm_head_of, to_device
 from fastchat_ft.engine.metrics import append_samples
-from fastchat_ft.engine.rundir import generate_samples
+from fastchat_ft.engine.rundir import generate_samples, last_measured
 from fastchat_ft.engine.schedule import build_scheduler
 from fastchat_ft.errors import ConfigError, ModelError
 from fastchat_ft.kernels import fused_linear_cross_entropy
@@ -394,12 +394,17 @@ class DistillReporter(train_mod.Reporter):
         summary = super().finish(stopped)
         if not self.active:
             return summary
-        kls = [r["val_kl"] for r in self.log.records if "val_kl" in r]
+        records = [r for r in self.log.records if "val_kl" in r]
+        kls = [r["val_kl"] for r in records]
         if kls:
-            print(f"validation {self.opts.loss} to the teacher: {kls[0]:.4f} -> {kls[-1]:.4f}")
             path = self.run_dir / "run_manifest.json"
             manifest = json.loads(path.read_text())
-            manifest.setdefault("result", {}).update(val_kl_before=kls[0], val_kl_after=kls[-1])
+            if stopped:  # no final evaluation: the last measured KL, not a before/after pair (see finish_report)
+                print(last_measured(records, "val_kl", f"validation {self.opts.loss} to the teacher"))
+                manifest.setdefault("result", {}).update(val_kl_last=kls[-1], val_kl_last_step=records[-1]["step"])
+            else:
+                print(f"validation {self.opts.loss} to the teacher: {kls[0]:.4f} -> {kls[-1]:.4f}")
+                manifest.setdefault("result", {}).update(val_kl_before=kls[0], val_kl_after=kls[-1])
             write_json_atomic(path, manifest, indent=2, default=str)
         summary["val_kl"] = kls
         return summary

@@ -214,11 +214,15 @@ def generate_samples(s, prompts: list[dict], max_new_tokens: int) -> list[dict]:
 
 
 def finish_report(run_dir: Path, summary: dict) -> None:
-    """Print the result (validation before/after, samples before/after, diagnostics); stamp the manifest."""
-    val = summary["val"]
+    """Print the result (validation before/after, samples before/after, diagnostics); stamp the manifest. A run
+    stopped early (Ctrl-C, SIGTERM) skipped its final evaluation: it reports its last measured validation loss
+    instead, as a before/after pair would compare an earlier measurement (often step 0's) with itself."""
+    val, stopped = summary["val"], summary.get("stopped")
     lines = [f"\nrun directory: {run_dir}",
              f"trained {summary['steps']} steps at {summary['tokens_per_s']:.0f} non-padding tokens/s"]
-    if val:
+    if val and stopped:
+        lines.append(last_measured(val, "val_loss", "validation loss"))
+    elif val:
         first, last = val[0], val[-1]
         lines.append(f"validation loss {first['val_loss']:.4f} -> {last['val_loss']:.4f} "
                      f"(ppl {first['val_ppl']:.2f} -> {last['val_ppl']:.2f}, token accuracy "
@@ -229,7 +233,8 @@ def finish_report(run_dir: Path, summary: dict) -> None:
         if recs:
             first_step, last_step = recs[0]["step"], recs[-1]["step"]
             before = [r for r in recs if r["step"] == first_step]
-            after = [r for r in recs if r["step"] == last_step]
+            # none since the first (a run stopped before its next evaluation): nothing to compare them with
+            after = [r for r in recs if r["step"] == last_step] if last_step != first_step else []
             for b, a in zip(before, after):
                 lines.append(f"\nprompt: {b['prompt']}\n--- before (step {first_step}):\n{b['output']}\n"
                              f"--- after (step {last_step}):\n{a['output']}")
@@ -238,16 +243,28 @@ def finish_report(run_dir: Path, summary: dict) -> None:
             lines.append("warning: " + summary[key])
     if summary.get("throughput"):
         lines.append(summary["throughput"])
-    if summary.get("stopped"):
-        lines.append(f"stopped early ({summary['stopped']}); continue with: fastchat-ft train ... --resume")
+    if stopped:
+        lines.append(f"stopped early ({stopped}) at step {summary['steps']} of {summary['total_steps']}; continue "
+                     "with: fastchat-ft train ... --resume")
     print("\n".join(lines))
     path = run_dir / "run_manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     manifest["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifest["result"] = {k: summary[k] for k in ("steps", "tokens_per_s", "stopped")}
-    if val:
+    if val and stopped:
+        manifest["result"].update(val_loss_last=val[-1]["val_loss"], val_loss_last_step=val[-1]["step"])
+    elif val:
         manifest["result"].update(val_loss_before=val[0]["val_loss"], val_loss_after=val[-1]["val_loss"])
     _write_json(path, manifest)
+
+
+def last_measured(records: list[dict], key: str, what: str) -> str:
+    """The line a stopped run prints for `key` (its records, oldest first): the last value measured and its step,
+    or that nothing was measured since the first evaluation (the start)."""
+    first, last = records[0], records[-1]
+    if last["step"] == first["step"]:
+        return f"{what}: none measured since the start (step {first['step']}: {first[key]:.4f})"
+    return f"last {what}: {last[key]:.4f} at step {last['step']} (a stopped run skips the final evaluation)"
 
 
 def _write_json(path: Path, obj) -> None:

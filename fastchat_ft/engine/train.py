@@ -441,7 +441,8 @@ class Reporter:
         n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
         device_name = torch.cuda.get_device_name() if s.device.type == "cuda" else "CPU"
         summary = {
-            "run_dir": str(self.run_dir), "steps": len(self.losses), "stopped": stopped,
+            "run_dir": str(self.run_dir), "steps": len(self.losses), "total_steps": self.total_steps,
+            "stopped": stopped,
             "tokens_per_s": self.tokens / self.busy if self.busy else 0.0, "train_losses": self.losses,
             "throughput": diag.throughput_report(self.busy, self.waits, self.tokens, n_params, n_train, device_name),
             "underfitting": diag.underfitting(self.losses),
