@@ -206,7 +206,9 @@ def test_resume_from_a_checkpoint_continues_exactly(models, tmp_path, monkeypatc
     args.output_dir = str(tmp_path / "resumed")
     resumed = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False,
                                   resume=str(tmp_path / "resumed" / "checkpoints" / "step-000003"))
-    assert resumed["steps"] == 3
+    assert resumed["steps"] == 6  # the run's steps, not the 3 of this session
+    manifest = json.loads((tmp_path / "resumed" / "run_manifest.json").read_text())
+    assert manifest["result"]["steps"] == 6 and len(manifest["resumed_at"]) == 1
     assert resumed["train_losses"] == pytest.approx(full[3:], rel=1e-5)
 
 

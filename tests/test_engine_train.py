@@ -174,3 +174,14 @@ def test_a_stopped_run_reports_its_last_validation_loss_not_a_before_after(tiny_
     result = json.loads((out / "run_manifest.json").read_text())["result"]
     assert "val_loss_before" not in result and "val_loss_after" not in result
     assert (result["val_loss_last"], result["val_loss_last_step"]) == (last["val_loss"], last["step"])
+
+
+def test_a_resumed_run_counts_all_its_steps(tiny_dir, tmp_path, capsys):
+    # the summary and the manifest's result counted the last session's steps only (4 here, not 6)
+    out, data, kw = tmp_path / "run", make_data(tmp_path), dict(save_steps=100, eval_steps=100)
+    train_mod.train(make_cfg(tiny_dir, out, **kw), data=data, show_bar=False, stop_after=2)
+    capsys.readouterr()
+    summary = train_mod.train(make_cfg(tiny_dir, out, **kw), data=data, show_bar=False, resume="latest")
+    assert summary["steps"] == 6 and summary["session_steps"] == len(summary["train_losses"]) == 4
+    assert "trained 6 steps (4 in this session)" in capsys.readouterr().out
+    assert json.loads((out / "run_manifest.json").read_text())["result"]["steps"] == 6

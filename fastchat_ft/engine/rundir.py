@@ -218,8 +218,10 @@ def finish_report(run_dir: Path, summary: dict) -> None:
     stopped early (Ctrl-C, SIGTERM) skipped its final evaluation: it reports its last measured validation loss
     instead, as a before/after pair would compare an earlier measurement (often step 0's) with itself."""
     val, stopped = summary["val"], summary.get("stopped")
+    steps, session = summary["steps"], summary.get("session_steps", summary["steps"])
     lines = [f"\nrun directory: {run_dir}",
-             f"trained {summary['steps']} steps at {summary['tokens_per_s']:.0f} non-padding tokens/s"]
+             f"trained {steps} steps{f' ({session} in this session)' if session != steps else ''} at "
+             f"{summary['tokens_per_s']:.0f} non-padding tokens/s"]
     if val and stopped:
         lines.append(last_measured(val, "val_loss", "validation loss"))
     elif val:

@@ -434,15 +434,16 @@ class Reporter:
         s = self.s
         if not stopped:
             self.save(name="final")
+        # steps: the run's optimizer steps (after a resume, the earlier sessions' too); train_losses: this session's
         if not self.active:
-            return {"steps": len(self.losses), "stopped": stopped, "train_losses": self.losses}
+            return {"steps": self.state.step, "stopped": stopped, "train_losses": self.losses}
         self.log.close()
         n_params = sum(p.numel() for p in s.model.parameters())
         n_train = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
         device_name = torch.cuda.get_device_name() if s.device.type == "cuda" else "CPU"
         summary = {
-            "run_dir": str(self.run_dir), "steps": len(self.losses), "total_steps": self.total_steps,
-            "stopped": stopped,
+            "run_dir": str(self.run_dir), "steps": self.state.step, "session_steps": len(self.losses),
+            "total_steps": self.total_steps, "stopped": stopped,
             "tokens_per_s": self.tokens / self.busy if self.busy else 0.0, "train_losses": self.losses,
             "throughput": diag.throughput_report(self.busy, self.waits, self.tokens, n_params, n_train, device_name),
             "underfitting": diag.underfitting(self.losses),
