@@ -209,6 +209,15 @@ def test_resume_from_a_checkpoint_continues_exactly(models, tmp_path, monkeypatc
     assert resumed["steps"] == 6  # the run's steps, not the 3 of this session
     manifest = json.loads((tmp_path / "resumed" / "run_manifest.json").read_text())
     assert manifest["result"]["steps"] == 6 and len(manifest["resumed_at"]) == 1
+    # resumed once more, the run has nothing left to train: said before a student or teacher is loaded
+    from fastchat_ft.model import load as load_mod
+
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded for a run that has nothing to train")
+
+    monkeypatch.setattr(load_mod, "load_model", no_model)
+    again = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False, resume="latest")
+    assert again["finished"] and again["steps"] == 6 and not again["train_losses"]
     assert resumed["train_losses"] == pytest.approx(full[3:], rel=1e-5)
 
 

@@ -46,9 +46,16 @@ def test_resume_from_an_older_checkpoint_keeps_the_later_ones(env, capsys):
 
 
 @pytest.mark.parametrize("extra", [[], ["--set", "learning_rate=0.001"]])
-def test_resuming_a_finished_run_writes_nothing(env, capsys, extra):
+def test_resuming_a_finished_run_writes_nothing(env, capsys, monkeypatch, extra):
+    from fastchat_ft.model import load as load_mod
+
     _, cfg, run = env
     before = _snapshot(run)
+
+    def no_model(*args, **kw):  # it used to build the model (and load the checkpoint) before saying so
+        raise AssertionError("a model was loaded for a run that has nothing to train")
+
+    monkeypatch.setattr(load_mod, "load_model", no_model)
     assert cli.main(["train", str(cfg), "--output-dir", str(run), "--resume", *extra]) == 0
     out = capsys.readouterr().out
     assert "already finished at step 6" in out and "max_steps" in out, out

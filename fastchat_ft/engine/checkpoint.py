@@ -172,19 +172,24 @@ def check_data_position(path: Path, state: TrainState, steps_epoch: int, fingerp
                               "without --resume")
 
 
-def resume_checked(run_dir: Path, resume: str, load, *, total_steps: int, steps_epoch: int, fingerprint: str,
-                   overwrite: bool, finished_ok: bool = False) -> TrainState | None:
-    """--resume for train and distill: the checkpoint loaded by load(path), then checked before anything is
-    written into the run folder. None when the run already finished (said so; nothing to do), unless finished_ok
-    (a dry run reports anyway)."""
+def finished_at(run_dir: Path, resume: str, total_steps: int) -> int | None:
+    """--resume for train and distill, first: the step a run already finished at (said so; nothing to do), else
+    None. It reads trainer_state.json alone, so that a finished run is told before any model is loaded."""
+    done = finished_step(run_dir, resume, read_state(resolve_resume(run_dir, resume)))
+    if done < total_steps:
+        return None
+    print(f"{run_dir}: the run already finished at step {done} (of {total_steps}): nothing to do. To train "
+          "further, raise max_steps / num_epochs and resume into a new --output-dir (or set "
+          "overwrite_output_dir=true)")
+    return done
+
+
+def resume_checked(run_dir: Path, resume: str, load, *, steps_epoch: int, fingerprint: str,
+                   overwrite: bool) -> TrainState:
+    """--resume for train and distill, once the model is built (and finished_at has said there is training left):
+    the checkpoint loaded by load(path), then checked before anything is written into the run folder."""
     path = resolve_resume(run_dir, resume)
     state = load(path)
-    done = finished_step(run_dir, resume, state)
-    if done >= total_steps and not finished_ok:
-        print(f"{run_dir}: the run already finished at step {done} (of {total_steps}): nothing to do. To train "
-              "further, raise max_steps / num_epochs and resume into a new --output-dir (or set "
-              "overwrite_output_dir=true)")
-        return None
     if not overwrite:
         refuse_to_replace_newer(run_dir, path, state)
     check_data_position(path, state, steps_epoch, fingerprint)

@@ -255,7 +255,8 @@ def evaluate(student, teacher, rows, micro_batch_size: int, opts: DistillOptions
 
 def _setup(cfg, opts: DistillOptions, run_dir: Path):
     """Tokenizers first (a mismatch must fail before any data is packed or weights are loaded), then the
-    student's setup as `train` builds it. Returns it and the compared vocabulary size."""
+    student's tokenizer and data as `train` prepares them (its model comes after the finished check). Returns
+    them and the compared vocabulary size."""
     from fastchat_ft import inference
 
     student_dir = load_mod.resolve_base_model(cfg.base_model)
@@ -264,7 +265,7 @@ def _setup(cfg, opts: DistillOptions, run_dir: Path):
     source = inference.resolve_model(opts.teacher)
     teacher_tok = load_mod.load_hf_tokenizer(source.tokenizer_dir)
     check_same_tokenizer(student_tok, tok_dir, teacher_tok, source.tokenizer_dir)
-    return train_mod.build(cfg, run_dir), len(student_tok)
+    return train_mod.prepare(cfg, run_dir), len(student_tok)
 
 
 def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: bool = True) -> dict:
@@ -277,7 +278,13 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
         train_mod.refuse_to_overwrite(run_dir)
     with train_mod.removed_if_setup_fails(run_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
         # rank 0 first (tokenizer, data cache), the others then reuse its files; see dist_mod.rank_zero_first
-        s, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
+        prep, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
+        per_step, steps_epoch, total_steps = train_mod.run_length(cfg, len(prep.data.train), world)
+        if resume:  # as in train: a finished run has nothing to train, said before any model is loaded
+            done = ckpt.finished_at(run_dir, resume, total_steps)
+            if done is not None:
+                return train_mod.finished_already(run_dir, done)
+        s = dist_mod.rank_zero_first(lambda: train_mod.build(cfg, prep))
         student = s.model
         teacher, _ = load_teacher(opts.teacher, s.device, s.amp_dtype or torch.float32)
         for name, m in (("student", student), ("teacher", teacher)):
@@ -289,9 +296,6 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
         dist_mod.broadcast_parameters(student)  # ranks seeded differently: start from rank 0's trained weights
         replicated = dist_mod.replicate(student)  # DDP when world > 1 (the teacher is frozen: each rank keeps one)
         optimizer = train_mod.build_optimizer(cfg, student)
-        per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
-        steps_epoch = data_mod.steps_per_epoch(len(s.data.train), cfg.micro_batch_size, per_step)
-        total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
         fingerprint = ckpt.data_fingerprint(len(s.data.train), s.data.train_files)
         state = ckpt.TrainState(config_hash=cfg.config_hash(), data_fingerprint=fingerprint)
@@ -299,10 +303,7 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
             state = ckpt.resume_checked(
                 run_dir, resume, lambda path: ckpt.load_checkpoint(path, student, s.model_info, optimizer, scheduler,
                                                                    cfg.config_hash()),
-                total_steps=total_steps, steps_epoch=steps_epoch, fingerprint=fingerprint,
-                overwrite=cfg.overwrite_output_dir)
-            if state is None:
-                return train_mod.finished_already(run_dir)
+                steps_epoch=steps_epoch, fingerprint=fingerprint, overwrite=cfg.overwrite_output_dir)
     amp = torch.autocast(s.device.type, dtype=s.amp_dtype) if s.amp_dtype else contextlib.nullcontext()
     params = [p for p in student.parameters() if p.requires_grad]
     clip = cfg.max_grad_norm or float("inf")

@@ -63,9 +63,9 @@ def run_train(args) -> int:
     return stopped_status(summary)
 
 
-def finished_already(run_dir: Path) -> dict:
-    """train's (and distill's) summary for a resumed run that had already finished: nothing trained."""
-    return {"run_dir": str(run_dir), "steps": 0, "stopped": None, "finished": True, "train_losses": []}
+def finished_already(run_dir: Path, steps: int) -> dict:
+    """train's (and distill's) summary for a resumed run that had already finished (at `steps`): nothing trained."""
+    return {"run_dir": str(run_dir), "steps": steps, "stopped": None, "finished": True, "train_losses": []}
 
 
 def stopped_status(summary) -> int:
@@ -101,6 +101,18 @@ def removed_if_setup_fails(run_dir: Path, rank: int):
 
 
 @dataclass
+class Prepared:
+    """Setup up to the model: the device, the settled tokenizer and the packed data."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    base_dir: Path
+    tokenizer: object            # HF tokenizer, for sample generations
+    tokenizer_dir: Path
+    new_ids: list[int]           # tokens the chat template added to the vocabulary
+    data: data_mod.RunData
+
+
+@dataclass
 class Setup:
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -132,7 +144,8 @@ def use_norm_and_mlp_kernels(model) -> None:
         patch(model, loss=False, lora=False)
 
 
-def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
+def prepare(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Prepared:
+    """Device, tokenizer and data: what sizes the run (its steps) before any model is loaded."""
     device, amp_dtype = pick_device(cfg)
     if device.type == "cpu":  # before the model and the first step allocate: reuse freed activations
         tune_cpu_allocator()
@@ -141,7 +154,19 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
     # the tokenizer is settled first: the data is tokenized with it and the embeddings are sized to it
     tokenizer_dir, new_ids = settle_tokenizer(tokenizer, cfg.chat_template, base_dir, run_dir)
     data = data or data_mod.build_run_data(cfg, tokenizer_dir)
+    return Prepared(device, amp_dtype, base_dir, tokenizer, tokenizer_dir, new_ids, data)
 
+
+def run_length(cfg, n_rows: int, world: int) -> tuple[int, int, int]:
+    """(micro-batches per optimizer step over all ranks, optimizer steps per epoch, the run's total steps)."""
+    per_step = cfg.gradient_accumulation_steps * world
+    steps_epoch = data_mod.steps_per_epoch(n_rows, cfg.micro_batch_size, per_step)
+    return per_step, steps_epoch, cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
+
+
+def build(cfg, p: Prepared) -> Setup:
+    """The model on p's device, resized to p's tokenizer, with LoRA / kernels / checkpointing as configured."""
+    device, amp_dtype, base_dir, tokenizer, new_ids = p.device, p.amp_dtype, p.base_dir, p.tokenizer, p.new_ids
     quant = lora_mod.quantize_config() if cfg.adapter == "qlora" else None
     # frozen base weights may live in bf16 on GPU; trained weights stay fp32 (the optimizer's master copy)
     dtype = torch.bfloat16 if (cfg.adapter and amp_dtype is not None) else torch.float32
@@ -162,7 +187,7 @@ def build(cfg, run_dir: Path, data: data_mod.RunData | None = None) -> Setup:
         for layer in model.base_model.layers:
             layer.compile()
     model.train()
-    return Setup(device, amp_dtype, model, info, tokenizer, tokenizer_dir, data)
+    return Setup(device, amp_dtype, model, info, tokenizer, p.tokenizer_dir, p.data)
 
 
 def settle_tokenizer(tokenizer, template: str, base_dir: Path, run_dir: Path) -> tuple[Path, list[int]]:
@@ -235,8 +260,14 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
                    else contextlib.nullcontext(str(run_dir)))
     with build_place as build_name, removed_if_setup_fails(Path(build_name), rank):
         # up to a loaded resume checkpoint: nothing trained yet
-        # rank 0 converts the model, extends the tokenizer and fills the data cache; the others then reuse them
-        s = dist_mod.rank_zero_first(lambda: build(cfg, Path(build_name), data))
+        # rank 0 extends the tokenizer, fills the data cache and converts the model; the others then reuse them
+        prep = dist_mod.rank_zero_first(lambda: prepare(cfg, Path(build_name), data))
+        per_step, steps_epoch, total_steps = run_length(cfg, len(prep.data.train), world)
+        if resume and not dry_run:  # a finished run has nothing to train: said before any model is loaded
+            done = ckpt.finished_at(run_dir, resume, total_steps)
+            if done is not None:
+                return finished_already(run_dir, done)
+        s = dist_mod.rank_zero_first(lambda: build(cfg, prep))
         dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
         model, mode, rows = s.model, cfg.loss_normalization, s.data.train
         replicated = sharded = None
@@ -248,9 +279,6 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
         else:
             replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
         optimizer = build_optimizer(cfg, model)  # after sharding: it steps on the shards
-        per_step = cfg.gradient_accumulation_steps * world  # micro-batches per optimizer step, over all ranks
-        steps_epoch = data_mod.steps_per_epoch(len(rows), cfg.micro_batch_size, per_step)
-        total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.num_epochs))
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
         fingerprint = ckpt.data_fingerprint(len(rows), s.data.train_files)
         state = ckpt.TrainState(config_hash=cfg.config_hash(), data_fingerprint=fingerprint)
@@ -258,10 +286,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             state = ckpt.resume_checked(
                 run_dir, resume, lambda path: ckpt.load_checkpoint(path, model, s.model_info, optimizer, scheduler,
                                                                    cfg.config_hash(), sharded),
-                total_steps=total_steps, steps_epoch=steps_epoch, fingerprint=fingerprint,
-                overwrite=cfg.overwrite_output_dir, finished_ok=dry_run)
-            if state is None:
-                return finished_already(run_dir)
+                steps_epoch=steps_epoch, fingerprint=fingerprint, overwrite=cfg.overwrite_output_dir)
     if dry_run:
         from fastchat_ft.engine.dryrun import report
         return report(cfg, s, optimizer, total_steps, steps_epoch)
