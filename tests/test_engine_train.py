@@ -185,3 +185,27 @@ def test_a_resumed_run_counts_all_its_steps(tiny_dir, tmp_path, capsys):
     assert summary["steps"] == 6 and summary["session_steps"] == len(summary["train_losses"]) == 4
     assert "trained 6 steps (4 in this session)" in capsys.readouterr().out
     assert json.loads((out / "run_manifest.json").read_text())["result"]["steps"] == 6
+
+
+def test_each_data_file_is_hashed_once_a_start(tiny_dir, tmp_path, monkeypatch):
+    # the resume data fingerprint hashed the training files again after the run manifest had
+    import hashlib
+
+    from fastchat_ft.engine import data as data_mod, rundir
+
+    real, hashed = data_mod.file_digest, []
+
+    def counted(path):
+        hashed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(data_mod, "file_digest", counted)
+    monkeypatch.setattr(rundir, "file_digest", counted, raising=False)  # the manifest's own import, before
+    out, data = tmp_path / "run", make_data(tmp_path)  # one file, as the training and the validation data
+    train_mod.train(make_cfg(tiny_dir, out, max_steps=1, eval_steps=100), data=data, show_bar=False)
+    assert hashed == [str(data.train_files[0])]
+    digest = real(data.train_files[0])
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    assert manifest["data"]["train"][0]["sha256"] == manifest["data"]["val"][0]["sha256"] == digest
+    state = json.loads((out / "final" / "trainer_state.json").read_text())  # the fingerprint as before
+    assert state["data_fingerprint"] == f"10 rows, files {hashlib.sha256(digest.encode()).hexdigest()[:16]}"

@@ -40,14 +40,13 @@ class TrainState:
     data_fingerprint: str = ""    # the packed training rows the data position indexes (empty: older checkpoint)
 
 
-def data_fingerprint(n_rows: int, files) -> str:
-    """The training rows' count and the training files' contents: a resume's data position means the same
-    batches only if both are unchanged (config_hash covers the dataset paths, not what the files hold)."""
-    from fastchat_ft.engine.data import file_digest
-
+def data_fingerprint(n_rows: int, digests: list[str]) -> str:
+    """The training rows' count and the training files' contents (their sha256 `digests`, in order): a resume's
+    data position means the same batches only if both are unchanged (config_hash covers the dataset paths, not
+    what the files hold)."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(file_digest(f).encode())
+    for d in digests:
+        h.update(d.encode())
     return f"{n_rows} rows, files {h.hexdigest()[:16]}"
 
 

@@ -28,6 +28,15 @@ class RunData:
     val_files: list[Path] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     held_out: dict = field(default_factory=dict)  # val_set_size: {training file: held-out conversations' lines}
+    digests: dict = field(default_factory=dict)   # {file: sha256}, filled by digest()
+
+    def digest(self, path) -> str:
+        """The sha256 of one of the run's data files, read once however often it is asked for: the run manifest
+        and the resume data fingerprint both need the training files' (large files take seconds to hash)."""
+        key = str(path)
+        if key not in self.digests:
+            self.digests[key] = file_digest(path)
+        return self.digests[key]
 
 
 def row_tokens(row: dict) -> int:

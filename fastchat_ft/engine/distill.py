@@ -297,7 +297,7 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
         replicated = dist_mod.replicate(student)  # DDP when world > 1 (the teacher is frozen: each rank keeps one)
         optimizer = train_mod.build_optimizer(cfg, student)
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
-        fingerprint = ckpt.data_fingerprint(len(s.data.train), s.data.train_files)
+        fingerprint = ckpt.data_fingerprint(len(s.data.train), [s.data.digest(f) for f in s.data.train_files])
         state = ckpt.TrainState(config_hash=cfg.config_hash(), data_fingerprint=fingerprint)
         if resume:
             state = ckpt.resume_checked(

@@ -17,7 +17,7 @@ import torch
 
 from fastchat_ft.atomic import write_json_atomic
 from fastchat_ft import config as config_mod
-from fastchat_ft.engine.data import file_digest, records_with_lines
+from fastchat_ft.engine.data import records_with_lines
 
 COPY_LIMIT = 50 << 20  # data files up to this size are copied into data/; larger ones are named by hash
 
@@ -50,8 +50,9 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     data_dir = run_dir / "data"
     data_dir.mkdir(exist_ok=True)
     held_out = getattr(s.data, "held_out", None) or {}
-    splits = (record_held_out_split(data_dir, s.data.train_files, held_out, cfg) if held_out
-              else record_file_splits(data_dir, {"train": s.data.train_files, "val": s.data.val_files}))
+    digest = s.data.digest  # the files' hashes, shared with the resume data fingerprint
+    splits = (record_held_out_split(data_dir, s.data.train_files, held_out, cfg, digest) if held_out
+              else record_file_splits(data_dir, {"train": s.data.train_files, "val": s.data.val_files}, digest))
     _copy_rejects(str((s.data.stats or {}).get("rejects_file") or ""), data_dir / "rejects.jsonl")
     device = torch.cuda.get_device_name() if s.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     manifest_path = run_dir / "run_manifest.json"
@@ -81,14 +82,14 @@ def _copy_rejects(names: str, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
-def _file_entry(path) -> dict:
-    return {"path": str(Path(path).resolve()), "sha256": file_digest(path), "bytes": Path(path).stat().st_size}
+def _file_entry(path, digest) -> dict:
+    return {"path": str(Path(path).resolve()), "sha256": digest(path), "bytes": Path(path).stat().st_size}
 
 
-def record_file_splits(data_dir: Path, files: dict) -> dict:
+def record_file_splits(data_dir: Path, files: dict, digest) -> dict:
     """Whole files per split (test_datasets, or no validation): splits.json names them; one small file per split
-    is copied as data/<split>.jsonl."""
-    splits = {k: [_file_entry(p) for p in v] for k, v in files.items()}
+    is copied as data/<split>.jsonl. `digest(path)` gives a file's sha256 (RunData.digest: hashed once a run)."""
+    splits = {k: [_file_entry(p, digest) for p in v] for k, v in files.items()}
     for kind, paths in files.items():
         if len(paths) == 1 and Path(paths[0]).stat().st_size <= COPY_LIMIT:
             shutil.copyfile(paths[0], data_dir / f"{kind}.jsonl")
@@ -96,7 +97,7 @@ def record_file_splits(data_dir: Path, files: dict) -> dict:
     return splits
 
 
-def record_held_out_split(data_dir: Path, train_files: list, held_out: dict, cfg) -> dict:
+def record_held_out_split(data_dir: Path, train_files: list, held_out: dict, cfg, digest) -> dict:
     """val_set_size held out some conversations of the training files: splits.json gives, per file, the lines
     of the held-out conversations (val: `lines`; train: the file less `held_out_lines`); data/val.jsonl holds the
     held-out records and data/train.jsonl the rest (when the files total at most COPY_LIMIT), so eval's
@@ -105,7 +106,7 @@ def record_held_out_split(data_dir: Path, train_files: list, held_out: dict, cfg
     train, val = [], []
     for p in train_files:
         lines = held_out.get(str(p), [])
-        entry = _file_entry(p)
+        entry = _file_entry(p, digest)
         train.append(dict(entry, held_out_lines=lines))
         if lines:
             val.append(dict(entry, lines=lines, held_out_by=by))

@@ -280,7 +280,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             replicated = dist_mod.replicate(model)  # DDP over the decoder when world > 1
         optimizer = build_optimizer(cfg, model)  # after sharding: it steps on the shards
         scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_ratio, cfg.lr_scheduler)
-        fingerprint = ckpt.data_fingerprint(len(rows), s.data.train_files)
+        fingerprint = ckpt.data_fingerprint(len(rows), [s.data.digest(f) for f in s.data.train_files])
         state = ckpt.TrainState(config_hash=cfg.config_hash(), data_fingerprint=fingerprint)
         if resume:
             state = ckpt.resume_checked(
