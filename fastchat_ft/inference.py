@@ -367,12 +367,15 @@ class ChatStream:
 
 def sampling_problem(temperature: float, top_p: float) -> tuple[str, str] | None:
     """(name, reason) of a sampling value outside OpenAI's ranges, or None. One rule for generate's flags and
-    serve's requests: top_p 0 keeps no token (torch.multinomial fails on the empty distribution) and a negative
-    temperature is not the greedy decoding that 0 means."""
+    serve's requests: a negative temperature is not the greedy decoding that 0 means, and sampling with top_p 0
+    keeps no token (torch.multinomial fails on the empty distribution). Greedy decoding (temperature 0) uses no
+    top_p, so there 0 is as good as any value in OpenAI's [0, 1]."""
     if not 0 <= temperature <= 2:  # written so that NaN fails too
         return "temperature", f"temperature must be in [0, 2] (0: greedy), got {temperature}"
-    if not 0 < top_p <= 1:
-        return "top_p", f"top_p must be in (0, 1], got {top_p}"
+    if not 0 <= top_p <= 1:
+        return "top_p", f"top_p must be in [0, 1] (above 0 when sampling), got {top_p}"
+    if top_p == 0 and temperature > 0:
+        return "top_p", f"top_p must be above 0 when sampling (temperature {temperature}): 0 keeps no token"
     return None
 
 

@@ -40,6 +40,17 @@ def test_interactive_keeps_history_and_resets(chatty_run, capsys, monkeypatch):
     assert first != second
 
 
+def test_top_p_0_is_accepted_with_greedy_decoding_and_refused_when_sampling(chatty_run, capsys):
+    # the shared sampling rule refused --top-p 0 under greedy decoding (the default temperature 0), which uses no top_p
+    argv = ["generate", "--model", str(chatty_run["run"]), "--prompt", "two dogs ran?", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    greedy = capsys.readouterr().out
+    assert main(argv + ["--top-p", "0"]) == 0 and capsys.readouterr().out == greedy
+    assert main(argv + ["--top-p", "0", "--temperature", "0.7"]) == 1
+    err = capsys.readouterr().err
+    assert "--top-p" in err and "sampling" in err and "Traceback" not in err
+
+
 def test_stops_at_end_of_turn_without_warning(tiny_run, capsys):
     assert main(["generate", "--model", str(tiny_run["run"]), "--prompt", "hi?", "--max-new-tokens", "30"]) == 0
     out, err = capsys.readouterr()

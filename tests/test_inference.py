@@ -129,6 +129,15 @@ def test_impossible_sampling_values_are_named_not_a_torch_error(tiny_run, temper
                    top_p=top_p).run()
 
 
+def test_greedy_decoding_takes_any_top_p_in_range():
+    # top_p 0 was refused with temperature 0 too, where no top_p is used; sampling with it still keeps no token
+    from fastchat_ft.inference import sampling_problem
+    assert sampling_problem(0.0, 0.0) is None and sampling_problem(0.0, 0.5) is None
+    assert sampling_problem(0.7, 0.0)[0] == "top_p" and "sampling" in sampling_problem(0.7, 0.0)[1]
+    for bad in (-0.1, 1.5, float("nan")):  # outside OpenAI's [0, 1] whatever the temperature
+        assert sampling_problem(0.0, bad)[0] == "top_p"
+
+
 def test_model_folder_without_a_usable_tokenizer_is_a_user_error(tiny_run, tmp_path):
     """eval / generate / export / serve load through load_model: a folder with weights but no tokenizer, or a
     broken tokenizer.json, must be a ModelError naming the folder, not transformers' sentencepiece traceback."""

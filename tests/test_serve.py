@@ -120,6 +120,17 @@ def test_out_of_range_request_values_are_a_400_naming_that_field(field, value):
     assert err.value.param == field and err.value.status == 400
 
 
+def test_top_p_0_is_accepted_with_greedy_decoding_only():
+    # as generate (one rule): temperature 0 uses no top_p; sampling with top_p 0 would keep no token
+    from fastchat_ft.serve import RequestError, parse_chat_request
+    hi = [{"role": "user", "content": "hi"}]
+    opts = parse_chat_request({"messages": hi, "temperature": 0, "top_p": 0}, 8)[1]
+    assert (opts["temperature"], opts["top_p"]) == (0, 0)
+    with pytest.raises(RequestError, match="sampling") as err:
+        parse_chat_request({"messages": hi, "temperature": 0.5, "top_p": 0}, 8)
+    assert err.value.param == "top_p" and err.value.status == 400
+
+
 def test_make_server_on_a_busy_port_is_a_config_error():
     # a failed bind made ThreadingHTTPServer call server_close() before __init__ had set _open_lock:
     # an AttributeError traceback after the OSError one
