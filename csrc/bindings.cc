@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include "cpu_attention.h"
 #include "json.h"
 #include "pack.h"
 #include "loader.h"
@@ -17,6 +18,7 @@ namespace py = pybind11;
 static void bind_tokenizer(py::module_& m);
 static void bind_loader(py::module_& m);
 static void bind_tools(py::module_& m);
+static void bind_cpu_attention(py::module_& m);
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "fastchat-ft native data path: tokenizer, chat templates, labels, packing";
@@ -24,6 +26,7 @@ PYBIND11_MODULE(_native, m) {
   bind_tokenizer(m);
   bind_loader(m);
   bind_tools(m);
+  bind_cpu_attention(m);
 }
 
 // ---------------------------------------------------------------- tokenizer (csrc/tokenizer.*)
@@ -570,4 +573,40 @@ static void bind_tools(py::module_& m) {
         fastchat::dedup::normalize(text, out);
         return out;
       }, py::arg("text"), "Text as the near-duplicate check sees it (lower-cased, punctuation runs -> one space).");
+}
+
+// ---------------------------------------------------------------- CPU attention (csrc/cpu_attention.*)
+// Tensors arrive as data pointers (torch's data_ptr()): fastchat_ft/model/cpu_attention.py checks dtype, device,
+// layout and shapes before calling, and keeps the tensors alive for the call.
+static void bind_cpu_attention(py::module_& m) {
+  using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+  auto shape = [](const Lengths& starts, const Lengths& lengths, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                  float scale, int threads) {
+    if (starts.ndim() != 1 || lengths.ndim() != 1 || starts.size() != lengths.size())
+      throw py::value_error("cpu attention: starts and lengths must be 1-D and of one size");
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0)
+      throw py::value_error("cpu attention: heads must be a positive multiple of kv_heads, head_dim positive");
+    fastchat::attention::Shape s;
+    s.heads = heads, s.kv_heads = kv_heads, s.head_dim = head_dim, s.scale = scale;
+    s.starts = starts.data(), s.lengths = lengths.data(), s.conversations = starts.size();
+    s.threads = std::max(1, threads);
+    return s;
+  };
+  auto f32 = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
+  m.def("attention_forward", [shape, f32](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                                           const Lengths& starts, const Lengths& lengths, int64_t heads,
+                                           int64_t kv_heads, int64_t head_dim, float scale, int threads) {
+    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads);
+    py::gil_scoped_release release;
+    fastchat::attention::forward(s, f32(q), f32(k), f32(v), f32(out), f32(lse));
+  }, "Causal attention per conversation, fp32, token-major tensors given by data pointer (see cpu_attention.h).");
+  m.def("attention_backward", [shape, f32](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                                            uintptr_t dout, uintptr_t dq, uintptr_t dk_h, uintptr_t dv_h,
+                                            const Lengths& starts, const Lengths& lengths, int64_t heads,
+                                            int64_t kv_heads, int64_t head_dim, float scale, int threads) {
+    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads);
+    py::gil_scoped_release release;
+    fastchat::attention::backward(s, f32(q), f32(k), f32(v), f32(out), f32(lse), f32(dout), f32(dq), f32(dk_h),
+                                  f32(dv_h));
+  }, "Gradients of attention_forward; dk_h, dv_h per query head (see cpu_attention.h).");
 }

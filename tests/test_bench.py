@@ -58,10 +58,10 @@ def test_three_runs_agree_step_by_step_and_json_has_the_fields(bench_result):
     # each runner says what attention it ran: HF its implementation, the engine per conversation on CPU
     assert runs["hf_padded"]["attention"] == "sdpa"
     assert runs["hf_flat"]["attention"].startswith("sdpa with a block-diagonal mask")
-    assert runs["fastchat_ft"]["attention"] == "per conversation: causal SDPA for each conversation of the row"
+    assert runs["fastchat_ft"]["attention"].startswith("per conversation: one native CPU attention call per layer")
     assert res["plan"]["data"] == "the bundled demo"
     table = bench.format_table(res)
-    assert "(c) per conversation: causal SDPA" in table and "of (a)'s batch tokens" in table
+    assert "(c) per conversation: one native CPU attention call" in table and "of (a)'s batch tokens" in table
     assert (out / "vs_hf_trainer-cpu.png").stat().st_size > 1000
 
 
@@ -293,6 +293,8 @@ def test_engine_attention_choice_by_device_precision_and_opt_out(monkeypatch, tm
         assert not packed_attention_wanted(model, cuda) and packed_attention_wanted(model, cpu)
     assert attention.describe(model, device="cuda", half=True).startswith("sdpa with a block-diagonal mask")
     assert attention.use_packed_attention(model)
+    assert "native CPU attention" in attention.describe(model, device="cpu", half=False)
+    monkeypatch.setenv("FASTCHAT_FT_CPU_ATTENTION", "0")
     assert attention.describe(model, device="cpu", half=False).endswith("causal SDPA for each conversation of the row")
     if attention._varlen_kernel() is not None:
         assert "varlen" in attention.describe(model, device="cuda", half=True)

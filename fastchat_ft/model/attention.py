@@ -12,6 +12,8 @@ import inspect
 
 import torch
 
+from fastchat_ft.model import cpu_attention
+
 NAME = "fastchat_packed"
 _registered = False
 # (position_ids tensor, its segments): every layer of one forward gets the same tensor, so the host sync that
@@ -32,12 +34,21 @@ def segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
 def _cached_segments(position_ids):
     if _last[0] is not position_ids:
         _last[0], _last[1] = position_ids, segments(position_ids)
-        _last_cu[0] = None
+        _last_cu[0] = _last_cpu[0] = None
     return _last[1]
 
 
 # [(cu_seqlens on the device, longest conversation)] for the position ids in _last: built once per forward
 _last_cu: list = [None]
+# [(starts, lengths, longest)] over the flattened batch, for the CPU kernel: also once per forward
+_last_cpu: list = [None]
+
+
+def flat_segments(segs: list[list[tuple[int, int]]], width: int):
+    """Conversation starts and lengths over the batch flattened to [B * L] tokens, and the longest."""
+    starts = [b * width + s for b, row in enumerate(segs) for s, _ in row]
+    lengths = [e - s for row in segs for s, e in row]
+    return starts, lengths, max(lengths)
 
 
 def cu_seqlens(segs: list[list[tuple[int, int]]], width: int, device) -> tuple[torch.Tensor, int]:
@@ -115,6 +126,15 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         if _last_cu[0] is None:
             _last_cu[0] = cu_seqlens(all_segs, q_len, query.device)
         return varlen_attention(query, key, value, *_last_cu[0], scaling), None
+    if _last_cpu[0] is None:
+        _last_cpu[0] = flat_segments(all_segs, q_len)
+    starts, lengths, longest = _last_cpu[0]
+    if cpu_attention.usable(query, key, dropout, longest):
+        b, heads, _, d = query.shape
+        # [B, H, L, D] views of the projections' [B, L, H, D] outputs: back to token-major, a copy only if needed
+        q, k, v = (t.transpose(1, 2).reshape(b * q_len, t.shape[1], d) for t in (query, key, value))
+        out = cpu_attention.packed_causal_attention(q, k, v, starts, lengths, d ** -0.5 if scaling is None else scaling)
+        return out.view(b, q_len, heads, d), None
     gqa = query.shape[1] != key.shape[1]
     rows = []
     for b, segs in enumerate(all_segs):
@@ -187,6 +207,9 @@ def describe(model, *, device: str, half: bool) -> str:
         return f"{name} with a block-diagonal mask from position ids" if name == "sdpa" else str(name)
     if device == "cuda" and half and _varlen_kernel() is not None:
         return "per conversation: one varlen flash-attention call per layer (torch.nn.attention.varlen)"
+    if device == "cpu" and not half and cpu_attention.enabled():
+        return (f"per conversation: one native CPU attention call per layer (conversations over "
+                f"{cpu_attention.MAX_LENGTH} tokens: causal SDPA)")
     return "per conversation: causal SDPA for each conversation of the row"
 
 

@@ -1,0 +1,81 @@
+"""Causal attention within each conversation of packed rows, fp32 on CPU, through the native kernel
+(csrc/cpu_attention.cc): one call per layer for all conversations and heads, forward and backward, instead of one
+torch SDPA call per conversation (which on 50-300-token conversations runs at a few percent of the CPU's GEMM rate,
+bench/profile_step.py). The model's attention function (model/attention.py) routes here; FASTCHAT_FT_CPU_ATTENTION=0
+turns it off (torch's SDPA per conversation again).
+
+Inputs and output are token-major ([tokens, heads, head_dim]), the layout the q/k/v projections write and the
+output projection reads, so no transposes are copied either way.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from fastchat_ft import _native
+
+# Longer conversations go to torch's SDPA: the kernel keeps a [length x length] score matrix per thread, which
+# beyond ~1k tokens no longer sits in cache, where torch's flash kernel works in blocks.
+MAX_LENGTH = 1024
+MAX_HEAD_DIM = 256
+
+
+def enabled() -> bool:
+    return os.environ.get("FASTCHAT_FT_CPU_ATTENTION", "1") != "0" and hasattr(_native, "attention_forward")
+
+
+def usable(query: torch.Tensor, key: torch.Tensor, dropout: float, longest: int) -> bool:
+    """Whether this call can run natively: CPU fp32 without attention dropout, a head size and conversation length
+    within the kernel's limits, query heads a multiple of kv heads."""
+    return (query.device.type == "cpu" and query.dtype == torch.float32 and key.dtype == torch.float32
+            and not dropout and query.shape[-1] <= MAX_HEAD_DIM and longest <= MAX_LENGTH
+            and query.shape[1] % key.shape[1] == 0 and enabled())
+
+
+class _PackedCausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, starts, lengths, scale):
+        tokens, heads, head_dim = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(tokens, heads, dtype=torch.float32)
+        _native.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), starts,
+                                  lengths, heads, k.shape[1], head_dim, scale, torch.get_num_threads())
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.segments, ctx.scale = (starts, lengths), scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        tokens, heads, head_dim = q.shape
+        kv_heads = k.shape[1]
+        dout = dout.contiguous()
+        dq, dk_h, dv_h = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+        _native.attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                   dout.data_ptr(), dq.data_ptr(), dk_h.data_ptr(), dv_h.data_ptr(), *ctx.segments,
+                                   heads, kv_heads, head_dim, ctx.scale, torch.get_num_threads())
+        if heads != kv_heads:  # the query heads sharing a kv head each wrote their own part: sum them
+            group = heads // kv_heads
+            dk_h = dk_h.view(tokens, kv_heads, group, head_dim).sum(2)
+            dv_h = dv_h.view(tokens, kv_heads, group, head_dim).sum(2)
+        return dq, dk_h, dv_h, None, None, None
+
+
+def packed_causal_attention(q, k, v, starts, lengths, scale: float) -> torch.Tensor:
+    """q [tokens, heads, D], k and v [tokens, kv_heads, D] (fp32, CPU); conversation i is tokens
+    starts[i] .. starts[i] + lengths[i], and the conversations cover every token. Returns [tokens, heads, D]:
+    softmax(scale q k^T) v, causal within each conversation. Differentiable in q, k, v."""
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    tokens = q.shape[0]
+    if q.dim() != 3 or k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != q.shape[2]:
+        raise ValueError(f"shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    order = np.argsort(starts, kind="stable")
+    ends = starts[order] + lengths[order]
+    if starts.shape != lengths.shape or (lengths <= 0).any() or (starts.size and (
+            starts[order[0]] != 0 or ends[-1] != tokens or (starts[order[1:]] != ends[:-1]).any())):
+        raise ValueError(f"conversations (starts, lengths) must cover the {tokens} tokens once each")
+    return _PackedCausalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), starts, lengths, float(scale))
