@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu_attention.h"
+#include "cpu_swiglu.h"
 #include "json.h"
 #include "pack.h"
 #include "loader.h"
@@ -609,4 +610,15 @@ static void bind_cpu_attention(py::module_& m) {
     fastchat::attention::backward(s, f32(q), f32(k), f32(v), f32(out), f32(lse), f32(dout), f32(dq), f32(dk_h),
                                   f32(dv_h));
   }, "Gradients of attention_forward; dk_h, dv_h per query head (see cpu_attention.h).");
+  // SwiGLU (csrc/cpu_swiglu.*): contiguous fp32 arrays of n elements by data pointer, checked by kernels/swiglu.py
+  m.def("swiglu_forward", [f32](uintptr_t gate, uintptr_t up, uintptr_t h, int64_t n, int threads) {
+    py::gil_scoped_release release;
+    fastchat::swiglu::forward(f32(gate), f32(up), f32(h), n, threads);
+  }, "h = silu(gate) * up, fp32, one pass.");
+  m.def("swiglu_backward", [f32](uintptr_t dh, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
+                                 int64_t n, int threads) {
+    py::gil_scoped_release release;
+    fastchat::swiglu::backward(f32(dh), f32(gate), f32(up), dgate ? f32(dgate) : nullptr, dup ? f32(dup) : nullptr,
+                               n, threads);
+  }, "Gradients of swiglu_forward in one pass; a 0 pointer skips that output.");
 }

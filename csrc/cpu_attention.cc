@@ -1,60 +1,33 @@
 #include "cpu_attention.h"
 
+#include "cpu_parallel.h"
+#include "cpu_simd.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <dlfcn.h>
 #include <exception>
 #include <functional>
 #include <mutex>
 #include <numeric>
-#include <thread>
 #include <vector>
 
 namespace fastchat::attention {
 namespace {
 
-#define INLINE inline __attribute__((always_inline))
-
-// 16 floats; the compiler maps it to one AVX-512 register, two AVX2 or four SSE registers per clone.
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
+#define INLINE FASTCHAT_INLINE
+using cpu::hsum;
+using cpu::kLanes;
+using cpu::load;
+using cpu::splat;
+using cpu::store;
+using cpu::v16;
+using cpu::vexp;
 constexpr int64_t kRows = 4;    // micro-kernel rows (A rows in registers as broadcasts)
 constexpr int64_t kCols = 32;   // micro-kernel columns (two vectors): every N below is a multiple of it
 
-INLINE v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
-INLINE void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
-INLINE v16 splat(float x) { return v16{} + x; }
 INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// exp on 16 lanes: 2^n * e^r with r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (error < 2 ulp).
-// libm's expf does not vectorise without -ffast-math, and softmax needs one exp per score.
-INLINE v16 vexp(v16 x) {
-  x = x < splat(-87.f) ? splat(-87.f) : x;   // e^-87 ~ 1.6e-38: still a normal float, ~0 next to the row max
-  x = x > splat(88.f) ? splat(88.f) : x;
-  const v16 magic = splat(12582912.f);       // 1.5 * 2^23: adding it rounds to the nearest integer
-  v16 n = (x * splat(1.44269504f) + magic) - magic;
-  v16 r = x - n * splat(0.693145752f) - n * splat(1.42860677e-06f);  // ln 2 in two parts: exact n * hi
-  v16 p = splat(1.f / 720);
-  p = p * r + splat(1.f / 120);
-  p = p * r + splat(1.f / 24);
-  p = p * r + splat(1.f / 6);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.f);
-  p = p * r + splat(1.f);
-  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-INLINE float hsum(v16 x) {
-  float s = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) s += x[l];
-  return s;
-}
 
 // C[0:4, 0:n] = (or +=) A[0:4, k0:k1] B[k0:k1, 0:n], row-major, n a multiple of kCols. The four A values of
 // each k are broadcast against two B vectors: 8 accumulators stay in registers over the whole k loop.
@@ -260,30 +233,6 @@ INLINE void backward_item(const Shape& sh, const Item& it, const float* q, const
   }
 }
 
-// The threads: torch's own OpenMP team when the process has one (torch loads libgomp with its symbols global), so
-// the work lands on threads that are already spinning for torch's next op. Threads of our own would share the
-// cores with those spinning ones (libgomp spins for milliseconds after each parallel op): measured 2-3x slower.
-// Without an OpenMP runtime in the process: std::thread.
-using ParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
-using ThreadNumFn = int (*)();
-
-ParallelFn openmp_parallel() {
-  return reinterpret_cast<ParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
-}
-
-ThreadNumFn omp_thread_num() {
-  return reinterpret_cast<ThreadNumFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
-}
-
-struct OpenMPTask {
-  const std::function<void(int)>* worker;
-  ThreadNumFn thread_num;
-  static void run(void* self) {
-    auto* task = static_cast<OpenMPTask*>(self);
-    (*task->worker)(task->thread_num());
-  }
-};
-
 // Every (conversation, query head) item, longest first, shared by `threads` threads through one counter.
 template <class Fn>
 void run_items(const Shape& sh, size_t floats_per_item_of_max, Fn&& fn) {
@@ -316,23 +265,11 @@ void run_items(const Shape& sh, size_t floats_per_item_of_max, Fn&& fn) {
       if (!failed.exchange(true)) error = std::current_exception();
     }
   };
-  const ParallelFn parallel = openmp_parallel();
-  const ThreadNumFn thread_num = omp_thread_num();
-  if (parallel && thread_num && threads > 1) {
-    OpenMPTask task{&worker, thread_num};
-    parallel(&OpenMPTask::run, &task, (unsigned)threads, 0);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker, t);
-    worker(0);
-    for (auto& t : pool) t.join();
-  }
+  cpu::run_on_threads(threads, worker);
   if (error) std::rethrow_exception(error);
 }
 
-// One build serves every x86-64 CPU: the per-item code is compiled for AVX-512, for AVX2+FMA and for the baseline,
-// and the CPU's features pick one at run time. (target_clones' "arch=" versions test the CPU model, not its
-// features, so an AMD CPU with AVX-512 would get the baseline.) Elsewhere: the plain build.
+// The item code built for AVX-512, AVX2+FMA and the baseline (cpu_simd.h); simd_level() picks one.
 using ForwardFn = void (*)(const Shape&, const Item&, const float*, const float*, const float*, float*, float*,
                            Scratch&);
 using BackwardFn = void (*)(const Shape&, const Item&, const float*, const float*, const float*, const float*,
@@ -350,33 +287,25 @@ using BackwardFn = void (*)(const Shape&, const Item&, const float*, const float
   }
 
 FASTCHAT_VERSIONS(, baseline)
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-FASTCHAT_VERSIONS(__attribute__((target("avx2,fma"))), avx2)
-FASTCHAT_VERSIONS(__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))), avx512)
-
-struct Versions {
-  ForwardFn forward = forward_baseline;
-  BackwardFn backward = backward_baseline;
-  Versions() {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-      forward = forward_avx512, backward = backward_avx512;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      forward = forward_avx2, backward = backward_avx2;
-    }
-  }
-};
-#else
-struct Versions {
-  ForwardFn forward = forward_baseline;
-  BackwardFn backward = backward_baseline;
-};
+#ifdef FASTCHAT_HAS_X86_VERSIONS
+FASTCHAT_VERSIONS(FASTCHAT_TARGET_AVX2, avx2)
+FASTCHAT_VERSIONS(FASTCHAT_TARGET_AVX512, avx512)
 #endif
 
-const Versions& versions() {
-  static const Versions v;
-  return v;
+ForwardFn forward_version() {
+#ifdef FASTCHAT_HAS_X86_VERSIONS
+  if (cpu::simd_level() == 2) return forward_avx512;
+  if (cpu::simd_level() == 1) return forward_avx2;
+#endif
+  return forward_baseline;
+}
+
+BackwardFn backward_version() {
+#ifdef FASTCHAT_HAS_X86_VERSIONS
+  if (cpu::simd_level() == 2) return backward_avx512;
+  if (cpu::simd_level() == 1) return backward_avx2;
+#endif
+  return backward_baseline;
 }
 
 int64_t longest(const Shape& sh) {
@@ -390,7 +319,7 @@ int64_t longest(const Shape& sh) {
 void forward(const Shape& sh, const float* q, const float* k, const float* v, float* out, float* lse) {
   const int64_t Lp = round_up(longest(sh), kCols), Dp = round_up(sh.head_dim, kCols);
   const size_t floats = 2 * Lp * Dp + sh.head_dim * Lp + Lp * Lp + kRows * Dp;  // Lp bounds Lr and L
-  const ForwardFn fn = versions().forward;
+  const ForwardFn fn = forward_version();
   run_items(sh, floats, [&](const Item& it, Scratch& s) { fn(sh, it, q, k, v, out, lse, s); });
 }
 
@@ -398,7 +327,7 @@ void backward(const Shape& sh, const float* q, const float* k, const float* v, c
               const float* dout, float* dq, float* dk_h, float* dv_h) {
   const int64_t Lp = round_up(longest(sh), kCols), Dp = round_up(sh.head_dim, kCols);
   const size_t floats = 3 * Lp * Dp + 2 * sh.head_dim * Lp + 2 * Lp * Lp + Lp + kRows * Dp;
-  const BackwardFn fn = versions().backward;
+  const BackwardFn fn = backward_version();
   run_items(sh, floats, [&](const Item& it, Scratch& s) {
     fn(sh, it, q, k, v, out, lse, dout, dq, dk_h, dv_h, s);
   });

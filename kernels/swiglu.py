@@ -4,14 +4,17 @@ Eager autograd keeps three [tokens x intermediate] tensors per layer for it (gat
 the product); this Function keeps gate and up, which the projections made anyway, and recomputes silu in backward:
 one activation of the model's widest shape less per layer (on SmolLM2-135M about an eighth of a LoRA step's saved
 activations). CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run one Triton kernel each way (forward reads 2
-tensors and writes 1, backward reads 3 and writes 2; eager makes 5 and 8 passes). Other tensors run the same
-Function on torch ops in eager's order, so their values and gradients are bit-identical to eager's; float64 runs
-the reference. Rounding follows eager too: silu is rounded to the input dtype before the product.
+tensors and writes 1, backward reads 3 and writes 2; eager makes 5 and 8 passes). Contiguous fp32 CPU tensors run
+the same two passes natively (csrc/cpu_swiglu.cc, ~1e-7 relative from eager: its own exp;
+FASTCHAT_FT_CPU_SWIGLU=0 turns it off). Other tensors run the same Function on torch ops in eager's order, so their
+values and gradients are bit-identical to eager's; float64 runs the reference. Rounding follows eager too: silu is
+rounded to the input dtype before the product.
 
 `recomputed_for_backward(h, gate, up)` goes one step further for the layer that consumes h = swiglu(gate, up) (the
 down projection): inside it autograd keeps no copy of h, backward recomputes it from gate and up.
 """
 import contextlib
+import os
 
 import torch
 
@@ -54,6 +57,36 @@ def _launch_forward(gate, up):
     return out
 
 
+def _native_module():
+    try:
+        from fastchat_ft import _native
+    except ImportError:  # kernels/ imported from a source tree without the built extension
+        return None
+    return _native if hasattr(_native, "swiglu_forward") else None
+
+
+def _native_usable(gate, up) -> bool:
+    return (gate.device.type == "cpu" and gate.dtype == torch.float32 and gate.is_contiguous() and up.is_contiguous()
+            and os.environ.get("FASTCHAT_FT_CPU_SWIGLU", "1") != "0" and _native_module() is not None)
+
+
+def _native_forward(gate, up):
+    out = torch.empty_like(gate)
+    _native_module().swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                                    torch.get_num_threads())
+    return out
+
+
+def _native_backward(dh, gate, up, want_gate, want_up):
+    dh = dh.contiguous()
+    dgate = torch.empty_like(gate) if want_gate else None
+    dup = torch.empty_like(up) if want_up else None
+    _native_module().swiglu_backward(dh.data_ptr(), gate.data_ptr(), up.data_ptr(),
+                                     dgate.data_ptr() if want_gate else 0, dup.data_ptr() if want_up else 0,
+                                     gate.numel(), torch.get_num_threads())
+    return dgate, dup
+
+
 def _launch_backward(dh, gate, up):
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
@@ -69,8 +102,11 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, gate, up, triton_path):
         ctx.save_for_backward(gate, up)
         ctx.triton_path = triton_path
+        ctx.native = not triton_path and _native_usable(gate, up)
         if triton_path:
             return _launch_forward(gate, up)
+        if ctx.native:
+            return _native_forward(gate, up)
         with no_autocast(gate.device):
             return torch.nn.functional.silu(gate) * up
 
@@ -80,6 +116,9 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         if ctx.triton_path:
             dgate, dup = _launch_backward(dh.contiguous(), gate, up)
+            return dgate, dup, None
+        if ctx.native:
+            dgate, dup = _native_backward(dh, gate, up, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
             return dgate, dup, None
         # eager's ops in eager's order (MulBackward0 then SiluBackward0): bit-identical gradients
         with no_autocast(gate.device):

@@ -17,7 +17,9 @@ def one_thread():
 
 
 def select_impl(impl, monkeypatch):
-    """Make the public dispatcher take `impl`: TRITON_INTERPRET=1 routes CPU tensors to the Triton kernels."""
+    """Make the public dispatcher take `impl`: TRITON_INTERPRET=1 routes CPU tensors to the Triton kernels;
+    "reference" is the torch path, "native" (kernels with a native CPU build: swiglu) the C++ one for fp32."""
+    monkeypatch.setenv("FASTCHAT_FT_CPU_SWIGLU", "1" if impl == "native" else "0")
     if impl == "triton":
         if not HAS_TRITON:
             pytest.skip("triton not installed")

@@ -1,5 +1,6 @@
-"""swiglu (Triton path under the interpreter, and the torch path) against a float64 reference and HF's eager
+"""swiglu (Triton path under the interpreter, the native CPU path, and the torch path) against a float64 reference and HF's eager
 act_fn(gate) * up, on sizes that are not multiples of the block; what backward keeps alive; fallbacks."""
+import importlib
 import weakref
 from contextlib import nullcontext
 
@@ -10,6 +11,7 @@ from fastchat_ft.kernels import swiglu, swiglu_reference
 from fastchat_ft.kernels.swiglu import BLOCK, recomputed_for_backward
 from kernel_impls import IMPLS, assert_close_relative, one_thread, select_impl  # noqa: F401 (one_thread: autouse)
 
+SWIGLU_IMPLS = IMPLS + ["native"]  # native: csrc/cpu_swiglu.cc, fp32 on CPU (other dtypes take the torch path)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to the largest reference value
 
 
@@ -37,7 +39,7 @@ def check_against_float64(gate, up, dtype):
     close(up.grad, u64.grad, dtype)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SWIGLU_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(3, 11, 77), (2 * BLOCK + 5,)])
 def test_matches_float64_forward_and_backward(impl, dtype, shape, monkeypatch):
@@ -58,6 +60,34 @@ def test_torch_path_is_bit_identical_to_eager(dtype, monkeypatch):
     h.backward(dh)
     want.backward(dh)
     assert torch.equal(h, want) and torch.equal(gate.grad, g.grad) and torch.equal(up.grad, u.grad)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_native_path_is_the_one_taken_and_close_to_eager_on_any_thread_count(threads, monkeypatch):
+    """fp32 contiguous CPU tensors run csrc/cpu_swiglu.cc (with FASTCHAT_FT_CPU_SWIGLU=0 they do not), on a size
+    that splits unevenly over the threads with a tail shorter than one vector; values and gradients within a few
+    ulp of eager's, the extremes of the sigmoid included."""
+    mod = importlib.import_module("fastchat_ft.kernels.swiglu")  # the package attribute is the function
+    calls = []
+    real = mod._native_forward
+    monkeypatch.setattr(mod, "_native_forward", lambda g, u: calls.append(g.shape) or real(g, u))
+    select_impl("native", monkeypatch)
+    torch.set_num_threads(threads)
+    gate = (torch.randn(7, 1003) * 4).requires_grad_()
+    with torch.no_grad():
+        gate[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -30.0])
+    up = torch.randn(7, 1003).requires_grad_()
+    g, u, want = eager(gate, up)
+    h = swiglu(gate, up)
+    dh = torch.randn_like(h)
+    h.backward(dh)
+    want.backward(dh)
+    assert calls == [gate.shape]
+    for got, ref in ((h, want), (gate.grad, g.grad), (up.grad, u.grad)):
+        torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-7)
+    monkeypatch.setenv("FASTCHAT_FT_CPU_SWIGLU", "0")
+    swiglu(gate, up)
+    assert len(calls) == 1
 
 
 def check_rounds_like_eager(gate, up):
@@ -101,7 +131,7 @@ def test_backward_keeps_two_activations_where_eager_keeps_three(impl, monkeypatc
     assert saved_storages(swiglu_reference) == 3
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", SWIGLU_IMPLS)
 def test_gradient_to_one_input_only(impl, monkeypatch):
     select_impl(impl, monkeypatch)
     gate = torch.randn(4, 33)

@@ -136,7 +136,7 @@ def pick_device(cfg) -> tuple[torch.device, torch.dtype | None]:
 def use_norm_and_mlp_kernels(model) -> None:
     """Our RMSNorm and SwiGLU in the decoder (the fused CE and LoRA kernels are the engine's own already), for
     the model types fastchat_ft.patch knows. SwiGLU keeps one [tokens x intermediate] activation less per layer
-    (bit-identical on CPU), two on CUDA (the down projection's input is recomputed in backward); RMSNorm is Triton on CUDA and, on CPU in fp32, HF's forward with a closed-form
+    (one native pass each way on CPU in fp32), two on CUDA (the down projection's input is recomputed in backward); RMSNorm is Triton on CUDA and, on CPU in fp32, HF's forward with a closed-form
     backward (half the time of autograd's)."""
     from fastchat_ft.model.patch import FAMILIES, patch
 

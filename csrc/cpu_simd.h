@@ -1,0 +1,60 @@
+// Portable 16-float vectors for the CPU kernels (cpu_attention.cc, cpu_swiglu.cc) and the run-time choice between
+// their AVX-512, AVX2+FMA and baseline builds.
+//
+// Each kernel writes its loop body once as an always-inline function and instantiates it three times under
+// FASTCHAT_SIMD_VERSIONS-style wrappers with target attributes; simd_level() picks one by the CPU's features.
+// (GCC's target_clones("arch=...") would test the CPU model, not its features: an AMD CPU with AVX-512 would get
+// the baseline.) GCC and Clang lower v16 to whatever the target has: one zmm, two ymm or four xmm registers.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#define FASTCHAT_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTCHAT_HAS_X86_VERSIONS 1
+#define FASTCHAT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FASTCHAT_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#endif
+
+namespace fastchat::cpu {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+FASTCHAT_INLINE v16 load(const float* p) { v16 r; std::memcpy(&r, p, sizeof r); return r; }
+FASTCHAT_INLINE void store(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+FASTCHAT_INLINE v16 splat(float x) { return v16{} + x; }
+
+// exp on 16 lanes: 2^n * e^r with r in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (error < 2 ulp); inputs
+// clamped to [-87, 88], so never inf and never denormal. libm's expf does not vectorise without -ffast-math.
+FASTCHAT_INLINE v16 vexp(v16 x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;   // e^-87 ~ 1.6e-38: still a normal float, ~0 next to 1
+  x = x > splat(88.f) ? splat(88.f) : x;
+  const v16 magic = splat(12582912.f);       // 1.5 * 2^23: adding it rounds to the nearest integer
+  v16 n = (x * splat(1.44269504f) + magic) - magic;
+  v16 r = x - n * splat(0.693145752f) - n * splat(1.42860677e-06f);  // ln 2 in two parts: exact n * hi
+  v16 p = splat(1.f / 720);
+  p = p * r + splat(1.f / 120);
+  p = p * r + splat(1.f / 24);
+  p = p * r + splat(1.f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.f);
+  p = p * r + splat(1.f);
+  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+FASTCHAT_INLINE float hsum(v16 x) {
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += x[l];
+  return s;
+}
+
+// 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline. Read once.
+int simd_level();
+
+}  // namespace fastchat::cpu
