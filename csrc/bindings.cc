@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu_attention.h"
+#include "cpu_rms_norm.h"
 #include "cpu_swiglu.h"
 #include "json.h"
 #include "pack.h"
@@ -621,4 +622,16 @@ static void bind_cpu_attention(py::module_& m) {
     fastchat::swiglu::backward(f32(dh), f32(gate), f32(up), dgate ? f32(dgate) : nullptr, dup ? f32(dup) : nullptr,
                                n, threads);
   }, "Gradients of swiglu_forward in one pass; a 0 pointer skips that output.");
+  // RMSNorm (csrc/cpu_rms_norm.*): contiguous fp32 [rows x cols] by data pointer, checked by kernels/rms_norm.py
+  m.def("rms_norm_forward", [f32](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t cols,
+                                  float eps, int threads) {
+    py::gil_scoped_release release;
+    fastchat::rms_norm::forward(f32(x), f32(w), f32(y), f32(rstd), rows, cols, eps, threads);
+  }, "y = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) per row, fp32, one pass.");
+  m.def("rms_norm_backward", [f32](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
+                                   uintptr_t dw_partial, int64_t rows, int64_t cols, int threads) {
+    py::gil_scoped_release release;
+    fastchat::rms_norm::backward(f32(dy), f32(x), f32(w), f32(rstd), f32(dx), dw_partial ? f32(dw_partial) : nullptr,
+                                 rows, cols, threads);
+  }, "dx of rms_norm_forward in one pass; dw per thread into a zeroed [threads x cols] buffer (0: no dw).");
 }

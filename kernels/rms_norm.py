@@ -1,6 +1,7 @@
 """RMSNorm forward and backward with HF's casting (Llama: normalise in fp32, cast back, multiply by the weight;
 Gemma: multiply by (offset + w) in fp32, cast last). Owns the Triton kernels, the autograd Function and the
 torch reference (also the CPU path); the nn.Module wrapper and model patching live in fastchat_ft/model/."""
+import os
 from typing import Optional
 
 import torch
@@ -132,14 +133,37 @@ class _RMSNorm(torch.autograd.Function):
         return dx.reshape(ctx.shape), dw, None, None, None
 
 
+def _native_module():
+    try:
+        from fastchat_ft import _native
+    except ImportError:  # kernels/ imported from a source tree without the built extension
+        return None
+    return _native if hasattr(_native, "rms_norm_forward") else None
+
+
+def _native_usable(x, weight) -> bool:
+    return (x.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous()
+            and os.environ.get("FASTCHAT_FT_CPU_RMSNORM", "1") != "0" and _native_module() is not None)
+
+
 class _RMSNormFp32Torch(torch.autograd.Function):
-    """The fp32 Llama-casting norm on torch ops, for tensors the Triton kernels do not take (CPU training): the
-    forward is HF's ops, so bit-identical; the backward is the closed form rstd * (m - xhat * mean(m * xhat)) with
-    m = dy * w, about half the time of autograd through pow/mean/rsqrt/mul (0.54 vs 1.16 ms forward+backward for
-    1000 x 576 on 2 cores), keeping x and rstd only."""
+    """The fp32 Llama-casting norm for tensors the Triton kernels do not take (CPU training). Contiguous tensors
+    run one native pass each way (csrc/cpu_rms_norm.cc; FASTCHAT_FT_CPU_RMSNORM=0 turns it off); others HF's
+    forward ops (bit-identical) and the closed-form backward rstd * (m - xhat * mean(m * xhat)) with m = dy * w,
+    about half the time of autograd through pow/mean/rsqrt/mul (0.54 vs 1.16 ms forward+backward for 1000 x 576
+    on 2 cores). Both keep x and rstd only."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
+        ctx.native = _native_usable(x, weight)
+        if ctx.native:
+            y = torch.empty_like(x)
+            rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+            cols = x.shape[-1]
+            _native_module().rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                                              x.numel() // max(cols, 1), cols, eps, torch.get_num_threads())
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         return weight * (x * rstd)
@@ -148,6 +172,15 @@ class _RMSNormFp32Torch(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # no double backward: a clear error, not a wrong graph
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
+        if ctx.native and ctx.needs_input_grad[0]:
+            dy = dy.contiguous()
+            cols, threads = x.shape[-1], torch.get_num_threads()
+            dx = torch.empty_like(x)
+            dw_partial = torch.zeros(threads, cols) if ctx.needs_input_grad[1] else None
+            _native_module().rms_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
+                                               dx.data_ptr(), 0 if dw_partial is None else dw_partial.data_ptr(),
+                                               x.numel() // max(cols, 1), cols, threads)
+            return dx, None if dw_partial is None else dw_partial.sum(0), None
         xhat = x * rstd
         dw = None
         if ctx.needs_input_grad[1]:

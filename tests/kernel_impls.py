@@ -18,8 +18,10 @@ def one_thread():
 
 def select_impl(impl, monkeypatch):
     """Make the public dispatcher take `impl`: TRITON_INTERPRET=1 routes CPU tensors to the Triton kernels;
-    "reference" is the torch path, "native" (kernels with a native CPU build: swiglu) the C++ one for fp32."""
-    monkeypatch.setenv("FASTCHAT_FT_CPU_SWIGLU", "1" if impl == "native" else "0")
+    "reference" is the torch path, "native" (kernels with a native CPU build: swiglu, rms_norm) the C++ one for
+    fp32."""
+    for var in ("FASTCHAT_FT_CPU_SWIGLU", "FASTCHAT_FT_CPU_RMSNORM"):
+        monkeypatch.setenv(var, "1" if impl == "native" else "0")
     if impl == "triton":
         if not HAS_TRITON:
             pytest.skip("triton not installed")

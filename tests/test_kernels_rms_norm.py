@@ -33,7 +33,7 @@ def check_grads(pairs, dtype):
         assert err <= GRAD_TOL[dtype] * scale, f"grad error {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["native"])  # native: csrc/cpu_rms_norm.cc (fp32 llama casting only)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 def test_matches_hf_forward_and_float64_backward(impl, dtype, kind, monkeypatch):
@@ -167,6 +167,37 @@ def test_fp32_torch_path_forward_is_hfs_bit_for_bit_and_backward_matches_float64
     rms_norm_reference(x64, w64, 1e-5).backward(dy.double())
     check_grads([(x.grad, x64.grad)] + ([(w.grad, w64.grad)] if weight_grad else []), torch.float32)
     assert weight_grad or w.grad is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_fp32_native_path_is_taken_and_matches_hf_and_float64(weight_grad, threads, monkeypatch):
+    """Contiguous fp32 CPU tensors run csrc/cpu_rms_norm.cc: HF's forward within float rounding (its own sum
+    order), gradients against float64, the weight gradient summed over the threads' partial rows; the same
+    tensors kept for backward as the torch path; off with FASTCHAT_FT_CPU_RMSNORM=0 (then bit-identical to HF)."""
+    import importlib
+
+    mod = importlib.import_module("fastchat_ft.kernels.rms_norm")
+    calls = []
+    real = mod._native_module
+    monkeypatch.setattr(mod, "_native_module", lambda: calls.append(1) or real())
+    select_impl("native", monkeypatch)
+    torch.set_num_threads(threads)
+    x = (torch.randn(5, 7, 131) * 2).requires_grad_()  # 35 rows over the threads; 131 = 8 vectors + a tail
+    w = (torch.randn(131) * 0.3 + 1).requires_grad_(weight_grad)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = rms_norm(x, w, 1e-5)
+    assert calls and sorted(t.numel() for t in kept) == sorted([35, 131, x.numel()])
+    torch.testing.assert_close(y, hf_norm("llama", w, 1e-5)(x.detach()), rtol=2e-6, atol=1e-6)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(weight_grad)
+    rms_norm_reference(x64, w64, 1e-5).backward(dy.double())
+    check_grads([(x.grad, x64.grad)] + ([(w.grad, w64.grad)] if weight_grad else []), torch.float32)
+    assert weight_grad or w.grad is None
+    monkeypatch.setenv("FASTCHAT_FT_CPU_RMSNORM", "0")
+    assert torch.equal(rms_norm(x, w, 1e-5), hf_norm("llama", w, 1e-5)(x.detach()))
 
 
 def test_fp32_torch_path_refuses_double_backward_clearly(monkeypatch):
