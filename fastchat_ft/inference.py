@@ -375,7 +375,8 @@ def sampling_problem(temperature: float, top_p: float) -> tuple[str, str] | None
     if not 0 <= top_p <= 1:
         return "top_p", f"top_p must be in [0, 1] (above 0 when sampling), got {top_p}"
     if top_p == 0 and temperature > 0:
-        return "top_p", f"top_p must be above 0 when sampling (temperature {temperature}): 0 keeps no token"
+        return "top_p", (f"top_p must be above 0 when sampling (temperature {temperature}), got 0: it keeps no "
+                         "token")
     return None
 
 
