@@ -583,34 +583,45 @@ static void bind_tools(py::module_& m) {
 static void bind_cpu_attention(py::module_& m) {
   using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
   auto shape = [](const Lengths& starts, const Lengths& lengths, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                  float scale, int threads) {
+                  float scale, int threads, uintptr_t cos, uintptr_t sin) {
     if (starts.ndim() != 1 || lengths.ndim() != 1 || starts.size() != lengths.size())
       throw py::value_error("cpu attention: starts and lengths must be 1-D and of one size");
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0)
       throw py::value_error("cpu attention: heads must be a positive multiple of kv_heads, head_dim positive");
+    if ((cos == 0) != (sin == 0) || (cos && head_dim % 2))
+      throw py::value_error("cpu attention: rotary needs both cos and sin, and an even head_dim");
     fastchat::attention::Shape s;
     s.heads = heads, s.kv_heads = kv_heads, s.head_dim = head_dim, s.scale = scale;
     s.starts = starts.data(), s.lengths = lengths.data(), s.conversations = starts.size();
     s.threads = std::max(1, threads);
+    s.cos = reinterpret_cast<const float*>(cos), s.sin = reinterpret_cast<const float*>(sin);
     return s;
   };
   auto f32 = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
   m.def("attention_forward", [shape, f32](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                                            const Lengths& starts, const Lengths& lengths, int64_t heads,
-                                           int64_t kv_heads, int64_t head_dim, float scale, int threads) {
-    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads);
+                                           int64_t kv_heads, int64_t head_dim, float scale, int threads,
+                                           uintptr_t cos, uintptr_t sin) {
+    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads, cos, sin);
     py::gil_scoped_release release;
     fastchat::attention::forward(s, f32(q), f32(k), f32(v), f32(out), f32(lse));
-  }, "Causal attention per conversation, fp32, token-major tensors given by data pointer (see cpu_attention.h).");
+  }, "Causal attention per conversation, fp32, token-major tensors given by data pointer (see cpu_attention.h); "
+     "cos and sin (0: none) apply the rotary embedding to q and k inside.", py::arg("q"), py::arg("k"), py::arg("v"),
+     py::arg("out"), py::arg("lse"), py::arg("starts"), py::arg("lengths"), py::arg("heads"), py::arg("kv_heads"),
+     py::arg("head_dim"), py::arg("scale"), py::arg("threads"), py::arg("cos") = 0, py::arg("sin") = 0);
   m.def("attention_backward", [shape, f32](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                                             uintptr_t dout, uintptr_t dq, uintptr_t dk_h, uintptr_t dv_h,
                                             const Lengths& starts, const Lengths& lengths, int64_t heads,
-                                            int64_t kv_heads, int64_t head_dim, float scale, int threads) {
-    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads);
+                                            int64_t kv_heads, int64_t head_dim, float scale, int threads,
+                                            uintptr_t cos, uintptr_t sin) {
+    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads, cos, sin);
     py::gil_scoped_release release;
     fastchat::attention::backward(s, f32(q), f32(k), f32(v), f32(out), f32(lse), f32(dout), f32(dq), f32(dk_h),
                                   f32(dv_h));
-  }, "Gradients of attention_forward; dk_h, dv_h per query head (see cpu_attention.h).");
+  }, "Gradients of attention_forward; dk_h, dv_h per query head (see cpu_attention.h).", py::arg("q"), py::arg("k"),
+     py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk_h"), py::arg("dv_h"),
+     py::arg("starts"), py::arg("lengths"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+     py::arg("scale"), py::arg("threads"), py::arg("cos") = 0, py::arg("sin") = 0);
   // SwiGLU (csrc/cpu_swiglu.*): contiguous fp32 arrays of n elements by data pointer, checked by kernels/swiglu.py
   m.def("swiglu_forward", [f32](uintptr_t gate, uintptr_t up, uintptr_t h, int64_t n, int threads) {
     py::gil_scoped_release release;

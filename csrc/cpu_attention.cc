@@ -10,7 +10,6 @@
 #include <exception>
 #include <functional>
 #include <mutex>
-#include <numeric>
 #include <vector>
 
 namespace fastchat::attention {
@@ -129,6 +128,30 @@ INLINE void zero_padding(float* M, int64_t ld, int64_t rows, int64_t rows_to, in
   std::fill(M + rows * ld, M + rows_to * ld, 0.f);
 }
 
+// dst[d * stride] = mul * (x * cos + rotate_half(x) * sin)[d], or mul * x[d] without rotary (cos null).
+INLINE void rotate_into(const float* x, const float* cos, const float* sin, int64_t D, float mul, float* dst,
+                        int64_t stride) {
+  if (!cos) {
+    for (int64_t d = 0; d < D; ++d) dst[d * stride] = x[d] * mul;
+    return;
+  }
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) dst[d * stride] = (x[d] * cos[d] - x[d + h] * sin[d]) * mul;
+  for (int64_t d = h; d < D; ++d) dst[d * stride] = (x[d] * cos[d] + x[d - h] * sin[d]) * mul;
+}
+
+// The transpose of rotate_into's map, for gradients: dst[d] = mul * (g[d] cos[d] + (d < h ? g[d+h] sin[d+h]
+// : -g[d-h] sin[d-h])), or mul * g[d] without rotary.
+INLINE void unrotate_into(const float* g, const float* cos, const float* sin, int64_t D, float mul, float* dst) {
+  if (!cos) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = g[d] * mul;
+    return;
+  }
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) dst[d] = (g[d] * cos[d] + g[d + h] * sin[d + h]) * mul;
+  for (int64_t d = h; d < D; ++d) dst[d] = (g[d] * cos[d] - g[d - h] * sin[d - h]) * mul;
+}
+
 // out, lse for one conversation and query head.
 INLINE void forward_item(const Shape& sh, const Item& it, const float* q, const float* k, const float* v,
                          float* out, float* lse, Scratch& scratch) {
@@ -147,10 +170,10 @@ INLINE void forward_item(const Shape& sh, const Item& it, const float* q, const 
     const float* qi = q + (it.start + i) * qstride + it.head * D;
     const float* ki = k + (it.start + i) * kstride + it.kv_head * D;
     const float* vi = v + (it.start + i) * kstride + it.kv_head * D;
-    for (int64_t d = 0; d < D; ++d) {
-      qs[i * Dp + d] = qi[d] * sh.scale;
-      kt[d * Lp + i] = ki[d];
-    }
+    const float* cos = sh.cos ? sh.cos + (it.start + i) * D : nullptr;
+    const float* sin = sh.sin ? sh.sin + (it.start + i) * D : nullptr;
+    rotate_into(qi, cos, sin, D, sh.scale, qs + i * Dp, 1);
+    rotate_into(ki, cos, sin, D, 1.f, kt + i, Lp);
     std::memcpy(vb + i * Dp, vi, D * sizeof(float));
   }
   for (int64_t i0 = 0; i0 < L; i0 += kRows) {
@@ -192,14 +215,16 @@ INLINE void backward_item(const Shape& sh, const Item& it, const float* q, const
   zero_padding(vt, Lp, D, D, L, Lp);
   for (int64_t i = 0; i < L; ++i) {
     const int64_t tq = (it.start + i) * qstride + it.head * D, tk = (it.start + i) * kstride + it.kv_head * D;
+    const float* cos = sh.cos ? sh.cos + (it.start + i) * D : nullptr;
+    const float* sin = sh.sin ? sh.sin + (it.start + i) * D : nullptr;
+    rotate_into(q + tq, cos, sin, D, sh.scale, qs + i * Dp, 1);
+    rotate_into(k + tk, cos, sin, D, 1.f, kt + i, Lp);
+    rotate_into(k + tk, cos, sin, D, 1.f, kb + i * Dp, 1);
     float dot = 0.f;
     for (int64_t d = 0; d < D; ++d) {
-      qs[i * Dp + d] = q[tq + d] * sh.scale;
-      kt[d * Lp + i] = k[tk + d];
       vt[d * Lp + i] = v[tk + d];
       dot += dout[tq + d] * out[tq + d];
     }
-    std::memcpy(kb + i * Dp, k + tk, D * sizeof(float));
     std::memcpy(dob + i * Dp, dout + tq, D * sizeof(float));
     rowdot[i] = dot;
   }
@@ -216,8 +241,9 @@ INLINE void backward_item(const Shape& sh, const Item& it, const float* q, const
     }
     gemm4(0, kend, Dp, dS + i0 * Lp, Lp, kb, Dp, tmp, Dp);          // dq = scale dS k
     for (int64_t i = i0; i < kend; ++i) {
-      float* dst = dq + (it.start + i) * qstride + it.head * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = tmp[(i - i0) * Dp + d] * sh.scale;
+      const int64_t t = it.start + i;
+      unrotate_into(tmp + (i - i0) * Dp, sh.cos ? sh.cos + t * D : nullptr, sh.sin ? sh.sin + t * D : nullptr, D,
+                    sh.scale, dq + t * qstride + it.head * D);
     }
   }
   // dk = dS^T (scale q), dv = P^T dout. Row j sums over query rows i >= j (causal); every entry read, (i, j) with
@@ -225,8 +251,11 @@ INLINE void backward_item(const Shape& sh, const Item& it, const float* q, const
   for (int64_t j0 = 0; j0 < L; j0 += kRows) {
     const int64_t jend = std::min(j0 + kRows, L);
     gemm4t(j0, L, Dp, dS + j0, Lp, qs, Dp, tmp, Dp);
-    for (int64_t j = j0; j < jend; ++j)
-      std::memcpy(dk_h + (it.start + j) * qstride + it.head * D, tmp + (j - j0) * Dp, D * sizeof(float));
+    for (int64_t j = j0; j < jend; ++j) {
+      const int64_t t = it.start + j;
+      unrotate_into(tmp + (j - j0) * Dp, sh.cos ? sh.cos + t * D : nullptr, sh.sin ? sh.sin + t * D : nullptr, D,
+                    1.f, dk_h + t * qstride + it.head * D);
+    }
     gemm4t(j0, L, Dp, P + j0, Lp, dob, Dp, tmp, Dp);
     for (int64_t j = j0; j < jend; ++j)
       std::memcpy(dv_h + (it.start + j) * qstride + it.head * D, tmp + (j - j0) * Dp, D * sizeof(float));

@@ -23,6 +23,11 @@ struct Shape {
   const int64_t* lengths = nullptr;
   int64_t conversations = 0;
   int threads = 1;
+  // Rotary embedding, when not null: [tokens, head_dim] each (even head_dim). q and k are then the projections'
+  // raw outputs; the kernel applies x * cos + rotate_half(x) * sin (rotate_half(x) = [-x2, x1], HF's Llama
+  // convention) as it copies them, and backward returns the gradients of the raw q and k.
+  const float* cos = nullptr;
+  const float* sin = nullptr;
 };
 
 // out = softmax(scale q k^T, causal) v per conversation; lse = the log-sum-exp of each row's scaled scores.

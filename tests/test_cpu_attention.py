@@ -21,7 +21,23 @@ def reference(q, k, v, starts, lengths, scale):
     return out
 
 
-def run_both(lengths, heads, kv_heads, head_dim, seed, order=None):
+def rotate(x, cos, sin):
+    """HF Llama's apply_rotary_pos_emb on [tokens, heads, D] with cos and sin [tokens, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def rotary_tables(lengths, head_dim, dtype=torch.float64):
+    """cos and sin per token, positions restarting per conversation (as packed rows have them)."""
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    angles = positions[:, None] * inv_freq[None]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def run_both(lengths, heads, kv_heads, head_dim, seed, order=None, rotary=False):
     gen = torch.Generator().manual_seed(seed)
     tokens = sum(lengths)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -29,11 +45,16 @@ def run_both(lengths, heads, kv_heads, head_dim, seed, order=None):
                      for h in (heads, kv_heads, kv_heads))
     grad = torch.randn(tokens, heads, head_dim, generator=gen, dtype=torch.float64)
     scale = head_dim ** -0.5
-    want = reference(q64, k64, v64, starts, lengths, scale)
+    cos, sin = rotary_tables(lengths, head_dim) if rotary else (None, None)
+    if rotary:
+        want = reference(rotate(q64, cos, sin), rotate(k64, cos, sin), v64, starts, lengths, scale)
+    else:
+        want = reference(q64, k64, v64, starts, lengths, scale)
     want_grads = torch.autograd.grad(want, (q64, k64, v64), grad)
     q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
     idx = np.arange(len(lengths)) if order is None else np.asarray(order)
-    got = packed_causal_attention(q, k, v, starts[idx], np.asarray(lengths)[idx], scale)
+    tables = (cos.float(), sin.float()) if rotary else (None, None)
+    got = packed_causal_attention(q, k, v, starts[idx], np.asarray(lengths)[idx], scale, *tables)
     got_grads = torch.autograd.grad(got, (q, k, v), grad.float())
     return (got, want), list(zip(got_grads, want_grads))
 
@@ -44,9 +65,12 @@ def run_both(lengths, heads, kv_heads, head_dim, seed, order=None):
     ([129, 7], 6, 2, 80),                     # head size 80: a padded tile
     ([300], 2, 1, 64),                        # one longer conversation
 ])
-def test_matches_float64_sdpa_forward_and_backward(lengths, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_matches_float64_sdpa_forward_and_backward(lengths, heads, kv_heads, head_dim, rotary):
+    """With rotary: cos/sin tables given, the kernel rotates q and k itself; the reference rotates first (HF's
+    apply_rotary_pos_emb), and gradients are those of the raw q and k."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs each run; the seed is in the failure message
-    (got, want), grads = run_both(lengths, heads, kv_heads, head_dim, seed)
+    (got, want), grads = run_both(lengths, heads, kv_heads, head_dim, seed, rotary=rotary)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5, msg=lambda m: f"seed {seed}: {m}")
     for name, (g, w) in zip("qkv", grads):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=5e-5, msg=lambda m: f"d{name}, seed {seed}: {m}")
@@ -114,3 +138,57 @@ def test_model_attention_function_runs_it_and_agrees_with_sdpa_per_conversation(
     assert len(calls) == 1 and list(calls[0][0]) == [0, 5, 6, 11, 19] and list(calls[0][1]) == [5, 1, 5, 8, 3]
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_llama_attention_with_fused_rotary_matches_its_own_forward(monkeypatch, kv_heads):
+    """The engine's packed CPU forward gives Llama attention modules the fused-rotary forward: the kernel gets the
+    raw q and k with cos/sin (no rotated copies). Loss and LoRA gradients equal (to float rounding) those of the
+    module's own forward (HF's rotary, then the native kernel: FASTCHAT_FT_CPU_ROTARY=0) and of transformers' sdpa
+    with its document mask on the same packed rows."""
+    from fastchat_ft.engine.loss import backward_step, to_device
+    from fastchat_ft.model.lora import add_lora
+    from fastchat_ft.model.tiny import pack_conversations, random_conversation, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    rng = np.random.default_rng(3)
+    row = pack_conversations([random_conversation(rng, n, 97) for n in (13, 1, 40, 7)])
+    batch = to_device({k: torch.as_tensor(row[k])[None] for k in ("input_ids", "labels", "position_ids")},
+                      torch.device("cpu"))
+
+    def model():
+        torch.manual_seed(0)
+        cfg = tiny_llama_config(97, hidden=48, layers=2, heads=6, kv_heads=kv_heads, intermediate=64)
+        cfg._attn_implementation = "sdpa"
+        m = LlamaForCausalLM(cfg)
+        add_lora(m, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        return m
+
+    tables = []
+    real = cpu_attention.packed_causal_attention
+    monkeypatch.setattr(cpu_attention, "packed_causal_attention",
+                        lambda *a, **kw: tables.append(len(a) > 6 and a[6] is not None) or real(*a, **kw))
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("FASTCHAT_FT_CPU_ROTARY", setting)
+        m = model()
+        loss, _ = backward_step(m, [batch], "token", torch.autocast("cpu", enabled=False))
+        results[setting] = (loss, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert tables == [True, True, False, False]  # 2 layers fused, then 2 layers rotated by HF
+    assert sum("forward" in mod.__dict__ for mod in m.modules()) == 2  # installed on the two attention modules
+    ref = model()  # transformers' sdpa with the document mask, HF's loss
+    states = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).last_hidden_state
+    t = batch["targets"]
+    want = torch.nn.functional.cross_entropy(ref.lm_head(states[t.rows, t.cols]), t.labels)
+    want.backward()
+    want_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    for setting, (loss, grads) in results.items():
+        torch.testing.assert_close(torch.as_tensor(float(loss)), want.detach(), rtol=1e-5, atol=1e-6)
+        assert grads.keys() == want_grads.keys() and len(grads) == 16
+        for n in grads:
+            torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{setting} {n}: {m}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 import torch
 
@@ -213,6 +214,62 @@ def describe(model, *, device: str, half: bool) -> str:
     return "per conversation: causal SDPA for each conversation of the row"
 
 
+# attention modules whose forward is exactly Llama's (q/k/v projections, HF's rotate_half rotary, the attention
+# function, o_proj), so the fused-rotary forward below computes what theirs does
+FUSED_ROTARY_CLASSES = ("LlamaAttention",)
+
+
+def _fused_rotary_forward(module, original, *args, **kwargs):
+    """A Llama attention forward that hands the raw q and k with the rotary tables to the native CPU kernel, which
+    rotates them as it copies them (model/cpu_attention.py): the ~10 elementwise passes over q and k that rotary
+    costs forward and backward (~1% of a SmolLM2 CPU step) are gone. Anything else (a mask, a cache, GPU tensors,
+    conversations over the kernel's limit, FASTCHAT_FT_CPU_ROTARY=0) runs the module's own forward."""
+    hidden = kwargs.get("hidden_states")
+    position_ids = kwargs.get("position_ids")
+    embeddings = kwargs.get("position_embeddings")
+    if (args or hidden is None or position_ids is None or embeddings is None or hidden.dim() != 3
+            or kwargs.get("attention_mask") is not None or kwargs.get("cache") is not None
+            or kwargs.get("past_key_values") is not None or module.config._attn_implementation != NAME
+            or (module.training and module.attention_dropout) or torch.compiler.is_compiling()
+            or os.environ.get("FASTCHAT_FT_CPU_ROTARY", "1") == "0"):
+        return original(*args, **kwargs)
+    b, length, _ = hidden.shape
+    d = module.head_dim
+    cos, sin = embeddings
+    config = module.config
+    if (position_ids.shape != (b, length) or cos.shape != (b, length, d) or cos.dtype != torch.float32
+            or cos.requires_grad or d % 2):
+        return original(*args, **kwargs)
+    all_segs = _cached_segments(position_ids)
+    if _last_cpu[0] is None:
+        _last_cpu[0] = flat_segments(all_segs, length)
+    starts, lengths, longest = _last_cpu[0]
+    if not cpu_attention.usable_for(hidden.device, hidden.dtype, config.num_attention_heads,
+                                    config.num_key_value_heads, d, 0.0, longest):
+        return original(*args, **kwargs)
+    q, k, v = (proj(hidden).view(b * length, -1, d) for proj in (module.q_proj, module.k_proj, module.v_proj))
+    if q.dtype != torch.float32 or k.shape[1] != config.num_key_value_heads:
+        raise RuntimeError(f"fused rotary attention: unexpected projections q {tuple(q.shape)} {q.dtype}, "
+                           f"k {tuple(k.shape)} for the config's {config.num_key_value_heads} kv heads")
+    out = cpu_attention.packed_causal_attention(q, k, v, starts, lengths, module.scaling,
+                                                cos.reshape(b * length, d), sin.reshape(b * length, d))
+    return module.o_proj(out.view(b, length, -1)), None
+
+
+def use_fused_rotary(model) -> int:
+    """Give every Llama attention module of the model the fused-rotary forward (per instance; idempotent).
+    Returns how many modules have it."""
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in FUSED_ROTARY_CLASSES:
+            continue
+        current = module.__dict__.get("forward")
+        if not (isinstance(current, functools.partial) and current.func is _fused_rotary_forward):
+            module.forward = functools.partial(_fused_rotary_forward, module, module.forward)
+        count += 1
+    return count
+
+
 def use_packed_attention(model) -> bool:
     """Switch a model that runs transformers' sdpa to per-conversation attention; other implementations (eager,
     flash, flex), models outside PLAIN_CAUSAL_MODELS and wrappers without set_attn_implementation (DDP views)
@@ -225,4 +282,7 @@ def use_packed_attention(model) -> bool:
         return False
     register()
     model.set_attn_implementation(NAME)
-    return model.config._attn_implementation == NAME
+    if model.config._attn_implementation != NAME:
+        return False
+    use_fused_rotary(model)  # it checks per call that the packed CPU path applies, else runs the original forward
+    return True

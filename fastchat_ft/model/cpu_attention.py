@@ -28,46 +28,58 @@ def enabled() -> bool:
 
 def usable(query: torch.Tensor, key: torch.Tensor, dropout: float, longest: int) -> bool:
     """Whether this call can run natively: CPU fp32 without attention dropout, a head size and conversation length
-    within the kernel's limits, query heads a multiple of kv heads."""
-    return (query.device.type == "cpu" and query.dtype == torch.float32 and key.dtype == torch.float32
-            and not dropout and query.shape[-1] <= MAX_HEAD_DIM and longest <= MAX_LENGTH
-            and query.shape[1] % key.shape[1] == 0 and enabled())
+    within the kernel's limits, query heads a multiple of kv heads. query [B, H, L, D], key [B, KV, L, D]."""
+    return key.dtype == torch.float32 and usable_for(query.device, query.dtype, query.shape[1], key.shape[1],
+                                                     query.shape[-1], dropout, longest)
+
+
+def usable_for(device, dtype, heads: int, kv_heads: int, head_dim: int, dropout: float, longest: int) -> bool:
+    """usable() from the sizes alone, before any projection has run."""
+    return (device.type == "cpu" and dtype == torch.float32 and not dropout and head_dim <= MAX_HEAD_DIM
+            and longest <= MAX_LENGTH and heads % kv_heads == 0 and enabled())
+
+
+def _pointers(cos, sin):
+    return (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
 
 
 class _PackedCausalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, starts, lengths, scale):
+    def forward(ctx, q, k, v, starts, lengths, scale, cos, sin):
         tokens, heads, head_dim = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(tokens, heads, dtype=torch.float32)
         _native.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), starts,
-                                  lengths, heads, k.shape[1], head_dim, scale, torch.get_num_threads())
-        ctx.save_for_backward(q, k, v, out, lse)
+                                  lengths, heads, k.shape[1], head_dim, scale, torch.get_num_threads(),
+                                  *_pointers(cos, sin))
+        ctx.save_for_backward(q, k, v, out, lse, cos, sin)
         ctx.segments, ctx.scale = (starts, lengths), scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, cos, sin = ctx.saved_tensors
         tokens, heads, head_dim = q.shape
         kv_heads = k.shape[1]
         dout = dout.contiguous()
         dq, dk_h, dv_h = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
         _native.attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                    dout.data_ptr(), dq.data_ptr(), dk_h.data_ptr(), dv_h.data_ptr(), *ctx.segments,
-                                   heads, kv_heads, head_dim, ctx.scale, torch.get_num_threads())
+                                   heads, kv_heads, head_dim, ctx.scale, torch.get_num_threads(), *_pointers(cos, sin))
         if heads != kv_heads:  # the query heads sharing a kv head each wrote their own part: sum them
             group = heads // kv_heads
             dk_h = dk_h.view(tokens, kv_heads, group, head_dim).sum(2)
             dv_h = dv_h.view(tokens, kv_heads, group, head_dim).sum(2)
-        return dq, dk_h, dv_h, None, None, None
+        return dq, dk_h, dv_h, None, None, None, None, None
 
 
-def packed_causal_attention(q, k, v, starts, lengths, scale: float) -> torch.Tensor:
+def packed_causal_attention(q, k, v, starts, lengths, scale: float, cos=None, sin=None) -> torch.Tensor:
     """q [tokens, heads, D], k and v [tokens, kv_heads, D] (fp32, CPU); conversation i is tokens
     starts[i] .. starts[i] + lengths[i], and the conversations cover every token. Returns [tokens, heads, D]:
-    softmax(scale q k^T) v, causal within each conversation. Differentiable in q, k, v."""
+    softmax(scale q k^T) v, causal within each conversation. Differentiable in q, k, v. With cos and sin
+    ([tokens, D], no gradient) q and k are first rotated as HF's Llama apply_rotary_pos_emb does, inside the
+    kernel: no rotated copies of q and k are made or kept."""
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     tokens = q.shape[0]
@@ -78,4 +90,13 @@ def packed_causal_attention(q, k, v, starts, lengths, scale: float) -> torch.Ten
     if starts.shape != lengths.shape or (lengths <= 0).any() or (starts.size and (
             starts[order[0]] != 0 or ends[-1] != tokens or (starts[order[1:]] != ends[:-1]).any())):
         raise ValueError(f"conversations (starts, lengths) must cover the {tokens} tokens once each")
-    return _PackedCausalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), starts, lengths, float(scale))
+    if (cos is None) != (sin is None):
+        raise ValueError("rotary needs both cos and sin")
+    if cos is not None:
+        if cos.shape != (tokens, q.shape[2]) or sin.shape != cos.shape or q.shape[2] % 2 or \
+                cos.dtype != torch.float32 or sin.dtype != torch.float32:
+            raise ValueError(f"cos and sin must be fp32 [{tokens}, {q.shape[2]}] (even head size), "
+                             f"got {tuple(cos.shape)} {cos.dtype} and {tuple(sin.shape)} {sin.dtype}")
+        cos, sin = cos.detach().contiguous(), sin.detach().contiguous()
+    return _PackedCausalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), starts, lengths, float(scale),
+                                        cos, sin)
