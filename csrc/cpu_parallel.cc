@@ -4,6 +4,8 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -11,14 +13,39 @@ namespace fastchat::cpu {
 namespace {
 
 using ParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);  // libgomp's GOMP_parallel
-using ThreadNumFn = int (*)();
+using QueryFn = int (*)();
+
+// The OpenMP runtime that exports GOMP_parallel, with its own omp_get_thread_num / omp_get_num_threads (looked up
+// in that same library: with two runtimes loaded, mixing them would number every thread 0).
+struct OpenMP {
+  ParallelFn parallel = nullptr;
+  QueryFn thread_num = nullptr, num_threads = nullptr;
+};
+
+OpenMP find_openmp() {
+  OpenMP omp;
+  void* parallel = dlsym(RTLD_DEFAULT, "GOMP_parallel");
+  Dl_info info;
+  if (!parallel || !dladdr(parallel, &info) || !info.dli_fname) return omp;
+  void* lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD);  // already loaded: just a handle to it
+  if (!lib) return omp;
+  omp.thread_num = reinterpret_cast<QueryFn>(dlsym(lib, "omp_get_thread_num"));
+  omp.num_threads = reinterpret_cast<QueryFn>(dlsym(lib, "omp_get_num_threads"));
+  dlclose(lib);  // drops only the reference RTLD_NOLOAD added
+  if (omp.thread_num && omp.num_threads) omp.parallel = reinterpret_cast<ParallelFn>(parallel);
+  return omp;
+}
 
 struct Task {
   const std::function<void(int)>* worker;
-  ThreadNumFn thread_num;
+  const OpenMP* omp;
+  int threads;
+  // The runtime may start fewer threads than asked (OMP_DYNAMIC, OMP_THREAD_LIMIT, nesting): every t still runs,
+  // the team's threads taking them in turn.
   static void run(void* self) {
     auto* task = static_cast<Task*>(self);
-    (*task->worker)(task->thread_num());
+    const int team = std::max(1, task->omp->num_threads());
+    for (int t = task->omp->thread_num(); t < task->threads; t += team) (*task->worker)(t);
   }
 };
 
@@ -29,12 +56,18 @@ void run_on_threads(int threads, const std::function<void(int)>& worker) {
     worker(0);
     return;
   }
-  // looked up per call (a few hundred ns): torch may be imported after this module
-  const auto parallel = reinterpret_cast<ParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
-  const auto thread_num = reinterpret_cast<ThreadNumFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
-  if (parallel && thread_num) {
-    Task task{&worker, thread_num};
-    parallel(&Task::run, &task, static_cast<unsigned>(threads), 0);
+  // found once torch has loaded its runtime (this module may be imported first); until then: std::thread
+  static std::mutex mutex;
+  static OpenMP cached;
+  OpenMP omp;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!cached.parallel) cached = find_openmp();
+    omp = cached;
+  }
+  if (omp.parallel) {
+    Task task{&worker, &omp, threads};
+    omp.parallel(&Task::run, &task, static_cast<unsigned>(threads), 0);
     return;
   }
   std::vector<std::thread> pool;

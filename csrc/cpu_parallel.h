@@ -5,7 +5,8 @@
 
 namespace fastchat::cpu {
 
-// worker(t) for t in [0, threads), t = 0 on the calling thread; returns when all are done. The threads are torch's
+// worker(t) once for each t in [0, threads), on up to `threads` threads (t = 0 on the calling thread); returns when
+// all are done. The threads are torch's
 // own OpenMP team when the process has one (torch loads libgomp with its symbols global), so the work lands on
 // threads already spinning for torch's next op: threads of our own would share the cores with those spinning
 // ones (libgomp spins for milliseconds after each parallel op), measured 2-3x slower on 2 cores. Without an

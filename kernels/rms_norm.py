@@ -142,7 +142,7 @@ def _native_module():
 
 
 def _native_usable(x, weight) -> bool:
-    return (x.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous()
+    return (x.device.type == "cpu" and weight.device == x.device and x.is_contiguous() and weight.is_contiguous()
             and os.environ.get("FASTCHAT_FT_CPU_RMSNORM", "1") != "0" and _native_module() is not None)
 
 
@@ -158,7 +158,7 @@ class _RMSNormFp32Torch(torch.autograd.Function):
         ctx.native = _native_usable(x, weight)
         if ctx.native:
             y = torch.empty_like(x)
-            rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+            rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
             cols = x.shape[-1]
             _native_module().rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(),
                                               x.numel() // max(cols, 1), cols, eps, torch.get_num_threads())
@@ -173,10 +173,11 @@ class _RMSNormFp32Torch(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         if ctx.native and ctx.needs_input_grad[0]:
-            dy = dy.contiguous()
+            dy, x, weight, rstd = dy.contiguous(), x.contiguous(), weight.contiguous(), rstd.contiguous()
             cols, threads = x.shape[-1], torch.get_num_threads()
             dx = torch.empty_like(x)
-            dw_partial = torch.zeros(threads, cols) if ctx.needs_input_grad[1] else None
+            dw_partial = torch.zeros(threads, cols, dtype=torch.float32, device=x.device) \
+                if ctx.needs_input_grad[1] else None
             _native_module().rms_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
                                                dx.data_ptr(), 0 if dw_partial is None else dw_partial.data_ptr(),
                                                x.numel() // max(cols, 1), cols, threads)

@@ -78,7 +78,7 @@ def _native_forward(gate, up):
 
 
 def _native_backward(dh, gate, up, want_gate, want_up):
-    dh = dh.contiguous()
+    dh, gate, up = dh.contiguous(), gate.contiguous(), up.contiguous()  # no-ops unless saved-tensor hooks relaid them
     dgate = torch.empty_like(gate) if want_gate else None
     dup = torch.empty_like(up) if want_up else None
     _native_module().swiglu_backward(dh.data_ptr(), gate.data_ptr(), up.data_ptr(),

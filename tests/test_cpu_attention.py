@@ -28,8 +28,12 @@ def rotate(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def rotary_tables(lengths, head_dim, dtype=torch.float64):
-    """cos and sin per token, positions restarting per conversation (as packed rows have them)."""
+def rotary_tables(lengths, head_dim, dtype=torch.float64, random=False):
+    """cos and sin per token, positions restarting per conversation (as packed rows have them); random: any values,
+    so that the two halves of a row differ (HF's tables repeat one half, which would hide a mixed-up index)."""
+    if random:
+        tokens = sum(lengths)
+        return torch.rand(tokens, head_dim, dtype=dtype) * 2 - 1, torch.rand(tokens, head_dim, dtype=dtype) * 2 - 1
     positions = torch.cat([torch.arange(n) for n in lengths]).to(dtype)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim))
     angles = positions[:, None] * inv_freq[None]
@@ -45,7 +49,7 @@ def run_both(lengths, heads, kv_heads, head_dim, seed, order=None, rotary=False)
                      for h in (heads, kv_heads, kv_heads))
     grad = torch.randn(tokens, heads, head_dim, generator=gen, dtype=torch.float64)
     scale = head_dim ** -0.5
-    cos, sin = rotary_tables(lengths, head_dim) if rotary else (None, None)
+    cos, sin = rotary_tables(lengths, head_dim, random=rotary == "random") if rotary else (None, None)
     if rotary:
         want = reference(rotate(q64, cos, sin), rotate(k64, cos, sin), v64, starts, lengths, scale)
     else:
@@ -65,7 +69,7 @@ def run_both(lengths, heads, kv_heads, head_dim, seed, order=None, rotary=False)
     ([129, 7], 6, 2, 80),                     # head size 80: a padded tile
     ([300], 2, 1, 64),                        # one longer conversation
 ])
-@pytest.mark.parametrize("rotary", [False, True])
+@pytest.mark.parametrize("rotary", [False, True, "random"])
 def test_matches_float64_sdpa_forward_and_backward(lengths, heads, kv_heads, head_dim, rotary):
     """With rotary: cos/sin tables given, the kernel rotates q and k itself; the reference rotates first (HF's
     apply_rotary_pos_emb), and gradients are those of the raw q and k."""
@@ -95,8 +99,17 @@ def test_conversations_must_cover_every_token_once():
     for starts, lengths in [([0, 4], [4, 5]), ([0, 3], [4, 6]), ([0, 4], [4, 0]), ([1], [10]), ([0, 0], [5, 5])]:
         with pytest.raises(ValueError, match="cover the 10 tokens"):
             packed_causal_attention(q, k, k, starts, lengths, 0.3)
+    with pytest.raises(ValueError, match="cover the 10 tokens"):
+        packed_causal_attention(q, k, k, [], [], 0.3)  # no conversations at all
+    with pytest.raises(ValueError, match="2 conversation starts but 1 lengths"):
+        packed_causal_attention(q, k, k, [0, 5], [10], 0.3)
     with pytest.raises(ValueError, match="shapes"):
         packed_causal_attention(q, k, torch.randn(10, 2, 8), [0], [10], 0.3)
+    for bad in (q.bfloat16(), q.double()):  # the kernel writes 4-byte floats: anything else is refused
+        with pytest.raises(ValueError, match="fp32 CPU tensors"):
+            packed_causal_attention(bad, k, k, [0], [10], 0.3)
+    with pytest.raises(ValueError, match="fp32 CPU tensors"):
+        packed_causal_attention(q, k, k, [0], [10], 0.3, torch.ones(10, 8).half(), torch.ones(10, 8).half())
 
 
 def test_usable_only_within_the_kernels_limits(monkeypatch):

@@ -108,8 +108,12 @@ def test_two_process_distill_matches_one_process(models):
 
     w1 = load_file(str(models / "one" / "final" / "model.safetensors"))
     w2 = load_file(str(models / "two" / "final" / "model.safetensors"))
+    # Training moves each weight by ~7.5e-3 here (lr 3e-3); the two runs' fp32 sums in different orders (a merged
+    # step row vs one micro-batch per rank) differ by ~1e-7 relative, and Adam's g / sqrt(v) turns that into up to
+    # ~1e-5 on weights whose gradient is near zero (seen: 9.7e-6 on one gate_proj element of 8192 with the native
+    # CPU kernels, 3.7e-6 with only the attention one). 2e-5 is 0.3% of the update; the per-step losses above agree to 1e-5.
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-6)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-5)
     ckpt = models / "two" / "checkpoints" / "step-000002"
     assert (ckpt / "rng.pt").is_file() and (ckpt / "rng-rank1.pt").is_file()
     assert not [p for p in (models / "two").rglob(".*tmp-*")]

@@ -214,9 +214,13 @@ def describe(model, *, device: str, half: bool) -> str:
     return "per conversation: causal SDPA for each conversation of the row"
 
 
-# attention modules whose forward is exactly Llama's (q/k/v projections, HF's rotate_half rotary, the attention
-# function, o_proj), so the fused-rotary forward below computes what theirs does
-FUSED_ROTARY_CLASSES = ("LlamaAttention",)
+def _fused_rotary_classes() -> tuple:
+    """Attention classes whose forward is exactly Llama's (q/k/v projections, HF's rotate_half rotary, the attention
+    function, o_proj), so the fused-rotary forward below computes what theirs does. The classes themselves, not
+    their names: remote-code models reuse the name "LlamaAttention" for other maths."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    return (LlamaAttention,)
 
 
 def _fused_rotary_forward(module, original, *args, **kwargs):
@@ -228,9 +232,10 @@ def _fused_rotary_forward(module, original, *args, **kwargs):
     position_ids = kwargs.get("position_ids")
     embeddings = kwargs.get("position_embeddings")
     if (args or hidden is None or position_ids is None or embeddings is None or hidden.dim() != 3
-            or kwargs.get("attention_mask") is not None or kwargs.get("cache") is not None
-            or kwargs.get("past_key_values") is not None or module.config._attn_implementation != NAME
-            or (module.training and module.attention_dropout) or torch.compiler.is_compiling()
+            or kwargs.get("attention_mask") is not None
+            or any(kwargs.get(name) is not None for name in ("cache", "past_key_values", "past_key_value"))
+            or module.config._attn_implementation != NAME or (module.training and module.attention_dropout)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled(hidden.device.type)
             or os.environ.get("FASTCHAT_FT_CPU_ROTARY", "1") == "0"):
         return original(*args, **kwargs)
     b, length, _ = hidden.shape
@@ -260,8 +265,9 @@ def use_fused_rotary(model) -> int:
     """Give every Llama attention module of the model the fused-rotary forward (per instance; idempotent).
     Returns how many modules have it."""
     count = 0
+    classes = _fused_rotary_classes()
     for module in model.modules():
-        if type(module).__name__ not in FUSED_ROTARY_CLASSES:
+        if type(module) not in classes:
             continue
         current = module.__dict__.get("forward")
         if not (isinstance(current, functools.partial) and current.func is _fused_rotary_forward):

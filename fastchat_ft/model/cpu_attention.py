@@ -29,8 +29,8 @@ def enabled() -> bool:
 def usable(query: torch.Tensor, key: torch.Tensor, dropout: float, longest: int) -> bool:
     """Whether this call can run natively: CPU fp32 without attention dropout, a head size and conversation length
     within the kernel's limits, query heads a multiple of kv heads. query [B, H, L, D], key [B, KV, L, D]."""
-    return key.dtype == torch.float32 and usable_for(query.device, query.dtype, query.shape[1], key.shape[1],
-                                                     query.shape[-1], dropout, longest)
+    return key.dtype == torch.float32 and key.device == query.device and usable_for(
+        query.device, query.dtype, query.shape[1], key.shape[1], query.shape[-1], dropout, longest)
 
 
 def usable_for(device, dtype, heads: int, kv_heads: int, head_dim: int, dropout: float, longest: int) -> bool:
@@ -48,7 +48,7 @@ class _PackedCausalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, starts, lengths, scale, cos, sin):
         tokens, heads, head_dim = q.shape
         out = torch.empty_like(q)
-        lse = torch.empty(tokens, heads, dtype=torch.float32)
+        lse = torch.empty(tokens, heads, dtype=torch.float32, device=q.device)
         _native.attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), starts,
                                   lengths, heads, k.shape[1], head_dim, scale, torch.get_num_threads(),
                                   *_pointers(cos, sin))
@@ -59,7 +59,10 @@ class _PackedCausalAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse, cos, sin = ctx.saved_tensors
+        # contiguous(): a no-op, unless saved-tensor hooks hand back another layout than the one saved
+        saved = ctx.saved_tensors  # once: activation checkpointing allows one unpack
+        q, k, v, out, lse = (t.contiguous() for t in saved[:5])
+        cos, sin = (None, None) if saved[5] is None else (t.contiguous() for t in saved[5:])
         tokens, heads, head_dim = q.shape
         kv_heads = k.shape[1]
         dout = dout.contiguous()
@@ -80,23 +83,28 @@ def packed_causal_attention(q, k, v, starts, lengths, scale: float, cos=None, si
     softmax(scale q k^T) v, causal within each conversation. Differentiable in q, k, v. With cos and sin
     ([tokens, D], no gradient) q and k are first rotated as HF's Llama apply_rotary_pos_emb does, inside the
     kernel: no rotated copies of q and k are made or kept."""
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    starts = np.ascontiguousarray(starts, dtype=np.int64).reshape(-1)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64).reshape(-1)
     tokens = q.shape[0]
-    if q.dim() != 3 or k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != q.shape[2]:
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != tokens or k.shape[2] != q.shape[2] \
+            or q.shape[1] % k.shape[1]:
         raise ValueError(f"shapes: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    for t in (q, k, v) + (() if cos is None else (cos, sin)):  # the kernel reads and writes fp32 CPU memory
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"the native CPU attention takes fp32 CPU tensors, got {t.dtype} on {t.device}")
+    if starts.shape != lengths.shape:
+        raise ValueError(f"{starts.size} conversation starts but {lengths.size} lengths")
     order = np.argsort(starts, kind="stable")
     ends = starts[order] + lengths[order]
-    if starts.shape != lengths.shape or (lengths <= 0).any() or (starts.size and (
+    if (lengths <= 0).any() or (starts.size == 0 and tokens) or (starts.size and (
             starts[order[0]] != 0 or ends[-1] != tokens or (starts[order[1:]] != ends[:-1]).any())):
         raise ValueError(f"conversations (starts, lengths) must cover the {tokens} tokens once each")
     if (cos is None) != (sin is None):
         raise ValueError("rotary needs both cos and sin")
     if cos is not None:
-        if cos.shape != (tokens, q.shape[2]) or sin.shape != cos.shape or q.shape[2] % 2 or \
-                cos.dtype != torch.float32 or sin.dtype != torch.float32:
-            raise ValueError(f"cos and sin must be fp32 [{tokens}, {q.shape[2]}] (even head size), "
-                             f"got {tuple(cos.shape)} {cos.dtype} and {tuple(sin.shape)} {sin.dtype}")
+        if cos.shape != (tokens, q.shape[2]) or sin.shape != cos.shape or q.shape[2] % 2:
+            raise ValueError(f"cos and sin must be [{tokens}, {q.shape[2]}] (even head size), "
+                             f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
         cos, sin = cos.detach().contiguous(), sin.detach().contiguous()
     return _PackedCausalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), starts, lengths, float(scale),
                                         cos, sin)
