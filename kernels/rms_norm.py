@@ -1,11 +1,11 @@
 """RMSNorm forward and backward with HF's casting (Llama: normalise in fp32, cast back, multiply by the weight;
 Gemma: multiply by (offset + w) in fp32, cast last). Owns the Triton kernels, the autograd Function and the
 torch reference (also the CPU path); the nn.Module wrapper and model patching live in fastchat_ft/model/."""
-import os
 from typing import Optional
 
 import torch
 
+from ._native_cpu import native_cpu
 from ._triton import kernel, next_power_of_2, tl, use_triton
 
 MAX_HIDDEN = 65536  # one row must fit one program's block
@@ -134,16 +134,12 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def _native_module():
-    try:
-        from fastchat_ft import _native
-    except ImportError:  # kernels/ imported from a source tree without the built extension
-        return None
-    return _native if hasattr(_native, "rms_norm_forward") else None
+    return native_cpu("rms_norm_forward", "FASTCHAT_FT_CPU_RMSNORM")
 
 
 def _native_usable(x, weight) -> bool:
     return (x.device.type == "cpu" and weight.device == x.device and x.is_contiguous() and weight.is_contiguous()
-            and os.environ.get("FASTCHAT_FT_CPU_RMSNORM", "1") != "0" and _native_module() is not None)
+            and _native_module() is not None)
 
 
 class _RMSNormFp32Torch(torch.autograd.Function):

@@ -14,10 +14,10 @@ rounded to the input dtype before the product.
 down projection): inside it autograd keeps no copy of h, backward recomputes it from gate and up.
 """
 import contextlib
-import os
 
 import torch
 
+from ._native_cpu import native_cpu
 from ._triton import cdiv, kernel, no_autocast, tl, use_triton
 
 BLOCK = 1024
@@ -58,16 +58,12 @@ def _launch_forward(gate, up):
 
 
 def _native_module():
-    try:
-        from fastchat_ft import _native
-    except ImportError:  # kernels/ imported from a source tree without the built extension
-        return None
-    return _native if hasattr(_native, "swiglu_forward") else None
+    return native_cpu("swiglu_forward", "FASTCHAT_FT_CPU_SWIGLU")
 
 
 def _native_usable(gate, up) -> bool:
     return (gate.device.type == "cpu" and gate.dtype == torch.float32 and gate.is_contiguous() and up.is_contiguous()
-            and os.environ.get("FASTCHAT_FT_CPU_SWIGLU", "1") != "0" and _native_module() is not None)
+            and _native_module() is not None)
 
 
 def _native_forward(gate, up):
