@@ -1,12 +1,10 @@
-// The only pybind11 file: converts between Python and the C++ core, releases the GIL around native
-// work, and hands results back as numpy arrays. Nothing below this file knows about Python.
+// The pybind11 file of the data path: converts between Python and the C++ core, releases the GIL around native
+// work, and hands results back as numpy arrays. Nothing below this file knows about Python. The CPU compute
+// kernels' bindings live in bindings_kernels.cc; both register into the one _native module.
 #include <pybind11/pybind11.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
-#include "cpu_attention.h"
-#include "cpu_rms_norm.h"
-#include "cpu_swiglu.h"
 #include "json.h"
 #include "pack.h"
 #include "loader.h"
@@ -20,15 +18,15 @@ namespace py = pybind11;
 static void bind_tokenizer(py::module_& m);
 static void bind_loader(py::module_& m);
 static void bind_tools(py::module_& m);
-static void bind_cpu_attention(py::module_& m);
+void bind_cpu_kernels(py::module_& m);  // bindings_kernels.cc
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "fastchat-ft native data path: tokenizer, chat templates, labels, packing";
+  m.doc() = "fastchat-ft native core: tokenizer, chat templates, labels, packing; CPU attention, SwiGLU, RMSNorm";
   m.attr("__version__") = FASTCHAT_VERSION;
   bind_tokenizer(m);
   bind_loader(m);
   bind_tools(m);
-  bind_cpu_attention(m);
+  bind_cpu_kernels(m);
 }
 
 // ---------------------------------------------------------------- tokenizer (csrc/tokenizer.*)
@@ -575,74 +573,4 @@ static void bind_tools(py::module_& m) {
         fastchat::dedup::normalize(text, out);
         return out;
       }, py::arg("text"), "Text as the near-duplicate check sees it (lower-cased, punctuation runs -> one space).");
-}
-
-// ---------------------------------------------------------------- CPU attention (csrc/cpu_attention.*)
-// Tensors arrive as data pointers (torch's data_ptr()): fastchat_ft/model/cpu_attention.py checks dtype, device,
-// layout and shapes before calling, and keeps the tensors alive for the call.
-static void bind_cpu_attention(py::module_& m) {
-  using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-  auto shape = [](const Lengths& starts, const Lengths& lengths, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                  float scale, int threads, uintptr_t cos, uintptr_t sin) {
-    if (starts.ndim() != 1 || lengths.ndim() != 1 || starts.size() != lengths.size())
-      throw py::value_error("cpu attention: starts and lengths must be 1-D and of one size");
-    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || head_dim <= 0)
-      throw py::value_error("cpu attention: heads must be a positive multiple of kv_heads, head_dim positive");
-    if ((cos == 0) != (sin == 0) || (cos && head_dim % 2))
-      throw py::value_error("cpu attention: rotary needs both cos and sin, and an even head_dim");
-    fastchat::attention::Shape s;
-    s.heads = heads, s.kv_heads = kv_heads, s.head_dim = head_dim, s.scale = scale;
-    s.starts = starts.data(), s.lengths = lengths.data(), s.conversations = starts.size();
-    s.threads = std::max(1, threads);
-    s.cos = reinterpret_cast<const float*>(cos), s.sin = reinterpret_cast<const float*>(sin);
-    return s;
-  };
-  auto f32 = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
-  m.def("attention_forward", [shape, f32](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                                           const Lengths& starts, const Lengths& lengths, int64_t heads,
-                                           int64_t kv_heads, int64_t head_dim, float scale, int threads,
-                                           uintptr_t cos, uintptr_t sin) {
-    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads, cos, sin);
-    py::gil_scoped_release release;
-    fastchat::attention::forward(s, f32(q), f32(k), f32(v), f32(out), f32(lse));
-  }, "Causal attention per conversation, fp32, token-major tensors given by data pointer (see cpu_attention.h); "
-     "cos and sin (0: none) apply the rotary embedding to q and k inside.", py::arg("q"), py::arg("k"), py::arg("v"),
-     py::arg("out"), py::arg("lse"), py::arg("starts"), py::arg("lengths"), py::arg("heads"), py::arg("kv_heads"),
-     py::arg("head_dim"), py::arg("scale"), py::arg("threads"), py::arg("cos") = 0, py::arg("sin") = 0);
-  m.def("attention_backward", [shape, f32](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                                            uintptr_t dout, uintptr_t dq, uintptr_t dk_h, uintptr_t dv_h,
-                                            const Lengths& starts, const Lengths& lengths, int64_t heads,
-                                            int64_t kv_heads, int64_t head_dim, float scale, int threads,
-                                            uintptr_t cos, uintptr_t sin) {
-    const auto s = shape(starts, lengths, heads, kv_heads, head_dim, scale, threads, cos, sin);
-    py::gil_scoped_release release;
-    fastchat::attention::backward(s, f32(q), f32(k), f32(v), f32(out), f32(lse), f32(dout), f32(dq), f32(dk_h),
-                                  f32(dv_h));
-  }, "Gradients of attention_forward; dk_h, dv_h per query head (see cpu_attention.h).", py::arg("q"), py::arg("k"),
-     py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk_h"), py::arg("dv_h"),
-     py::arg("starts"), py::arg("lengths"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
-     py::arg("scale"), py::arg("threads"), py::arg("cos") = 0, py::arg("sin") = 0);
-  // SwiGLU (csrc/cpu_swiglu.*): contiguous fp32 arrays of n elements by data pointer, checked by kernels/swiglu.py
-  m.def("swiglu_forward", [f32](uintptr_t gate, uintptr_t up, uintptr_t h, int64_t n, int threads) {
-    py::gil_scoped_release release;
-    fastchat::swiglu::forward(f32(gate), f32(up), f32(h), n, threads);
-  }, "h = silu(gate) * up, fp32, one pass.");
-  m.def("swiglu_backward", [f32](uintptr_t dh, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
-                                 int64_t n, int threads) {
-    py::gil_scoped_release release;
-    fastchat::swiglu::backward(f32(dh), f32(gate), f32(up), dgate ? f32(dgate) : nullptr, dup ? f32(dup) : nullptr,
-                               n, threads);
-  }, "Gradients of swiglu_forward in one pass; a 0 pointer skips that output.");
-  // RMSNorm (csrc/cpu_rms_norm.*): contiguous fp32 [rows x cols] by data pointer, checked by kernels/rms_norm.py
-  m.def("rms_norm_forward", [f32](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t cols,
-                                  float eps, int threads) {
-    py::gil_scoped_release release;
-    fastchat::rms_norm::forward(f32(x), f32(w), f32(y), f32(rstd), rows, cols, eps, threads);
-  }, "y = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps) per row, fp32, one pass.");
-  m.def("rms_norm_backward", [f32](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx,
-                                   uintptr_t dw_partial, int64_t rows, int64_t cols, int threads) {
-    py::gil_scoped_release release;
-    fastchat::rms_norm::backward(f32(dy), f32(x), f32(w), f32(rstd), f32(dx), dw_partial ? f32(dw_partial) : nullptr,
-                                 rows, cols, threads);
-  }, "dx of rms_norm_forward in one pass; dw per thread into a zeroed [threads x cols] buffer (0: no dw).");
 }
