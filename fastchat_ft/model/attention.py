@@ -52,6 +52,14 @@ def flat_segments(segs: list[list[tuple[int, int]]], width: int):
     return starts, lengths, max(lengths)
 
 
+def _cached_flat_segments(position_ids, width: int):
+    """flat_segments of these position ids, once per forward."""
+    all_segs = _cached_segments(position_ids)
+    if _last_cpu[0] is None:
+        _last_cpu[0] = flat_segments(all_segs, width)
+    return _last_cpu[0]
+
+
 def cu_seqlens(segs: list[list[tuple[int, int]]], width: int, device) -> tuple[torch.Tensor, int]:
     """Cumulative conversation starts over the batch flattened to [B * L] tokens (int32, as flash-attention takes
     them), and the longest conversation."""
@@ -127,9 +135,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
         if _last_cu[0] is None:
             _last_cu[0] = cu_seqlens(all_segs, q_len, query.device)
         return varlen_attention(query, key, value, *_last_cu[0], scaling), None
-    if _last_cpu[0] is None:
-        _last_cpu[0] = flat_segments(all_segs, q_len)
-    starts, lengths, longest = _last_cpu[0]
+    starts, lengths, longest = _cached_flat_segments(position_ids, q_len)
     if cpu_attention.usable(query, key, dropout, longest):
         b, heads, _, d = query.shape
         # [B, H, L, D] views of the projections' [B, L, H, D] outputs: back to token-major, a copy only if needed
@@ -245,10 +251,7 @@ def _fused_rotary_forward(module, original, *args, **kwargs):
     if (position_ids.shape != (b, length) or cos.shape != (b, length, d) or cos.dtype != torch.float32
             or cos.requires_grad or d % 2):
         return original(*args, **kwargs)
-    all_segs = _cached_segments(position_ids)
-    if _last_cpu[0] is None:
-        _last_cpu[0] = flat_segments(all_segs, length)
-    starts, lengths, longest = _last_cpu[0]
+    starts, lengths, longest = _cached_flat_segments(position_ids, length)
     if not cpu_attention.usable_for(hidden.device, hidden.dtype, config.num_attention_heads,
                                     config.num_key_value_heads, d, 0.0, longest):
         return original(*args, **kwargs)
