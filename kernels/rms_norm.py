@@ -137,9 +137,11 @@ def _native_module():
     return native_cpu("rms_norm_forward", "FASTCHAT_FT_CPU_RMSNORM")
 
 
-def _native_usable(x, weight) -> bool:
-    return (x.device.type == "cpu" and weight.device == x.device and x.is_contiguous() and weight.is_contiguous()
-            and _native_module() is not None)
+def _native_for(x, weight):
+    """The native module for these tensors (contiguous, on CPU, switch on), else None; kept in ctx by forward."""
+    if x.device.type == "cpu" and weight.device == x.device and x.is_contiguous() and weight.is_contiguous():
+        return _native_module()
+    return None
 
 
 class _RMSNormFp32Torch(torch.autograd.Function):
@@ -151,12 +153,12 @@ class _RMSNormFp32Torch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        ctx.native = _native_usable(x, weight)
-        if ctx.native:
+        ctx.native = _native_for(x, weight)
+        if ctx.native is not None:
             y = torch.empty_like(x)
             rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
             cols = x.shape[-1]
-            _native_module().rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+            ctx.native.rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(),
                                               x.numel() // max(cols, 1), cols, eps, torch.get_num_threads())
             ctx.save_for_backward(x, weight, rstd)
             return y
@@ -168,13 +170,13 @@ class _RMSNormFp32Torch(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # no double backward: a clear error, not a wrong graph
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        if ctx.native and ctx.needs_input_grad[0]:
+        if ctx.native is not None and ctx.needs_input_grad[0]:
             dy, x, weight, rstd = dy.contiguous(), x.contiguous(), weight.contiguous(), rstd.contiguous()
             cols, threads = x.shape[-1], torch.get_num_threads()
             dx = torch.empty_like(x)
             dw_partial = torch.zeros(threads, cols, dtype=torch.float32, device=x.device) \
                 if ctx.needs_input_grad[1] else None
-            _native_module().rms_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
+            ctx.native.rms_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
                                                dx.data_ptr(), 0 if dw_partial is None else dw_partial.data_ptr(),
                                                x.numel() // max(cols, 1), cols, threads)
             return dx, None if dw_partial is None else dw_partial.sum(0), None

@@ -61,23 +61,25 @@ def _native_module():
     return native_cpu("swiglu_forward", "FASTCHAT_FT_CPU_SWIGLU")
 
 
-def _native_usable(gate, up) -> bool:
-    return (gate.device.type == "cpu" and gate.dtype == torch.float32 and gate.is_contiguous() and up.is_contiguous()
-            and _native_module() is not None)
+def _native_for(gate, up):
+    """The native module for these tensors (contiguous fp32 on CPU, switch on), else None. Kept in ctx by forward,
+    so a backward runs the same path as its forward even if the switch changes in between."""
+    if gate.device.type == "cpu" and gate.dtype == torch.float32 and gate.is_contiguous() and up.is_contiguous():
+        return _native_module()
+    return None
 
 
-def _native_forward(gate, up):
+def _native_forward(native, gate, up):
     out = torch.empty_like(gate)
-    _native_module().swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
-                                    torch.get_num_threads())
+    native.swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads())
     return out
 
 
-def _native_backward(dh, gate, up, want_gate, want_up):
+def _native_backward(native, dh, gate, up, want_gate, want_up):
     dh, gate, up = dh.contiguous(), gate.contiguous(), up.contiguous()  # no-ops unless saved-tensor hooks relaid them
     dgate = torch.empty_like(gate) if want_gate else None
     dup = torch.empty_like(up) if want_up else None
-    _native_module().swiglu_backward(dh.data_ptr(), gate.data_ptr(), up.data_ptr(),
+    native.swiglu_backward(dh.data_ptr(), gate.data_ptr(), up.data_ptr(),
                                      dgate.data_ptr() if want_gate else 0, dup.data_ptr() if want_up else 0,
                                      gate.numel(), torch.get_num_threads())
     return dgate, dup
@@ -98,11 +100,11 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, gate, up, triton_path):
         ctx.save_for_backward(gate, up)
         ctx.triton_path = triton_path
-        ctx.native = not triton_path and _native_usable(gate, up)
+        ctx.native = None if triton_path else _native_for(gate, up)
         if triton_path:
             return _launch_forward(gate, up)
-        if ctx.native:
-            return _native_forward(gate, up)
+        if ctx.native is not None:
+            return _native_forward(ctx.native, gate, up)
         with no_autocast(gate.device):
             return torch.nn.functional.silu(gate) * up
 
@@ -113,8 +115,8 @@ class _SwiGLU(torch.autograd.Function):
         if ctx.triton_path:
             dgate, dup = _launch_backward(dh.contiguous(), gate, up)
             return dgate, dup, None
-        if ctx.native:
-            dgate, dup = _native_backward(dh, gate, up, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        if ctx.native is not None:
+            dgate, dup = _native_backward(ctx.native, dh, gate, up, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
             return dgate, dup, None
         # eager's ops in eager's order (MulBackward0 then SiluBackward0): bit-identical gradients
         with no_autocast(gate.device):

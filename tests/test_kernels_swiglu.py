@@ -68,9 +68,10 @@ def test_native_path_is_the_one_taken_and_close_to_eager_on_any_thread_count(thr
     that splits unevenly over the threads with a tail shorter than one vector; values and gradients within a few
     ulp of eager's, the extremes of the sigmoid included."""
     mod = importlib.import_module("fastchat_ft.kernels.swiglu")  # the package attribute is the function
-    calls = []
-    real = mod._native_forward
-    monkeypatch.setattr(mod, "_native_forward", lambda g, u: calls.append(g.shape) or real(g, u))
+    calls, backward_calls = [], []
+    real, real_backward = mod._native_forward, mod._native_backward
+    monkeypatch.setattr(mod, "_native_forward", lambda n, g, u: calls.append(g.shape) or real(n, g, u))
+    monkeypatch.setattr(mod, "_native_backward", lambda *a: backward_calls.append(1) or real_backward(*a))
     select_impl("native", monkeypatch)
     torch.set_num_threads(threads)
     gate = (torch.randn(7, 1003) * 4).requires_grad_()
@@ -80,9 +81,10 @@ def test_native_path_is_the_one_taken_and_close_to_eager_on_any_thread_count(thr
     g, u, want = eager(gate, up)
     h = swiglu(gate, up)
     dh = torch.randn_like(h)
-    h.backward(dh)
+    monkeypatch.setenv("FASTCHAT_FT_CPU_SWIGLU", "0")  # switched off between forward and backward: this backward
+    h.backward(dh)                                     # still runs the path of its forward
     want.backward(dh)
-    assert calls == [gate.shape]
+    assert calls == [gate.shape] and backward_calls == [1]
     for got, ref in ((h, want), (gate.grad, g.grad), (up.grad, u.grad)):
         torch.testing.assert_close(got, ref, rtol=2e-6, atol=1e-7)
     monkeypatch.setenv("FASTCHAT_FT_CPU_SWIGLU", "0")
