@@ -1,5 +1,5 @@
-"""The native CPU attention (csrc/cpu_attention.cc via fastchat_ft.model.cpu_attention) against float64 torch SDPA per
-conversation: outputs and the gradients of q, k, v, on odd conversation lengths (1 token, not multiples of the
+"""The native CPU attention (csrc/cpu_attention.cc via fastchat_ft.model.cpu_attention) against its torch reference in
+float64 (HF's rotary, then SDPA per conversation): outputs and the gradients of q, k, v, on odd conversation lengths (1 token, not multiples of the
 kernel's 4-row / 32-column tiles), GQA, head sizes that are not multiples of 32, fresh random inputs each run; its
 guards (bad segments, the limits that send a call back to SDPA, the off switch); and the model path that uses it."""
 import numpy as np
@@ -7,25 +7,7 @@ import pytest
 import torch
 
 from fastchat_ft.model import attention, cpu_attention
-from fastchat_ft.model.cpu_attention import packed_causal_attention
-
-
-def reference(q, k, v, starts, lengths, scale):
-    """float64 causal SDPA on each conversation alone."""
-    heads, kv_heads = q.shape[1], k.shape[1]
-    out = torch.empty_like(q)
-    for s, n in zip(starts, lengths):
-        part = [t[s:s + n].transpose(0, 1)[None] for t in (q, k, v)]
-        out[s:s + n] = torch.nn.functional.scaled_dot_product_attention(
-            *part, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)[0].transpose(0, 1)
-    return out
-
-
-def rotate(x, cos, sin):
-    """HF Llama's apply_rotary_pos_emb on [tokens, heads, D] with cos and sin [tokens, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+from fastchat_ft.model.cpu_attention import packed_causal_attention, packed_causal_attention_reference
 
 
 def rotary_tables(lengths, head_dim, dtype=torch.float64, random=False):
@@ -50,10 +32,7 @@ def run_both(lengths, heads, kv_heads, head_dim, seed, order=None, rotary=False)
     grad = torch.randn(tokens, heads, head_dim, generator=gen, dtype=torch.float64)
     scale = head_dim ** -0.5
     cos, sin = rotary_tables(lengths, head_dim, random=rotary == "random") if rotary else (None, None)
-    if rotary:
-        want = reference(rotate(q64, cos, sin), rotate(k64, cos, sin), v64, starts, lengths, scale)
-    else:
-        want = reference(q64, k64, v64, starts, lengths, scale)
+    want = packed_causal_attention_reference(q64, k64, v64, starts, lengths, scale, cos, sin)  # float64
     want_grads = torch.autograd.grad(want, (q64, k64, v64), grad)
     q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
     idx = np.arange(len(lengths)) if order is None else np.asarray(order)
@@ -205,3 +184,18 @@ def test_llama_attention_with_fused_rotary_matches_its_own_forward(monkeypatch, 
         assert grads.keys() == want_grads.keys() and len(grads) == 16
         for n in grads:
             torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{setting} {n}: {m}")
+
+
+def test_reference_rotates_as_transformers_llama_does():
+    """The reference with cos/sin equals transformers' own apply_rotary_pos_emb followed by the reference without
+    them (random tables, GQA, conversations of several tokens so that the rotation changes the scores)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lengths, starts = [5, 3], [0, 5]
+    q, k, v = (torch.randn(8, h, 16, dtype=torch.float64) for h in (4, 2, 2))
+    cos, sin = rotary_tables(lengths, 16, random=True)
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    want = packed_causal_attention_reference(hf_q[0].transpose(0, 1), hf_k[0].transpose(0, 1), v, starts, lengths, 0.25)
+    got = packed_causal_attention_reference(q, k, v, starts, lengths, 0.25, cos, sin)
+    torch.testing.assert_close(got, want)
+    assert (got - packed_causal_attention_reference(q, k, v, starts, lengths, 0.25)).abs().max() > 1e-3

@@ -108,3 +108,20 @@ def packed_causal_attention(q, k, v, starts, lengths, scale: float, cos=None, si
         cos, sin = cos.detach().contiguous(), sin.detach().contiguous()
     return _PackedCausalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), starts, lengths, float(scale),
                                         cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+def packed_causal_attention_reference(q, k, v, starts, lengths, scale: float, cos=None, sin=None) -> torch.Tensor:
+    """Plain torch, any dtype: what packed_causal_attention computes, as HF does it. q and k rotated as Llama's
+    apply_rotary_pos_emb does (x * cos + rotate_half(x) * sin) when cos and sin are given, then causal SDPA on each
+    conversation alone."""
+    if cos is not None:
+        half = q.shape[-1] // 2
+        q, k = ((x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]) for x in (q, k))
+    out = torch.empty_like(q)
+    for s, n in zip(starts, lengths):
+        part = [t[s:s + n].transpose(0, 1)[None] for t in (q, k, v)]
+        out[s:s + n] = torch.nn.functional.scaled_dot_product_attention(
+            *part, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])[0].transpose(0, 1)
+    return out
