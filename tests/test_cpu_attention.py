@@ -132,60 +132,6 @@ def test_model_attention_function_runs_it_and_agrees_with_sdpa_per_conversation(
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 6])
-def test_llama_attention_with_fused_rotary_matches_its_own_forward(monkeypatch, kv_heads):
-    """The engine's packed CPU forward gives Llama attention modules the fused-rotary forward: the kernel gets the
-    raw q and k with cos/sin (no rotated copies). Loss and LoRA gradients equal (to float rounding) those of the
-    module's own forward (HF's rotary, then the native kernel: FASTCHAT_FT_CPU_ROTARY=0) and of transformers' sdpa
-    with its document mask on the same packed rows."""
-    from fastchat_ft.engine.loss import backward_step, to_device
-    from fastchat_ft.model.lora import add_lora
-    from fastchat_ft.model.tiny import pack_conversations, random_conversation, tiny_llama_config
-    from transformers import LlamaForCausalLM
-
-    rng = np.random.default_rng(3)
-    row = pack_conversations([random_conversation(rng, n, 97) for n in (13, 1, 40, 7)])
-    batch = to_device({k: torch.as_tensor(row[k])[None] for k in ("input_ids", "labels", "position_ids")},
-                      torch.device("cpu"))
-
-    def model():
-        torch.manual_seed(0)
-        cfg = tiny_llama_config(97, hidden=48, layers=2, heads=6, kv_heads=kv_heads, intermediate=64)
-        cfg._attn_implementation = "sdpa"
-        m = LlamaForCausalLM(cfg)
-        add_lora(m, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.3)
-        return m
-
-    tables = []
-    real = cpu_attention.packed_causal_attention
-    monkeypatch.setattr(cpu_attention, "packed_causal_attention",
-                        lambda *a, **kw: tables.append(len(a) > 6 and a[6] is not None) or real(*a, **kw))
-    results = {}
-    for setting in ("1", "0"):
-        monkeypatch.setenv("FASTCHAT_FT_CPU_ROTARY", setting)
-        m = model()
-        loss, _ = backward_step(m, [batch], "token", torch.autocast("cpu", enabled=False))
-        results[setting] = (loss, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-    assert tables == [True, True, False, False]  # 2 layers fused, then 2 layers rotated by HF
-    assert sum("forward" in mod.__dict__ for mod in m.modules()) == 2  # installed on the two attention modules
-    ref = model()  # transformers' sdpa with the document mask, HF's loss
-    states = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       use_cache=False).last_hidden_state
-    t = batch["targets"]
-    want = torch.nn.functional.cross_entropy(ref.lm_head(states[t.rows, t.cols]), t.labels)
-    want.backward()
-    want_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
-    for setting, (loss, grads) in results.items():
-        torch.testing.assert_close(torch.as_tensor(float(loss)), want.detach(), rtol=1e-5, atol=1e-6)
-        assert grads.keys() == want_grads.keys() and len(grads) == 16
-        for n in grads:
-            torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{setting} {n}: {m}")
-
-
 def test_reference_rotates_as_transformers_llama_does():
     """The reference with cos/sin equals transformers' own apply_rotary_pos_emb followed by the reference without
     them (random tables, GQA, conversations of several tokens so that the rotation changes the scores)."""

@@ -14,11 +14,11 @@ from fastchat_ft.model.tiny import pack_conversations, random_conversation, tiny
 VOCAB = 193
 
 
-def tiny(seed=0, **extra):
+def tiny(seed=0, kv_heads=2, **extra):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_llama_config(VOCAB, hidden=48, layers=2, heads=6, kv_heads=2, intermediate=72, **extra)
+    cfg = tiny_llama_config(VOCAB, hidden=48, layers=2, heads=6, kv_heads=kv_heads, intermediate=72, **extra)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
     add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -74,6 +74,40 @@ def test_packed_rows_match_sdpa_document_mask_forward_and_backward():
     plain = ref_model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                             attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False).last_hidden_state
     assert (plain - out_ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_fused_rotary_on_cpu_matches_hf_rotary_and_sdpa(monkeypatch, kv_heads):
+    """On the packed CPU path Llama attention modules get the fused-rotary forward: the native kernel receives the
+    raw q and k with cos/sin. Loss and LoRA gradients equal, to float rounding, those with HF's rotary first
+    (FASTCHAT_FT_CPU_ROTARY=0) and those of transformers' sdpa with its document mask, with and without GQA."""
+    from fastchat_ft.model import cpu_attention
+
+    batch = packed_batch(np.random.default_rng(3), [[13, 1, 40, 7]])
+    fused = []
+    real = cpu_attention.packed_causal_attention
+    monkeypatch.setattr(cpu_attention, "packed_causal_attention",
+                        lambda *a, **kw: fused.append(len(a) > 6 and a[6] is not None) or real(*a, **kw))
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("FASTCHAT_FT_CPU_ROTARY", setting)
+        model = tiny(seed=3, kv_heads=kv_heads)
+        loss, _ = backward_step(model, [batch], "token", torch.autocast("cpu", enabled=False))
+        results[setting] = (loss, lora_grads(model))
+    assert fused == [True, True, False, False]  # 2 layers fused, then 2 layers rotated by HF first
+    assert sum("forward" in m.__dict__ for m in model.modules()) == 2  # installed on the two attention modules
+    ref = tiny(seed=3, kv_heads=kv_heads)
+    states = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    t = batch["targets"]
+    want = torch.nn.functional.cross_entropy(ref.lm_head(states[t.rows, t.cols]), t.labels)
+    want.backward()
+    want_grads = lora_grads(ref)
+    for setting, (loss, grads) in results.items():
+        torch.testing.assert_close(torch.as_tensor(float(loss)), want.detach(), rtol=1e-5, atol=1e-6)
+        assert grads.keys() == want_grads.keys() and len(grads) == 16
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"FASTCHAT_FT_CPU_ROTARY={setting} {name}: {m}")
 
 
 def test_padding_mask_and_generation_defer_to_sdpa():
