@@ -175,7 +175,10 @@ def read_metrics(run_dir: Path | None) -> list[dict]:
     return rows
 
 
-def loss_before_after(metrics: list[dict]) -> dict:
+def loss_before_after(metrics: list[dict], result: dict | None = None) -> dict:
+    """The first and last validation metrics and the training loss. `result`: the run manifest's. A run stopped
+    early (Ctrl-C, SIGTERM) skipped its final evaluation: its last measured validation loss and step are the
+    manifest's val_loss_last / val_loss_last_step, the ones its summary printed (engine.rundir.finish_report)."""
     evals = [m for m in metrics if "val_loss" in m]
     out = {}
     if evals:
@@ -186,6 +189,10 @@ def loss_before_after(metrics: list[dict]) -> dict:
             if key in last:
                 out[f"{key}_after"] = last[key]
         out["eval_steps"] = [first.get("step"), last.get("step")]
+        if result and result.get("stopped"):
+            out.update(stopped=result["stopped"], stopped_at_step=result.get("steps"),
+                       val_loss_last=result.get("val_loss_last", last["val_loss"]),
+                       val_loss_last_step=result.get("val_loss_last_step", last.get("step")))
     train = [m for m in metrics if "loss" in m]
     if train:
         out["train_loss_first"], out["train_loss_last"] = train[0]["loss"], train[-1]["loss"]
@@ -222,7 +229,7 @@ def write_artifacts(source, tokenizer, out: Path, *, notes_file: str | None = No
     (out / "dataset_info.json").write_text(json.dumps(info["dataset_info"], indent=2) + "\n")
     info["files"].append("dataset_info.json")
     metrics = read_metrics(run_dir)
-    info["losses"] = loss_before_after(metrics)
+    info["losses"] = loss_before_after(metrics, _read_manifest(run_dir).get("result"))
     if metrics and not (out / "loss_curve.png").exists() and _plot_loss(metrics, out / "loss_curve.png"):
         info["files"].append("loss_curve.png")
     val = splits.get("val") or splits.get("train")
@@ -285,14 +292,19 @@ def _write_splits(splits: dict[str, Path], out: Path, train_held_out: dict | Non
     return entries
 
 
-def _validate_summary(run_dir: Path | None) -> dict:
-    """What validation removed, as the engine recorded it in run_manifest.json (keys vary; pass them on)."""
+def _read_manifest(run_dir: Path | None) -> dict:
     if run_dir is None or not (run_dir / "run_manifest.json").is_file():
         return {}
     try:
         manifest = json.loads((run_dir / "run_manifest.json").read_text())
     except json.JSONDecodeError:
         return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _validate_summary(run_dir: Path | None) -> dict:
+    """What validation removed, as the engine recorded it in run_manifest.json (keys vary; pass them on)."""
+    manifest = _read_manifest(run_dir)
     found = {}
 
     def walk(obj, prefix=""):
@@ -366,8 +378,25 @@ def generation_notes(user_notes: str | None, info: dict) -> str:
     removed = ds.get("validate") or {}
     lines.append("- removed by validation: " + (", ".join(f"{k} = {v}" for k, v in removed.items())
                                                 if removed else "nothing recorded in run_manifest.json"))
-    losses = info.get("losses", {})
-    if "val_loss_before" in losses:
-        lines.append(f"- validation loss: {losses['val_loss_before']:.4f} before training, "
-                     f"{losses['val_loss_after']:.4f} after")
+    lines += _validation_loss_line(info.get("losses", {}))
     return "\n".join(lines) + "\n"
+
+
+def _validation_loss_line(losses: dict) -> list[str]:
+    """The first validation loss against the last one measured. A stopped run has no final evaluation: its last
+    is the one before the stop, and with none since the first there is nothing to compare the first with."""
+    if "val_loss_before" not in losses:
+        return []
+    before = f"- validation loss: {losses['val_loss_before']:.4f} before training"
+    first_step, last_step = losses["eval_steps"]
+    stopped = losses.get("stopped")
+    if stopped:
+        why = (f"the run was stopped ({stopped}) at step {losses.get('stopped_at_step')}, before its final "
+               "evaluation")
+        if losses["val_loss_last_step"] == first_step:
+            return [f"{before}, the only measurement ({why})"]
+        return [f"{before}, {losses['val_loss_last']:.4f} at step {losses['val_loss_last_step']}, the last "
+                f"measurement ({why})"]
+    if last_step == first_step:
+        return [f"{before}, the only measurement"]
+    return [f"{before}, {losses['val_loss_after']:.4f} after"]

@@ -220,6 +220,35 @@ def test_split_files_reads_every_splits_json_form(tiny_run, tmp_path):
     assert split_files(tmp_path)["val"] == tmp_path / "data" / "val.jsonl"
 
 
+@pytest.mark.parametrize("eval_steps, result, said", [
+    ([0], {"stopped": "SIGINT", "val_loss_last": 6.0, "val_loss_last_step": 0},
+     "6.0000 before training, the only measurement (the run was stopped (SIGINT) at step 5"),
+    ([0, 3], {"stopped": "SIGINT", "val_loss_last": 4.1, "val_loss_last_step": 3},
+     "6.0000 before training, 4.1000 at step 3, the last measurement (the run was stopped (SIGINT) at step 5"),
+    ([0], None, "6.0000 before training, the only measurement\n"),  # a crash: no result in the manifest
+])
+def test_notes_of_a_stopped_run_give_its_last_measured_validation_loss(tmp_path, eval_steps, result, said):
+    # a stopped run skips its final evaluation: the notes compared the step-0 loss with itself ("6.0 ... 6.0 after")
+    from types import SimpleNamespace
+
+    from fastchat_ft.export_artifacts import write_artifacts
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    val = {0: 6.0, 3: 4.1}
+    metrics = [{"step": s, "loss": 6.0 - s / 10, "lr": 1e-4} for s in range(1, 6)]
+    metrics += [{"step": s, "val_loss": val[s], "val_ppl": 2.7 ** val[s], "val_token_acc": 0.1} for s in eval_steps]
+    metrics.sort(key=lambda m: m["step"])
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    manifest = {"result": {"steps": 5, "tokens_per_s": 100.0, **result}} if result else {"device": "cpu"}
+    (run / "run_manifest.json").write_text(json.dumps(manifest))
+    write_artifacts(SimpleNamespace(run_dir=run, path=run / "checkpoints" / "step-000005", tokenizer_dir=None), None,
+                    out)
+    notes = (out / "generation_notes.md").read_text()
+    assert said in notes, notes
+    assert " after" not in notes, notes
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("flags, words", [
