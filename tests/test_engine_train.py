@@ -209,3 +209,42 @@ def test_each_data_file_is_hashed_once_a_start(tiny_dir, tmp_path, monkeypatch):
     assert manifest["data"]["train"][0]["sha256"] == manifest["data"]["val"][0]["sha256"] == digest
     state = json.loads((out / "final" / "trainer_state.json").read_text())  # the fingerprint as before
     assert state["data_fingerprint"] == f"10 rows, files {hashlib.sha256(digest.encode()).hexdigest()[:16]}"
+
+
+def test_a_start_on_data_files_hashes_each_once_loader_cache_included(tiny_dir, tmp_path, monkeypatch):
+    # the loader's cache key hashed the files' bytes (blake2b) before the manifest hashed them again (sha256)
+    import hashlib
+
+    from engine_fixtures import DEMO
+    from fastchat_ft.engine import data as data_mod
+
+    fed = []  # for each hash object made during the start: every byte given to it
+
+    class Counted:
+        def __init__(self, h, data=b""):
+            self.h, self.seen = h, bytearray(data)
+            fed.append(self.seen)
+
+        def update(self, data):
+            self.seen += data
+            self.h.update(data)
+
+        def __getattr__(self, name):
+            return getattr(self.h, name)
+
+    for name in ("md5", "sha1", "sha256", "blake2b"):
+        monkeypatch.setattr(hashlib, name, lambda data=b"", _make=getattr(hashlib, name), **kw:
+                            Counted(_make(data, **kw), data))
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+    files = {}
+    for name, lines in (("train.jsonl", 12), ("val.jsonl", 3)):
+        files[name] = tmp_path / name
+        files[name].write_text("".join((DEMO / name).read_text().splitlines(keepends=True)[:lines]))
+    cfg = make_cfg(tiny_dir, tmp_path / "run", datasets=[{"path": str(files["train.jsonl"])}],
+                   test_datasets=[{"path": str(files["val.jsonl"])}], system_prompt="", sequence_len=256,
+                   max_steps=1, eval_steps=100, save_steps=100)
+    train_mod.train(cfg, show_bar=False)
+    times = {name: sum(path.read_bytes() in bytes(seen) for seen in fed) for name, path in files.items()}
+    assert times == {"train.jsonl": 1, "val.jsonl": 1}
+    manifest = json.loads((tmp_path / "run" / "run_manifest.json").read_text())
+    assert manifest["data"]["train"][0]["sha256"] == data_mod.file_digest(files["train.jsonl"])

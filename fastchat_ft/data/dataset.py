@@ -20,7 +20,7 @@ from fastchat_ft.data.encode import NO_LABEL, ChatOptions, LoaderStats, process_
 from fastchat_ft.data.tokenize import LoaderTokenizer
 from fastchat_ft.data.validate import reader_error
 
-CACHE_VERSION = "chat-v3"  # bump when the on-disk layout or the encoding rules change
+CACHE_VERSION = "chat-v4"  # bump when the on-disk layout, the encoding rules or the key's inputs change
 BATCH_RECORDS = 1024  # records per native reader batch: the window that bounds the build's memory
 REJECTS_FILE = "rejects.jsonl"  # on_error: skip: a build writes its rejects here, in the build (cache) folder
 
@@ -48,6 +48,8 @@ class ChatDataset:
     writes them again from the cache entry). When the default place cannot be written (a read-only dataset
     folder), they stay in the cache entry (or a temporary file with cache=False), `rejects_path` names where,
     and stderr says so; an explicit `rejects_path` that cannot be written is a DataError.
+    digest: path -> the file's sha256, for the cache key (default: file_digest). The engine passes one that keeps
+    each hash (RunData.digests) for its run manifest and resume fingerprint: one read of each file a start.
     """
 
     def __init__(self, paths, tokenizer, template: str = "chatml", max_seq_len: int = 2048, packing: bool = True,
@@ -55,7 +57,7 @@ class ChatDataset:
                  system_prompt: str | None = None, allow_special_in_content: bool = False, on_error: str = "raise",
                  rejects_path: str | os.PathLike | None = None, cache: bool = True,
                  cache_dir: str | os.PathLike | None = None, threads: int = 0, self_check: int = 1000,
-                 verbose: bool = True):
+                 verbose: bool = True, digest=None):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [Path(p) for p in paths]
@@ -78,7 +80,7 @@ class ChatDataset:
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
         entry = None
         if cache:  # hashing reads every input file once; worth it only when the cache is used
-            entry = folder / self._cache_key()
+            entry = folder / self._cache_key(digest or file_digest)
         if entry is not None and (entry / "stats.json").is_file():
             self._load(entry)
             if self.on_error == "skip" and self.stats.errors:
@@ -96,15 +98,15 @@ class ChatDataset:
                     print(f"  {line}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------- build
-    def _cache_key(self) -> str:
+    def _cache_key(self, digest) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(CACHE_VERSION.encode())
         h.update(_native.__version__.encode())
         for p in self.paths:
-            h.update(str(p.name).encode())
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 18), b""):
-                    h.update(chunk)
+            # the file's sha256, not its bytes: a training run needs that hash anyway (its manifest, the resume
+            # fingerprint), so it reads each file once. chat-v3 keys hashed the bytes; the new version makes
+            # every earlier entry a miss (rebuilt, never misread).
+            h.update(f"{p.name}\0sha256:{digest(p)}".encode())
         h.update(self.tokenizer.fingerprint.encode())
         h.update(repr(self.options).encode())
         h.update(f"{self.on_error}".encode())
@@ -382,6 +384,16 @@ def _copy_atomically(src: Path, dest: Path) -> None:
         except OSError:  # never created (e.g. the folder is not writable)
             pass
         raise
+
+
+def file_digest(path) -> str:
+    """The sha256 of a file (hex), read in 256 KiB blocks: the loader's memory bound (about one reader batch)
+    holds while it hashes its inputs for the cache key."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 18), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _split_position(message: str):

@@ -4,7 +4,7 @@ jumps straight to its position without replaying batches. Tokenizing and packing
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import math
 import os
@@ -17,6 +17,7 @@ import numpy as np
 from fastchat_ft import flags
 from fastchat_ft.config import LOADER_KEYS
 from fastchat_ft.data.collate import collate
+from fastchat_ft.data.dataset import file_digest
 from fastchat_ft.errors import ConfigError, DataError
 
 
@@ -31,12 +32,17 @@ class RunData:
     digests: dict = field(default_factory=dict)   # {file: sha256}, filled by digest()
 
     def digest(self, path) -> str:
-        """The sha256 of one of the run's data files, read once however often it is asked for: the run manifest
-        and the resume data fingerprint both need the training files' (large files take seconds to hash)."""
-        key = str(path)
-        if key not in self.digests:
-            self.digests[key] = file_digest(path)
-        return self.digests[key]
+        """The sha256 of one of the run's data files, read once however often it is asked for: the loader's cache
+        key, the run manifest and the resume data fingerprint all need it (large files take seconds to hash)."""
+        return cached_digest(self.digests, path)
+
+
+def cached_digest(digests: dict, path) -> str:
+    """The sha256 of `path` from `digests` ({file: sha256}), hashed and added there the first time."""
+    key = str(path)
+    if key not in digests:
+        digests[key] = file_digest(path)
+    return digests[key]
 
 
 def row_tokens(row: dict) -> int:
@@ -107,8 +113,9 @@ class Concat:
         return self.parts[part][i - int(self.starts[part])]
 
 
-def pack_entries(entries: list[dict], tokenizer_dir: Path, cfg) -> tuple[object, dict]:
-    """The files of `entries` packed per distinct loader option set (usually one: every file together)."""
+def pack_entries(entries: list[dict], tokenizer_dir: Path, cfg, digest=None) -> tuple[object, dict]:
+    """The files of `entries` packed per distinct loader option set (usually one: every file together).
+    digest: path -> sha256 for the loader's cache key (see pack_files)."""
     groups: dict[tuple, tuple[dict, list[Path]]] = {}
     inherited = None
     for entry in entries:
@@ -117,7 +124,7 @@ def pack_entries(entries: list[dict], tokenizer_dir: Path, cfg) -> tuple[object,
             options["system_prompt"] = inherited_system_prompt(tokenizer_dir, options["template"])
             inherited = inherited or options["system_prompt"]
         groups.setdefault(tuple(sorted(options.items())), (options, []))[1].append(Path(entry["path"]))
-    parts = [pack_files(paths, tokenizer_dir, options) for options, paths in groups.values()]
+    parts = [pack_files(paths, tokenizer_dir, options, digest) for options, paths in groups.values()]
     if len(parts) == 1:
         stats = parts[0][1]
     else:
@@ -138,15 +145,15 @@ def _combined_stats(parts: list[dict]) -> dict:
     return stats
 
 
-def pack_files(paths: list[Path], tokenizer_dir: Path, options: dict) -> tuple[object, dict]:
+def pack_files(paths: list[Path], tokenizer_dir: Path, options: dict, digest=None) -> tuple[object, dict]:
     """Tokenize, mask and pack files with the native loader and one option set (cached on disk; the cache key
-    covers every option); rows are indexable. With on_error: skip, says how many records were left out and
-    where they are."""
+    covers every option and each file's sha256, from `digest(path)` when given, e.g. RunData.digest); rows are
+    indexable. With on_error: skip, says how many records were left out and where they are."""
     from fastchat_ft.data import ChatDataset
     from fastchat_ft.data.dataset import default_cache_dir
 
     default_cache_dir().mkdir(parents=True, exist_ok=True)  # the loader expects its cache folder to exist
-    ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), **options)
+    ds = ChatDataset([str(p) for p in paths], str(tokenizer_dir), digest=digest, **options)
     stats = {k: v for k, v in vars(ds.stats).items() if isinstance(v, (int, float))}
     if ds.stats.errors:
         if not Path(ds.rejects_path).is_file():
@@ -185,8 +192,10 @@ def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
         raise ConfigError("no training data", field="datasets", fix="add datasets: [{path: your.jsonl}] or pass --data FILE")
     for p in train_files + val_files:
         flags.input_file(p, "datasets" if p in train_files else "test_datasets", CONFIG_FIX)  # direct callers
-    train, stats = pack_entries(cfg.datasets, tokenizer_dir, cfg)
-    val = pack_entries(cfg.test_datasets, tokenizer_dir, cfg)[0] if val_files else []
+    digests: dict = {}  # each file hashed once a start: the loader's cache key here, the manifest and resume later
+    digest = functools.partial(cached_digest, digests)
+    train, stats = pack_entries(cfg.datasets, tokenizer_dir, cfg, digest)
+    val = pack_entries(cfg.test_datasets, tokenizer_dir, cfg, digest)[0] if val_files else []
     held_out = {}
     if not val_files and cfg.val_set_size > 0:
         # rows hold whole conversations, so holding out rows never splits a conversation
@@ -197,7 +206,7 @@ def build_run_data(cfg, tokenizer_dir: Path) -> RunData:
     if len(train) == 0 or stats.get("trainable_tokens", 1) == 0:
         raise DataError("no trainable tokens in the training data", file=str(train_files[0]),
                         fix="check the roles (assistant turns are what is learned) with `fastchat-ft validate`")
-    return RunData(train, val, train_files, val_files, stats, held_out)
+    return RunData(train, val, train_files, val_files, stats, held_out, digests)
 
 
 def steps_per_epoch(n_rows: int, micro_batch_size: int, accum: int) -> int:
@@ -326,10 +335,3 @@ def records_with_lines(path: Path):
         yield line, json.dumps(obj, ensure_ascii=False).encode("utf-8")
         i = end
 
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
