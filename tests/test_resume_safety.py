@@ -62,6 +62,27 @@ def test_resuming_a_finished_run_writes_nothing(env, capsys, monkeypatch, extra)
     assert _snapshot(run) == before
 
 
+def test_a_finished_checkpoint_resumed_into_a_new_folder_leaves_nothing_there(env, capsys):
+    # it said "already finished" but left the new folder behind, with the tokenizer/ setup had written there
+    import hashlib
+
+    root, cfg, run = env
+    before = _snapshot(run)
+    last = str(run / "checkpoints" / "step-000006")
+    new = root / "runs" / "more" / "x"
+    assert cli.main(["train", str(cfg), "--output-dir", str(new), "--resume", last]) == 0
+    assert "already finished at step 6" in capsys.readouterr().out
+    assert not (root / "runs" / "more").exists()  # created by this start, parents included: all gone again
+    mine = root / "mine"  # a folder that existed: what was in it stays, what this start added goes
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert cli.main(["train", str(cfg), "--output-dir", str(mine), "--resume", last]) == 0
+    assert "already finished at step 6" in capsys.readouterr().out
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert _snapshot(mine) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+    assert _snapshot(run) == before
+
+
 def _data_run(root, cfg, name):
     """A config training on root/<name>.jsonl (a copy of train.jsonl) and its finished run's folder."""
     shutil.copyfile(root / "train.jsonl", root / f"{name}.jsonl")

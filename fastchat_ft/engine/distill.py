@@ -276,14 +276,14 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
     run_dir = Path(cfg.output_dir)
     if not (resume or cfg.overwrite_output_dir):  # as train: an earlier run's final/ and metrics stay
         train_mod.refuse_to_overwrite(run_dir)
-    with train_mod.removed_if_setup_fails(run_dir, rank):  # up to a loaded resume checkpoint: nothing trained yet
+    with train_mod.removed_if_setup_fails(run_dir, rank) as undo_setup:  # up to a loaded resume checkpoint
         # rank 0 first (tokenizer, data cache), the others then reuse its files; see dist_mod.rank_zero_first
         prep, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
         per_step, steps_epoch, total_steps = train_mod.run_length(cfg, len(prep.data.train), world)
         if resume:  # as in train: a finished run has nothing to train, said before any model is loaded
             done = ckpt.finished_at(run_dir, resume, total_steps)
             if done is not None:
-                return train_mod.finished_already(run_dir, done)
+                return train_mod.finished_already(run_dir, done, undo_setup)
         s = dist_mod.rank_zero_first(lambda: train_mod.build(cfg, prep))
         student = s.model
         teacher, _ = load_teacher(opts.teacher, s.device, s.amp_dtype or torch.float32)

@@ -63,8 +63,12 @@ def run_train(args) -> int:
     return stopped_status(summary)
 
 
-def finished_already(run_dir: Path, steps: int) -> dict:
-    """train's (and distill's) summary for a resumed run that had already finished (at `steps`): nothing trained."""
+def finished_already(run_dir: Path, steps: int, undo_setup) -> dict:
+    """train's (and distill's) summary for a resumed run that had already finished (at `steps`): nothing trained.
+    What setup wrote to the output folder goes again (undo_setup, from removed_if_setup_fails): a finished
+    checkpoint resumed into a new --output-dir left that folder behind with only a tokenizer/ in it."""
+    dist_mod.barrier()  # every rank has read rank 0's tokenizer/ there before it goes
+    undo_setup()
     return {"run_dir": str(run_dir), "steps": steps, "stopped": None, "finished": True, "train_losses": []}
 
 
@@ -85,18 +89,32 @@ def check_config_data_files(cfg) -> None:
 
 @contextlib.contextmanager
 def removed_if_setup_fails(run_dir: Path, rank: int):
-    """Create run_dir; if setup then fails (a bad base model, data or checkpoint), remove it again when this
-    run created it, so no empty run folder is left behind. A folder that existed before is never touched."""
+    """Create run_dir; if setup then fails (a bad base model, data or checkpoint), remove what it wrote: run_dir
+    when this run created it, so no run folder is left behind, else only the entries setup added to it (nothing
+    that was there before is touched). Yields that undo for a setup that finds nothing to train."""
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    existed = set() if created else set(run_dir.iterdir())
     run_dir.mkdir(parents=True, exist_ok=True)
+
+    def undo():
+        if rank:  # rank 0 alone: the other ranks may have seen rank 0's folder already
+            return
+        if not created:
+            for p in set(run_dir.iterdir()) - existed:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+            return
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in created[1:]:  # parent folders go only if empty: another run may have started there
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
     try:
-        yield
+        yield undo
     except BaseException:
-        if created and not rank:  # rank 0 alone: the other ranks may have seen rank 0's folder already
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for parent in created[1:]:  # parent folders go only if empty: another run may have started there
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+        undo()
         raise
 
 
@@ -258,7 +276,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     # The dry-run report needs nothing from that folder once the model is built.
     build_place = (tempfile.TemporaryDirectory(prefix="fastchat-ft-dry-run-") if dry_run and world == 1
                    else contextlib.nullcontext(str(run_dir)))
-    with build_place as build_name, removed_if_setup_fails(Path(build_name), rank):
+    with build_place as build_name, removed_if_setup_fails(Path(build_name), rank) as undo_setup:
         # up to a loaded resume checkpoint: nothing trained yet
         # rank 0 extends the tokenizer, fills the data cache and converts the model; the others then reuse them
         prep = dist_mod.rank_zero_first(lambda: prepare(cfg, Path(build_name), data))
@@ -266,7 +284,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
         if resume and not dry_run:  # a finished run has nothing to train: said before any model is loaded
             done = ckpt.finished_at(run_dir, resume, total_steps)
             if done is not None:
-                return finished_already(run_dir, done)
+                return finished_already(run_dir, done, undo_setup)
         s = dist_mod.rank_zero_first(lambda: build(cfg, prep))
         dist_mod.broadcast_parameters(s.model)  # ranks seeded differently: start from rank 0's weights
         model, mode, rows = s.model, cfg.loss_normalization, s.data.train
