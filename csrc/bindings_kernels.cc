@@ -1,6 +1,6 @@
-// pybind11 bindings of the CPU compute kernels (cpu_attention.*, cpu_swiglu.*, cpu_rms_norm.*). Tensors arrive as
+// pybind11 bindings of the CPU compute kernels (cpu_attention.*, cpu_lora.*, cpu_swiglu.*, cpu_rms_norm.*). Tensors arrive as
 // data pointers (torch's data_ptr()): the Python wrappers (fastchat_ft/model/cpu_attention.py, kernels/swiglu.py,
-// kernels/rms_norm.py) check dtype, device, layout and shapes before calling and keep the tensors alive for the
+// kernels/rms_norm.py, kernels/lora_linear.py) check dtype, device, layout and shapes before calling and keep the tensors alive for the
 // call; the GIL is released around the work.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "cpu_attention.h"
+#include "cpu_lora.h"
 #include "cpu_rms_norm.h"
 #include "cpu_swiglu.h"
 
@@ -79,4 +80,22 @@ void bind_cpu_kernels(py::module_& m) {
     fastchat::rms_norm::backward(f32(dy), f32(x), f32(w), f32(rstd), f32(dx), dw_partial ? f32(dw_partial) : nullptr,
                                  rows, cols, threads);
   }, "dx of rms_norm_forward in one pass; dw per thread into a zeroed [threads x cols] buffer (0: no dw).");
+  // LoRA's rank-r products (csrc/cpu_lora.*): contiguous fp32 by data pointer, checked by kernels/lora_linear.py
+  auto lora_rank = [](int64_t r) {
+    if (!fastchat::lora::supports_rank(r)) throw py::value_error("cpu lora: rank must be 16, 32, 48 or 64");
+  };
+  m.def("lora_forward", [f32, lora_rank](uintptr_t x, uintptr_t a, uintptr_t b, uintptr_t s, uintptr_t y, int64_t m,
+                                         int64_t in, int64_t out, int64_t r, float scale, int threads) {
+    lora_rank(r);
+    py::gil_scoped_release release;
+    fastchat::lora::forward(f32(x), f32(a), f32(b), f32(s), f32(y), m, in, out, r, scale, threads);
+  }, "s = x A^T; y += scale * s B^T (y holds x W^T), fp32, one call (see cpu_lora.h).");
+  m.def("lora_backward", [f32, lora_rank](uintptr_t dy, uintptr_t x, uintptr_t s, uintptr_t a, uintptr_t b,
+                                          uintptr_t dx, uintptr_t da, uintptr_t db, int64_t m, int64_t in,
+                                          int64_t out, int64_t r, float scale, int threads) {
+    lora_rank(r);
+    py::gil_scoped_release release;
+    fastchat::lora::backward(f32(dy), f32(x), f32(s), f32(a), f32(b), dx ? f32(dx) : nullptr, f32(da), f32(db), m,
+                             in, out, r, scale, threads);
+  }, "dx += scale (dy B) A (dx 0: skipped); da = scale (dy B)^T x; db = scale dy^T s (see cpu_lora.h).");
 }

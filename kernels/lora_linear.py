@@ -2,6 +2,9 @@
 for x, A, B (and bias). Owns the fused Triton GEMM, the autograd Function and the torch reference (also the
 CPU path); PEFT-module patching lives in fastchat_ft/model/.
 
+CPU fp32 (rank a multiple of 16): the rank-r products run in csrc/cpu_lora.cc, one call per forward and one per
+backward beside torch's GEMM for x W^T / dy W, instead of four to six skinny torch GEMMs.
+
 Fusion (after LoRAFusion, see ../shared/notes/kernels.md): the rank-r product S = x A^T is a skinny cuBLAS
 GEMM; one Triton GEMM then seeds its fp32 accumulator with scale * S B^T and runs the normal K loop of x W^T,
 so the LoRA path adds no extra pass over y. Backward reuses the same kernel for dx = dy W + scale (dy B) A.
@@ -11,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ._native_cpu import native_cpu
 from ._triton import autocast_input, cdiv, kernel, next_power_of_2, no_autocast, tl, use_triton
 
 
@@ -143,6 +147,39 @@ def fused_lora_matmul(a, b, s=None, lo=None, scale=1.0, bias=None, blocks: Optio
     return c
 
 
+def _native_for(x2d, lora_a, lora_b, x_drop, weight):
+    """The native CPU module (csrc/cpu_lora.cc) for these tensors: contiguous fp32 on CPU, a dense weight, no LoRA
+    dropout, rank 16/32/48/64, switch FASTCHAT_FT_CPU_LORA not 0; else None (torch's GEMMs). Kept in ctx by
+    forward, so a backward runs the path of its forward."""
+    if (x2d.device.type != "cpu" or x2d.dtype != torch.float32 or x_drop is not None
+            or getattr(weight, "quant_state", None) is not None or lora_a.shape[0] % 16 or lora_a.shape[0] > 64
+            or not (x2d.is_contiguous() and lora_a.is_contiguous() and lora_b.is_contiguous())
+            or lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32):
+        return None
+    return native_cpu("lora_forward", "FASTCHAT_FT_CPU_LORA")
+
+
+def _native_forward(native, x2d, w, lora_a, lora_b, scale, bias):
+    """x W^T (+ bias) by torch's GEMM, then the rank-r term in one native call; returns y and s = x A^T."""
+    y = torch.mm(x2d, w.t()) if bias is None else torch.addmm(bias, x2d, w.t())
+    m, r = x2d.shape[0], lora_a.shape[0]
+    s = torch.empty((m, r), dtype=x2d.dtype)
+    native.lora_forward(x2d.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), s.data_ptr(), y.data_ptr(), m,
+                        x2d.shape[1], y.shape[1], r, scale, torch.get_num_threads())
+    return y, s
+
+
+def _native_backward(native, dy, x2d, s, w, lora_a, lora_b, scale, want_x):
+    """dx = dy W by torch's GEMM (if wanted), then dx's rank-r term, dA and dB in one native call."""
+    grad_x = torch.mm(dy, w) if want_x else None
+    grad_a, grad_b = torch.empty_like(lora_a), torch.empty_like(lora_b)
+    x2d, s = x2d.contiguous(), s.contiguous()  # no-ops unless saved-tensor hooks relaid them
+    native.lora_backward(dy.data_ptr(), x2d.data_ptr(), s.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
+                         grad_x.data_ptr() if want_x else 0, grad_a.data_ptr(), grad_b.data_ptr(), dy.shape[0],
+                         x2d.shape[1], dy.shape[1], lora_a.shape[0], scale, torch.get_num_threads())
+    return grad_x, grad_a, grad_b
+
+
 def _dequantize(weight):
     """A dense view of W: bitsandbytes Params4bit (it carries quant_state) is dequantized, others pass through."""
     quant_state = getattr(weight, "quant_state", None)
@@ -169,9 +206,13 @@ class _LoRALinear(torch.autograd.Function):
     def _forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias, composed):
         w = _dequantize(weight).to(x2d.dtype)
         lora_in = x2d if x_drop is None else x_drop
-        s = torch.mm(lora_in, lora_a.t())  # [M, r], kept for dB
+        ctx.native = _native_for(x2d, lora_a, lora_b, x_drop, weight) if composed else None
         gemm = _composed_lora_matmul if composed else fused_lora_matmul
-        y = gemm(x2d, w.t(), s, lora_b.t(), scale, bias)
+        if ctx.native is not None:
+            y, s = _native_forward(ctx.native, x2d, w, lora_a, lora_b, scale, bias)
+        else:
+            s = torch.mm(lora_in, lora_a.t())  # [M, r], kept for dB
+            y = gemm(x2d, w.t(), s, lora_b.t(), scale, bias)
         ctx.save_for_backward(lora_in, lora_a, lora_b, s)
         ctx.weight, ctx.scale, ctx.has_bias, ctx.dropout = weight, scale, bias is not None, x_drop is not None
         ctx.gemm = gemm
@@ -187,8 +228,16 @@ class _LoRALinear(torch.autograd.Function):
         lora_in, lora_a, lora_b, s = ctx.saved_tensors
         scale = ctx.scale
         dy = dy.contiguous()
-        t = torch.mm(dy, lora_b)  # [M, r] = dy B
         grad_x = grad_x_drop = grad_a = grad_b = grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[6]:
+            grad_bias = dy.sum(0)
+        if ctx.native is not None:
+            w = ctx.weight.to(dy.dtype)
+            grad_x, grad_a, grad_b = _native_backward(ctx.native, dy, lora_in, s, w, lora_a, lora_b, scale,
+                                                      ctx.needs_input_grad[0])
+            return (grad_x, None, None, grad_a if ctx.needs_input_grad[3] else None,
+                    grad_b if ctx.needs_input_grad[4] else None, None, grad_bias, None)
+        t = torch.mm(dy, lora_b)  # [M, r] = dy B
         if ctx.needs_input_grad[0]:
             w = _dequantize(ctx.weight).to(dy.dtype)  # again, rather than keeping a dense copy alive
             if ctx.dropout:
@@ -201,8 +250,6 @@ class _LoRALinear(torch.autograd.Function):
             grad_a = torch.mm(t.t(), lora_in).mul_(scale)
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(dy.t(), s).mul_(scale)
-        if ctx.has_bias and ctx.needs_input_grad[6]:
-            grad_bias = dy.sum(0)
         return grad_x, grad_x_drop, None, grad_a, grad_b, None, grad_bias, None
 
 
@@ -236,7 +283,9 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0):
     x's dtype (A/B gradients come back in their own dtype, e.g. fp32 adapters).
     CUDA tensors (or CPU ones with TRITON_INTERPRET=1) run the fused Triton GEMM; other fp16/bf16/fp32 tensors the
     same autograd Function with torch GEMMs (the LoRA term added into the base output in place, addmm_, rather
-    than PEFT's separate scale and add passes); float64 the reference."""
+    than PEFT's separate scale and add passes); float64 the reference. On CPU in fp32 with rank 16/32/48/64 and no
+    dropout, the rank-r products run natively (csrc/cpu_lora.cc: one call each way beside torch's base GEMM;
+    FASTCHAT_FT_CPU_LORA=0 keeps torch's)."""
     composed = not use_triton(x)
     if composed and x.dtype == torch.float64:
         return lora_linear_reference(x, weight, lora_a, lora_b, scale, bias, dropout)

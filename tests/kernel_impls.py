@@ -18,9 +18,9 @@ def one_thread():
 
 def select_impl(impl, monkeypatch):
     """Make the public dispatcher take `impl`: TRITON_INTERPRET=1 routes CPU tensors to the Triton kernels;
-    "reference" is the torch path, "native" (kernels with a native CPU build: swiglu, rms_norm) the C++ one for
-    fp32."""
-    for var in ("FASTCHAT_FT_CPU_SWIGLU", "FASTCHAT_FT_CPU_RMSNORM"):
+    "reference" is the torch path, "native" (kernels with a native CPU build: swiglu, rms_norm, lora_linear) the
+    C++ one for fp32."""
+    for var in ("FASTCHAT_FT_CPU_SWIGLU", "FASTCHAT_FT_CPU_RMSNORM", "FASTCHAT_FT_CPU_LORA"):
         monkeypatch.setenv(var, "1" if impl == "native" else "0")
     if impl == "triton":
         if not HAS_TRITON:

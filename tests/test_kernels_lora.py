@@ -1,6 +1,6 @@
-"""lora_linear (fused Triton GEMM under the interpreter, and the torch reference) against PEFT's LoRA Linear and
-a float64 reference: odd sizes (not multiples of the tiles), bias, fp32 adapters on fp16 activations, frozen W,
-and the 4-bit (bitsandbytes) dequantize path."""
+"""lora_linear (fused Triton GEMM under the interpreter, the native CPU path for fp32 and ranks 16-64, and the torch
+reference) against PEFT's LoRA Linear and a float64 reference: odd sizes (not multiples of the tiles), bias, fp32
+adapters on fp16 activations, frozen W, and the 4-bit (bitsandbytes) dequantize path."""
 import sys
 import types
 
@@ -251,3 +251,76 @@ def test_cpu_path_is_the_autograd_function_and_matches_the_peft_style_reference(
         torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-5)
     y64 = lora_linear(*(t.detach().double() for t in (x, w, a, b)), 1.3)
     assert y64.dtype == torch.float64 and y64.grad_fn is None
+
+
+# ---------------------------------------------------------------------------- native CPU path (csrc/cpu_lora.cc)
+
+def _native_backward_node(y):
+    node = y.grad_fn.next_functions[0][0]  # under the reshape
+    assert type(node).__name__ == "_LoRALinearBackward"
+    return node
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,k,n,r,with_bias", [
+    ((3, 13), 45, 53, 16, True),     # sizes not multiples of 16 (tails of every loop), bias
+    ((2, 71), 96, 40, 32, False),    # rows past a 64-row block
+    ((1, 9), 33, 130, 48, True),
+    ((1, 1), 16, 17, 64, False),     # one row
+])
+def test_native_path_matches_float64_on_any_thread_count(rows, k, n, r, with_bias, threads, monkeypatch):
+    """The native kernels run (the Function keeps them in ctx) and give y, dx, dA, dB of the float64 reference,
+    on 1-3 threads; two backward passes accumulate like torch's."""
+    torch.set_num_threads(threads)
+    x, w, a, b, bias = make(torch.float32, m=rows, k=k, n=n, r=r, bias=with_bias)
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    for _ in range(2):
+        y = run("native", monkeypatch, x, w, a, b, 1.75, bias)
+        assert _native_backward_node(y).native is not None
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y64 = lora_linear_reference(x64, w.double(), a64, b64, 1.75, None if bias is None else bias.double())
+        y64.backward(dy.double())
+        close(y, y64.detach(), torch.float32)
+    for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
+        close(got, want, torch.float32)
+
+
+def test_native_path_gives_the_same_bits_twice_and_needs_no_input_grad(monkeypatch):
+    """Fixed thread count: the same bits on a rerun (per-thread partials added in thread order). With x frozen the
+    backward skips dx and still gives dA, dB."""
+    select_impl("native", monkeypatch)
+    torch.set_num_threads(2)
+    x, w, a, b, _ = make(torch.float32, m=(4, 50), k=64, n=48, r=16, bias=False)
+    runs = []
+    for _ in range(2):
+        a.grad = b.grad = x.grad = None
+        y = lora_linear(x, w, a, b, 2.0)
+        assert _native_backward_node(y).native is not None
+        y.backward(torch.ones_like(y))
+        runs.append((y.detach(), x.grad, a.grad, b.grad))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    frozen_x = x.detach()
+    y = lora_linear(frozen_x, w, a, b, 2.0)
+    ga, gb = torch.autograd.grad(y.sum(), (a, b))
+    torch.testing.assert_close(ga, runs[0][2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, runs[0][3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["rank 8", "dropout", "switch off", "float16", "a transposed view"])
+def test_native_path_steps_aside_where_it_does_not_apply(case, monkeypatch):
+    """Ranks not a multiple of 16, LoRA dropout, FASTCHAT_FT_CPU_LORA=0, other dtypes and non-contiguous inputs
+    keep torch's GEMMs, with the same results."""
+    select_impl("native" if case != "switch off" else "reference", monkeypatch)
+    dtype = torch.float16 if case == "float16" else torch.float32
+    x, w, a, b, bias = make(dtype, m=(2, 9), k=32, n=24, r=8 if case == "rank 8" else 16)
+    if case == "a transposed view":  # 2-D, so lora_linear's reshape keeps the view
+        x = torch.randn(32, 18).t().requires_grad_()
+    dropout = 0.5 if case == "dropout" else 0.0
+    y = lora_linear(x, w, a, b, 1.5, bias, dropout)
+    assert _native_backward_node(y).native is None
+    if not dropout:
+        want = lora_linear_reference(x.detach().double(), w.double(), a.detach().double(), b.detach().double(), 1.5,
+                                     bias.double())
+        close(y, want, dtype)
