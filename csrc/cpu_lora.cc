@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <memory>
-#include <vector>
 
 #include "cpu_parallel.h"
 #include "cpu_simd.h"
@@ -14,6 +13,7 @@ using cpu::kLanes;
 using cpu::load;
 using cpu::splat;
 using cpu::store;
+using cpu::i16v;
 using cpu::v16;
 
 // Rows per block: a block's dy and x rows (64 x 1536 floats = 384 KiB at most for a 1536-wide layer) are read
@@ -122,6 +122,68 @@ FASTCHAT_INLINE void wide(const float* Q, const float* M, int64_t N, float* Y, i
     }
 }
 
+#if !defined(__clang__)
+template <int B, bool Low>
+constexpr int lane(int l) {
+  return Low ? ((l & B) ? 16 + l - B : l) : ((l & B) ? 16 + l : l + B);
+}
+template <int B, bool Low>
+constexpr i16v lanes() {
+  return i16v{lane<B, Low>(0),  lane<B, Low>(1),  lane<B, Low>(2),  lane<B, Low>(3),  lane<B, Low>(4),  lane<B, Low>(5),
+              lane<B, Low>(6),  lane<B, Low>(7),  lane<B, Low>(8),  lane<B, Low>(9),  lane<B, Low>(10), lane<B, Low>(11),
+              lane<B, Low>(12), lane<B, Low>(13), lane<B, Low>(14), lane<B, Low>(15)};
+}
+// One step of the 16x16 transpose: rows i and i + B swap their off-diagonal B x B blocks.
+template <int B>
+FASTCHAT_INLINE void swap_blocks(v16* rows) {
+  for (int i = 0; i < 16; ++i)
+    if (!(i & B)) {
+      const v16 top = rows[i], bottom = rows[i + B];
+      rows[i] = __builtin_shuffle(top, bottom, lanes<B, true>());
+      rows[i + B] = __builtin_shuffle(top, bottom, lanes<B, false>());
+    }
+}
+#endif
+
+// dst[c, j] = alpha * src[j, c] for a 16 x 16 block (row strides lds, ldd): in registers, 4 x 16 two-vector
+// shuffles, where a scalar copy would scatter 256 single floats.
+FASTCHAT_INLINE void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd, float alpha) {
+#if defined(__clang__)
+  for (int c = 0; c < 16; ++c)
+    for (int j = 0; j < 16; ++j) dst[c * ldd + j] = alpha * src[j * lds + c];
+#else
+  v16 rows[16];
+  for (int i = 0; i < 16; ++i) rows[i] = load(src + i * lds);
+  swap_blocks<8>(rows);
+  swap_blocks<4>(rows);
+  swap_blocks<2>(rows);
+  swap_blocks<1>(rows);
+  for (int i = 0; i < 16; ++i) store(dst + i * ldd, rows[i] * splat(alpha));
+#endif
+}
+
+// dst [cols x rows] = alpha * src [rows x cols]^T, both contiguous.
+FASTCHAT_INLINE void transpose(const float* src, int64_t rows, int64_t cols, float* dst, float alpha) {
+  const int64_t full_rows = rows / kLanes * kLanes, full_cols = cols / kLanes * kLanes;
+  for (int64_t j = 0; j < full_rows; j += kLanes)
+    for (int64_t c = 0; c < full_cols; c += kLanes) transpose16(src + j * cols + c, cols, dst + c * rows + j, rows, alpha);
+  for (int64_t j = 0; j < rows; ++j)  // the ragged edges
+    for (int64_t c = j < full_rows ? full_cols : 0; c < cols; ++c) dst[c * rows + j] = alpha * src[j * cols + c];
+}
+
+// Threads' partials (da^T [in x r] then db [out x r] each, `stride` floats apart) summed in thread order, for
+// rows [begin, end) of the stacked [(in + out) x r] partial, into thread 0's. Vectors of r floats.
+template <int R>
+FASTCHAT_INLINE void sum_partials(float* partials, int used, int64_t stride, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j)
+    for (int v = 0; v < R; ++v) {
+      float* first = partials + (j * R + v) * kLanes;
+      v16 sum = load(first);
+      for (int t = 1; t < used; ++t) sum += load(first + t * stride);
+      store(first, sum);
+    }
+}
+
 // Rows [begin, end): s = x A^T, y += s (scale B)^T. at = A^T [in x r], bt = scale * B^T [r x out].
 template <int R>
 FASTCHAT_INLINE void forward_rows(const float* x, const float* at, const float* bt, float* s, float* y, int64_t begin,
@@ -155,6 +217,9 @@ using ForwardFn = void (*)(const float*, const float*, const float*, float*, flo
 using BackwardFn = void (*)(const float*, const float*, const float*, const float*, const float*, float*, float*,
                             float*, float*, int64_t, int64_t, int64_t, int64_t, float);
 
+using TransposeFn = void (*)(const float*, int64_t, int64_t, float*, float);
+using SumFn = void (*)(float*, int, int64_t, int64_t, int64_t);
+
 #define FASTCHAT_LORA_VERSIONS(TARGET, SUFFIX)                                                                   \
   template <int R>                                                                                             \
   TARGET void forward_##SUFFIX(const float* x, const float* at, const float* bt, float* s, float* y, int64_t b, \
@@ -167,6 +232,13 @@ using BackwardFn = void (*)(const float*, const float*, const float*, const floa
                                 int64_t out, float scale) {                                                    \
     backward_rows<R>(dy, x, s, a, bm, dx, dat, db, t, b, e, in, out, scale);                                   \
   }                                                                                                            \
+  TARGET void transpose_##SUFFIX(const float* src, int64_t rows, int64_t cols, float* dst, float alpha) {        \
+    transpose(src, rows, cols, dst, alpha);                                                                    \
+  }                                                                                                            \
+  template <int R>                                                                                             \
+  TARGET void sum_partials_##SUFFIX(float* partials, int used, int64_t stride, int64_t b, int64_t e) {          \
+    sum_partials<R>(partials, used, stride, b, e);                                                             \
+  }                                                                                                            \
   ForwardFn pick_forward_##SUFFIX(int64_t R) {                                                                \
     return R == 1 ? forward_##SUFFIX<1> : R == 2 ? forward_##SUFFIX<2> : R == 3 ? forward_##SUFFIX<3>          \
                                                                                : forward_##SUFFIX<4>;          \
@@ -174,6 +246,10 @@ using BackwardFn = void (*)(const float*, const float*, const float*, const floa
   BackwardFn pick_backward_##SUFFIX(int64_t R) {                                                               \
     return R == 1 ? backward_##SUFFIX<1> : R == 2 ? backward_##SUFFIX<2> : R == 3 ? backward_##SUFFIX<3>       \
                                                                                  : backward_##SUFFIX<4>;       \
+  }                                                                                                            \
+  SumFn pick_sum_##SUFFIX(int64_t R) {                                                                         \
+    return R == 1 ? sum_partials_##SUFFIX<1> : R == 2 ? sum_partials_##SUFFIX<2>                               \
+                  : R == 3 ? sum_partials_##SUFFIX<3> : sum_partials_##SUFFIX<4>;                              \
   }
 
 FASTCHAT_LORA_VERSIONS(, baseline)
@@ -199,6 +275,22 @@ BackwardFn pick_backward(int64_t R) {
   return pick_backward_baseline(R);
 }
 
+TransposeFn pick_transpose() {
+#ifdef FASTCHAT_HAS_X86_VERSIONS
+  if (cpu::simd_level() == 2) return transpose_avx512;
+  if (cpu::simd_level() == 1) return transpose_avx2;
+#endif
+  return transpose_baseline;
+}
+
+SumFn pick_sum(int64_t R) {
+#ifdef FASTCHAT_HAS_X86_VERSIONS
+  if (cpu::simd_level() == 2) return pick_sum_avx512(R);
+  if (cpu::simd_level() == 1) return pick_sum_avx2(R);
+#endif
+  return pick_sum_baseline(R);
+}
+
 // Contiguous row ranges, one per thread (no thread gets none); fn(thread, begin, end).
 template <class Fn>
 void split_rows(int64_t m, int threads, Fn&& fn) {
@@ -219,14 +311,13 @@ int used_threads(int64_t m, int threads) {
 void forward(const float* x, const float* a, const float* b, float* s, float* y, int64_t m, int64_t in,
              int64_t out, int64_t r, float scale, int threads) {
   // A^T and scale * B^T, so both products stream whole rows of 16-float vectors; r x (in + out) floats.
-  std::vector<float> at(static_cast<size_t>(in * r)), bt(static_cast<size_t>(out * r));
-  for (int64_t c = 0; c < r; ++c)
-    for (int64_t j = 0; j < in; ++j) at[j * r + c] = a[c * in + j];
-  for (int64_t k = 0; k < out; ++k)
-    for (int64_t c = 0; c < r; ++c) bt[c * out + k] = scale * b[k * r + c];
+  std::unique_ptr<float[]> at(new float[static_cast<size_t>(in * r)]), bt(new float[static_cast<size_t>(out * r)]);
+  const TransposeFn transpose_fn = pick_transpose();
+  transpose_fn(a, r, in, at.get(), 1.f);
+  transpose_fn(b, out, r, bt.get(), scale);
   const ForwardFn fn = pick_forward(r / kLanes);
   split_rows(m, used_threads(m, threads), [&](int, int64_t begin, int64_t end) {
-    if (begin < end) fn(x, at.data(), bt.data(), s, y, begin, end, in, out);
+    if (begin < end) fn(x, at.get(), bt.get(), s, y, begin, end, in, out);
   });
 }
 
@@ -243,16 +334,19 @@ void backward(const float* dy, const float* x, const float* s, const float* a, c
     std::fill(mine, mine + (in + out) * r, 0.f);
     if (begin < end) fn(dy, x, s, a, b, dx, mine, mine + in * r, mine + (in + out) * r, begin, end, in, out, scale);
   });
-  // da[c, j] = sum over threads of dat[j, c]; db = scale * sum of db partials. Split by columns of the partials.
-  split_rows(in + out, used, [&](int, int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j)
-      for (int64_t c = 0; c < r; ++c) {
-        float sum = 0.f;
-        for (int t = 0; t < used; ++t) sum += scratch[t * per_thread + j * r + c];
-        if (j < in) da[c * in + j] = sum;
-        else db[(j - in) * r + c] = scale * sum;
-      }
-  });
+  // Partials summed in thread order into thread 0's (split by rows), then da = its da^T part transposed and
+  // db = scale * its db part.
+  float* sum = scratch.get();
+  if (used > 1) {
+    const SumFn sum_fn = pick_sum(r / kLanes);
+    split_rows(in + out, used, [&](int, int64_t begin, int64_t end) {
+      if (begin < end) sum_fn(sum, used, per_thread, begin, end);
+    });
+  }
+  const TransposeFn transpose_fn = pick_transpose();
+  transpose_fn(sum, in, r, da, 1.f);
+  const float* db_sum = sum + in * r;
+  for (int64_t i = 0; i < out * r; ++i) db[i] = scale * db_sum[i];
 }
 
 }  // namespace fastchat::lora
