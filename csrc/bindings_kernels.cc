@@ -4,9 +4,11 @@
 // call; the GIL is released around the work.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_attention.h"
 #include "cpu_lora.h"
@@ -80,22 +82,41 @@ void bind_cpu_kernels(py::module_& m) {
     fastchat::rms_norm::backward(f32(dy), f32(x), f32(w), f32(rstd), f32(dx), dw_partial ? f32(dw_partial) : nullptr,
                                  rows, cols, threads);
   }, "dx of rms_norm_forward in one pass; dw per thread into a zeroed [threads x cols] buffer (0: no dw).");
-  // LoRA's rank-r products (csrc/cpu_lora.*): contiguous fp32 by data pointer, checked by kernels/lora_linear.py
-  auto lora_rank = [](int64_t r) {
-    if (!fastchat::lora::supports_rank(r)) throw py::value_error("cpu lora: rank must be 16, 32, 48 or 64");
+  // LoRA's rank-r products (csrc/cpu_lora.*): contiguous fp32 by data pointer, checked by kernels/lora_linear.py;
+  // one entry per layer of the group in a, b, y / dy, db, out, scale.
+  using Pointers = std::vector<uintptr_t>;
+  auto group = [f32](uintptr_t x, const Pointers& a, const Pointers& b, uintptr_t s, int64_t m, int64_t in,
+                     const std::vector<int64_t>& out, int64_t r, const std::vector<float>& scale) {
+    const size_t layers = a.size();
+    if (b.size() != layers || out.size() != layers || scale.size() != layers ||
+        !fastchat::lora::supports(static_cast<int>(layers), r))
+      throw py::value_error("cpu lora: 1-4 layers of one rank (a multiple of 16, 64 at most stacked), one a, b, "
+                            "out and scale each");
+    fastchat::lora::Group g;
+    g.layers = static_cast<int>(layers);
+    g.m = m, g.in = in, g.r = r, g.x = f32(x), g.s = f32(s);
+    for (size_t l = 0; l < layers; ++l) g.a[l] = f32(a[l]), g.b[l] = f32(b[l]), g.out[l] = out[l], g.scale[l] = scale[l];
+    return g;
   };
-  m.def("lora_forward", [f32, lora_rank](uintptr_t x, uintptr_t a, uintptr_t b, uintptr_t s, uintptr_t y, int64_t m,
-                                         int64_t in, int64_t out, int64_t r, float scale, int threads) {
-    lora_rank(r);
+  m.def("lora_forward", [f32, group](uintptr_t x, const Pointers& a, const Pointers& b, uintptr_t s,
+                                     const Pointers& y, int64_t m, int64_t in, const std::vector<int64_t>& out,
+                                     int64_t r, const std::vector<float>& scale, int threads) {
+    auto g = group(x, a, b, s, m, in, out, r, scale);
+    if (y.size() != a.size()) throw py::value_error("cpu lora: one y per layer");
+    for (size_t l = 0; l < y.size(); ++l) g.y[l] = f32(y[l]);
     py::gil_scoped_release release;
-    fastchat::lora::forward(f32(x), f32(a), f32(b), f32(s), f32(y), m, in, out, r, scale, threads);
-  }, "s = x A^T; y += scale * s B^T (y holds x W^T), fp32, one call (see cpu_lora.h).");
-  m.def("lora_backward", [f32, lora_rank](uintptr_t dy, uintptr_t x, uintptr_t s, uintptr_t a, uintptr_t b,
-                                          uintptr_t dx, uintptr_t da, uintptr_t db, int64_t m, int64_t in,
-                                          int64_t out, int64_t r, float scale, int threads) {
-    lora_rank(r);
+    fastchat::lora::forward(g, threads);
+  }, "s = x [A_0; ...]^T; y_g += scale_g s_g B_g^T (y_g holds x W_g^T), fp32, one call (see cpu_lora.h).");
+  m.def("lora_backward", [f32, group](const Pointers& dy, uintptr_t x, uintptr_t s, const Pointers& a,
+                                      const Pointers& b, uintptr_t dx, uintptr_t da, const Pointers& db, int64_t m,
+                                      int64_t in, const std::vector<int64_t>& out, int64_t r,
+                                      const std::vector<float>& scale, int threads) {
+    auto g = group(x, a, b, s, m, in, out, r, scale);
+    if (dy.size() != a.size() || db.size() != a.size()) throw py::value_error("cpu lora: one dy and db per layer");
+    for (size_t l = 0; l < dy.size(); ++l) g.dy[l] = f32(dy[l]), g.db[l] = f32(db[l]);
+    g.dx = dx ? f32(dx) : nullptr;
+    g.da = f32(da);
     py::gil_scoped_release release;
-    fastchat::lora::backward(f32(dy), f32(x), f32(s), f32(a), f32(b), dx ? f32(dx) : nullptr, f32(da), f32(db), m,
-                             in, out, r, scale, threads);
-  }, "dx += scale (dy B) A (dx 0: skipped); da = scale (dy B)^T x; db = scale dy^T s (see cpu_lora.h).");
+    fastchat::lora::backward(g, threads);
+  }, "dx += sum_g scale_g (dy_g B_g) A_g (dx 0: skipped); da = the layers' dA stacked; db_g (see cpu_lora.h).");
 }

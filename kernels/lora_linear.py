@@ -3,7 +3,8 @@ for x, A, B (and bias). Owns the fused Triton GEMM, the autograd Function and th
 CPU path); PEFT-module patching lives in fastchat_ft/model/.
 
 CPU fp32 (rank a multiple of 16): the rank-r products run in csrc/cpu_lora.cc, one call per forward and one per
-backward beside torch's GEMM for x W^T / dy W, instead of four to six skinny torch GEMMs.
+backward beside torch's GEMM for x W^T / dy W, instead of four to six skinny torch GEMMs. lora_linear_group runs
+layers that read one input (q/k/v, gate/up) as one such call: their A stacked, one pass over x and dx.
 
 Fusion (after LoRAFusion, see ../shared/notes/kernels.md): the rank-r product S = x A^T is a skinny cuBLAS
 GEMM; one Triton GEMM then seeds its fp32 accumulator with scale * S B^T and runs the normal K loop of x W^T,
@@ -156,7 +157,7 @@ def _native_for(x2d, lora_a, lora_b, x_drop, weight):
             or not (x2d.is_contiguous() and lora_a.is_contiguous() and lora_b.is_contiguous())
             or lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32):
         return None
-    return native_cpu("lora_forward", "FASTCHAT_FT_CPU_LORA")
+    return _native_module()
 
 
 def _native_forward(native, x2d, w, lora_a, lora_b, scale, bias):
@@ -164,8 +165,8 @@ def _native_forward(native, x2d, w, lora_a, lora_b, scale, bias):
     y = torch.mm(x2d, w.t()) if bias is None else torch.addmm(bias, x2d, w.t())
     m, r = x2d.shape[0], lora_a.shape[0]
     s = torch.empty((m, r), dtype=x2d.dtype)
-    native.lora_forward(x2d.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(), s.data_ptr(), y.data_ptr(), m,
-                        x2d.shape[1], y.shape[1], r, scale, torch.get_num_threads())
+    native.lora_forward(x2d.data_ptr(), [lora_a.data_ptr()], [lora_b.data_ptr()], s.data_ptr(), [y.data_ptr()], m,
+                        x2d.shape[1], [y.shape[1]], r, [scale], torch.get_num_threads())
     return y, s
 
 
@@ -174,9 +175,9 @@ def _native_backward(native, dy, x2d, s, w, lora_a, lora_b, scale, want_x):
     grad_x = torch.mm(dy, w) if want_x else None
     grad_a, grad_b = torch.empty_like(lora_a), torch.empty_like(lora_b)
     x2d, s = x2d.contiguous(), s.contiguous()  # no-ops unless saved-tensor hooks relaid them
-    native.lora_backward(dy.data_ptr(), x2d.data_ptr(), s.data_ptr(), lora_a.data_ptr(), lora_b.data_ptr(),
-                         grad_x.data_ptr() if want_x else 0, grad_a.data_ptr(), grad_b.data_ptr(), dy.shape[0],
-                         x2d.shape[1], dy.shape[1], lora_a.shape[0], scale, torch.get_num_threads())
+    native.lora_backward([dy.data_ptr()], x2d.data_ptr(), s.data_ptr(), [lora_a.data_ptr()], [lora_b.data_ptr()],
+                         grad_x.data_ptr() if want_x else 0, grad_a.data_ptr(), [grad_b.data_ptr()], dy.shape[0],
+                         x2d.shape[1], [dy.shape[1]], lora_a.shape[0], [scale], torch.get_num_threads())
     return grad_x, grad_a, grad_b
 
 
@@ -299,6 +300,90 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0):
     bias_ = None if bias is None else (bias if bias.dtype == dtype else bias.to(dtype))
     y = _LoRALinear.apply(x2d, x_drop, weight, a, b, float(scale), bias_, composed)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------- groups
+
+class _LoRAGroup(torch.autograd.Function):
+    """Several LoRA linears on one input x (q/k/v, gate/up), CPU fp32 only: each base GEMM by torch, the rank-r
+    products of all of them in one native call each way (csrc/cpu_lora.cc stacks their A: one pass over x and dx),
+    and dx = sum_g dy_g W_g accumulated in place instead of autograd adding the layers' dx."""
+
+    @staticmethod
+    def forward(ctx, native, scales, x2d, *params):
+        n = len(scales)
+        weights, lora_as, lora_bs, biases = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
+        ys = [torch.mm(x2d, w.t()) if bias is None else torch.addmm(bias, x2d, w.t())
+              for w, bias in zip(weights, biases)]
+        m, r = x2d.shape[0], lora_as[0].shape[0]
+        s = torch.empty((m, n * r), dtype=x2d.dtype)
+        native.lora_forward(x2d.data_ptr(), [a.data_ptr() for a in lora_as], [b.data_ptr() for b in lora_bs],
+                            s.data_ptr(), [y.data_ptr() for y in ys], m, x2d.shape[1], [y.shape[1] for y in ys],
+                            r, list(scales), torch.get_num_threads())
+        ctx.save_for_backward(x2d, s, *lora_as, *lora_bs)
+        ctx.native, ctx.scales, ctx.weights = native, scales, weights
+        ctx.has_bias = [bias is not None for bias in biases]
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        n = len(ctx.scales)
+        x2d, s, *ab = ctx.saved_tensors
+        lora_as, lora_bs = ab[:n], ab[n:]
+        dys = [dy.contiguous() for dy in dys]
+        grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_x = torch.mm(dys[0], ctx.weights[0])
+            for dy, w in zip(dys[1:], ctx.weights[1:]):
+                grad_x.addmm_(dy, w)
+        r = lora_as[0].shape[0]
+        grad_a = torch.empty((n * r, x2d.shape[1]), dtype=x2d.dtype)  # the layers' dA, stacked
+        grad_bs = [torch.empty_like(b) for b in lora_bs]
+        x2d, s = x2d.contiguous(), s.contiguous()  # no-ops unless saved-tensor hooks relaid them
+        ctx.native.lora_backward([dy.data_ptr() for dy in dys], x2d.data_ptr(), s.data_ptr(),
+                                 [a.data_ptr() for a in lora_as], [b.data_ptr() for b in lora_bs],
+                                 grad_x.data_ptr() if grad_x is not None else 0, grad_a.data_ptr(),
+                                 [g.data_ptr() for g in grad_bs], x2d.shape[0], x2d.shape[1],
+                                 [dy.shape[1] for dy in dys], r, list(ctx.scales), torch.get_num_threads())
+        wanted = ctx.needs_input_grad[3:]
+        grad_as = [grad_a[g * r:(g + 1) * r] if wanted[n + g] else None for g in range(n)]
+        grad_bs = [grad if wanted[2 * n + g] else None for g, grad in enumerate(grad_bs)]
+        grad_biases = [dy.sum(0) if has and wanted[3 * n + g] else None
+                       for g, (dy, has) in enumerate(zip(dys, ctx.has_bias))]
+        return (None, None, grad_x, *([None] * n), *grad_as, *grad_bs, *grad_biases)
+
+
+def lora_linear_group(x, layers):
+    """[lora_linear(x, *layer) for layer in layers], layers = (weight, lora_a, lora_b, scale, bias) each, without
+    dropout. On CPU in fp32 with one rank (16, 32, ...; the layers' ranks stacked at most 64) and dense weights,
+    the group's rank-r products run in one native call each way (see _LoRAGroup); otherwise one lora_linear per
+    layer, with the same results up to float reassociation."""
+    native = _group_native_for(x, layers)
+    if native is None:
+        return [lora_linear(x, *layer) for layer in layers]
+    for weight, lora_a, lora_b, _scale, bias in layers:
+        _check(x, weight, lora_a, lora_b, bias)
+    x2d = x.reshape(-1, x.shape[-1])
+    weights, lora_as, lora_bs, scales, biases = zip(*layers)
+    ys = _LoRAGroup.apply(native, tuple(float(v) for v in scales), x2d, *weights, *lora_as, *lora_bs, *biases)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+def _group_native_for(x, layers):
+    if not 1 <= len(layers) <= 4 or use_triton(x) or torch.is_autocast_enabled(x.device.type):
+        return None
+    r = layers[0][1].shape[0]
+    if len(layers) * r > 64 or any(layer[1].shape[0] != r for layer in layers):
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    natives = {_native_for(x2d, lora_a, lora_b, None, weight) is not None and weight.dtype == torch.float32
+               and weight.is_contiguous() and (bias is None or bias.dtype == torch.float32)
+               for weight, lora_a, lora_b, _scale, bias in layers}
+    return _native_module() if natives == {True} else None
+
+
+def _native_module():
+    return native_cpu("lora_forward", "FASTCHAT_FT_CPU_LORA")
 
 
 # ----------------------------------------------------------------------------------------------- reference

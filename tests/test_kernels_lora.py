@@ -324,3 +324,74 @@ def test_native_path_steps_aside_where_it_does_not_apply(case, monkeypatch):
         want = lora_linear_reference(x.detach().double(), w.double(), a.detach().double(), b.detach().double(), 1.5,
                                      bias.double())
         close(y, want, dtype)
+
+
+# ---------------------------------------------------------------------------- groups: layers sharing one input
+
+def _group_layers(k, outs, r, bias):
+    layers = []
+    for n in outs:
+        w = torch.randn(n, k) * k ** -0.5
+        a = (torch.randn(r, k) * 0.2).requires_grad_()
+        b = (torch.randn(n, r) * 0.2).requires_grad_()
+        bias_ = (torch.randn(n) * 0.1).requires_grad_() if bias else None
+        layers.append((w, a, b, 0.5 + len(layers), bias_))
+    return layers
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("outs,r,bias", [
+    ((37, 19, 19), 16, False),        # q/k/v-like: three widths, one rank, sizes off the vector width
+    ((53, 53), 32, True),             # gate/up-like at rank 32, with bias
+    ((23, 40, 17, 64), 16, True),     # four layers: stacked rank 64
+    ((31,), 16, False),               # a group of one
+])
+def test_group_matches_float64_per_layer(outs, r, bias, threads, monkeypatch):
+    """lora_linear_group = one lora_linear per layer (float64 reference): outputs, dx summed over the layers, each
+    layer's dA, dB and bias gradient; on the native group path (one call each way for the group)."""
+    from fastchat_ft.kernels import lora_linear_group
+
+    select_impl("native", monkeypatch)
+    torch.set_num_threads(threads)
+    x = torch.randn(2, 67, 45, requires_grad=True)
+    layers = _group_layers(45, outs, r, bias)
+    ys = lora_linear_group(x, layers)
+    assert type(ys[0].grad_fn.next_functions[0][0]).__name__ == "_LoRAGroupBackward"
+    dys = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, dys)
+    x64 = x.detach().double().requires_grad_()
+    leaves = [[t.detach().double().requires_grad_() if t is not None else None for t in (a, b, bias_)]
+              for _w, a, b, _s, bias_ in layers]
+    for (w, _a, _b, scale, _bias), (a64, b64, bias64), y, dy in zip(layers, leaves, ys, dys):
+        want = lora_linear_reference(x64, w.double(), a64, b64, scale, bias64)
+        want.backward(dy.double())
+        close(y, want.detach(), torch.float32)
+    close(x.grad, x64.grad, torch.float32)
+    for (_w, a, b, _s, bias_), (a64, b64, bias64) in zip(layers, leaves):
+        close(a.grad, a64.grad, torch.float32)
+        close(b.grad, b64.grad, torch.float32)
+        if bias_ is not None:
+            close(bias_.grad, bias64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("case", ["rank 8", "two ranks", "stacked rank over 64", "switch off", "float16"])
+def test_group_falls_back_to_one_call_per_layer(case, monkeypatch):
+    """Groups the native kernels do not take run one lora_linear per layer, with the same results."""
+    from fastchat_ft.kernels import lora_linear_group
+
+    select_impl("reference" if case == "switch off" else "native", monkeypatch)
+    r = {"rank 8": 8, "stacked rank over 64": 32}.get(case, 16)
+    outs = (24, 24, 24) if case == "stacked rank over 64" else (24, 24)
+    layers = _group_layers(32, outs, r, bias=False)
+    if case == "two ranks":
+        layers[1] = _group_layers(32, (24,), 32, bias=False)[0]
+    dtype = torch.float16 if case == "float16" else torch.float32
+    if dtype != torch.float32:
+        layers = [(w.to(dtype), a.detach().to(dtype), b.detach().to(dtype), s, bias) for w, a, b, s, bias in layers]
+    x = torch.randn(3, 32).to(dtype)
+    ys = lora_linear_group(x, layers)
+    for y in ys:  # one autograd node per layer, not a group's
+        assert y.grad_fn is None or type(y.grad_fn.next_functions[0][0]).__name__ == "_LoRALinearBackward"
+    for y, (w, a, b, scale, bias) in zip(ys, layers):
+        want = lora_linear_reference(x.double(), w.double(), a.detach().double(), b.detach().double(), scale)
+        close(y, want, dtype)

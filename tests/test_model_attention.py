@@ -14,14 +14,14 @@ from fastchat_ft.model.tiny import pack_conversations, random_conversation, tiny
 VOCAB = 193
 
 
-def tiny(seed=0, kv_heads=2, **extra):
+def tiny(seed=0, kv_heads=2, lora_r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"), **extra):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = tiny_llama_config(VOCAB, hidden=48, layers=2, heads=6, kv_heads=kv_heads, intermediate=72, **extra)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg)
-    add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    add_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, target_modules=list(targets))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -108,6 +108,42 @@ def test_fused_rotary_on_cpu_matches_hf_rotary_and_sdpa(monkeypatch, kv_heads):
         for name in grads:
             torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6,
                                        msg=lambda m: f"FASTCHAT_FT_CPU_ROTARY={setting} {name}: {m}")
+
+
+def test_lora_groups_on_cpu_match_one_layer_at_a_time_and_sdpa(monkeypatch):
+    """Rank-16 LoRA on every linear, the engine's CPU patches (fused-rotary attention, SwiGLU MLP): q/k/v and
+    gate/up run as LoRA groups (one native call each way per group); loss and LoRA gradients equal those of one
+    lora_linear per layer with torch's GEMMs (FASTCHAT_FT_CPU_LORA=0) and of transformers' sdpa model."""
+    import importlib
+
+    from fastchat_ft.engine.train import use_norm_and_mlp_kernels
+
+    kernel = importlib.import_module("fastchat_ft.kernels.lora_linear")  # the package's lora_linear is the function
+    groups = []
+    real_apply = kernel._LoRAGroup.apply
+    monkeypatch.setattr(kernel._LoRAGroup, "apply", lambda *a: groups.append(len(a[1])) or real_apply(*a))
+    batch = packed_batch(np.random.default_rng(5), [[21, 3, 30, 9]])
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("FASTCHAT_FT_CPU_LORA", setting)
+        model = tiny(seed=5, lora_r=16, targets=targets)
+        use_norm_and_mlp_kernels(model)
+        loss, _ = backward_step(model, [batch], "token", torch.autocast("cpu", enabled=False))
+        results[setting] = (loss, lora_grads(model))
+    assert sorted(groups) == [2, 2, 3, 3]  # per layer one q/k/v group and one gate/up group, native only
+    ref = tiny(seed=5, lora_r=16, targets=targets)
+    states = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    t = batch["targets"]
+    want = torch.nn.functional.cross_entropy(ref.lm_head(states[t.rows, t.cols]), t.labels)
+    want.backward()
+    want_grads = lora_grads(ref)
+    for setting, (loss, grads) in results.items():
+        torch.testing.assert_close(torch.as_tensor(float(loss)), want.detach(), rtol=1e-5, atol=1e-6)
+        assert grads.keys() == want_grads.keys() and len(grads) == 28
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"FASTCHAT_FT_CPU_LORA={setting} {name}: {m}")
 
 
 def test_padding_mask_and_generation_defer_to_sdpa():

@@ -14,6 +14,7 @@ import os
 import torch
 
 from fastchat_ft.model import cpu_attention
+from fastchat_ft.model.lora import project_group
 
 NAME = "fastchat_packed"
 _registered = False
@@ -255,7 +256,7 @@ def _fused_rotary_forward(module, original, *args, **kwargs):
     if not cpu_attention.usable_for(hidden.device, hidden.dtype, config.num_attention_heads,
                                     config.num_key_value_heads, d, 0.0, longest):
         return original(*args, **kwargs)
-    q, k, v = (proj(hidden).view(b * length, -1, d) for proj in (module.q_proj, module.k_proj, module.v_proj))
+    q, k, v = (t.view(b * length, -1, d) for t in project_group(hidden, (module.q_proj, module.k_proj, module.v_proj)))
     if q.dtype != torch.float32 or k.shape[1] != config.num_key_value_heads:
         raise RuntimeError(f"fused rotary attention: unexpected projections q {tuple(q.shape)} {q.dtype}, "
                            f"k {tuple(k.shape)} for the config's {config.num_key_value_heads} kv heads")

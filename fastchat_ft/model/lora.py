@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastchat_ft.errors import ModelError
-from fastchat_ft.kernels import lora_linear
+from fastchat_ft.kernels import lora_linear, lora_linear_group
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,6 +55,21 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         return self.base_layer.weight + self.scale * (self.lora_B.weight @ self.lora_A.weight).to(self.base_layer.weight.dtype)
+
+
+def project_group(x: torch.Tensor, modules) -> list[torch.Tensor]:
+    """[module(x) for module in modules], for linears that read the same input (q/k/v, gate/up). When all are our
+    LoraLinear on dense weights with one rank, no dropout in play, no autocast and no hooks, their LoRA products
+    run as one group (lora_linear_group: on CPU fp32, one native call each way for the group)."""
+    if (all(type(m) is LoraLinear and not m.quantized and not (m.dropout and m.training)
+            and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+            and not torch.is_autocast_enabled(x.device.type)):
+        dtype = modules[0].lora_A.weight.dtype
+        layers = [(m.base_layer.weight, m.lora_A.weight, m.lora_B.weight, m.scale, m.base_layer.bias)
+                  for m in modules]
+        if x.dtype == dtype and all(w.dtype == dtype for layer in layers for w in layer[:3]):
+            return lora_linear_group(x, layers)
+    return [m(x) for m in modules]
 
 
 def _matches(name: str, targets: list[str]) -> bool:

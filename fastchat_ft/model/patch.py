@@ -207,9 +207,10 @@ _SILU_CLASSES = ("SiLUActivation", "SiLU")  # transformers' ACT2FN["silu"] / ["s
 def _patch_mlps(lm, family: Family, handle: PatchHandle, recompute_down_input: bool | None) -> None:
     from fastchat_ft.kernels import swiglu as swiglu_kernel
     from fastchat_ft.kernels.swiglu import recomputed_for_backward
+    from fastchat_ft.model.lora import project_group
 
     def swiglu_forward(self, x):  # the class forward's computation, with the activation and product fused
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project_group(x, (self.gate_proj, self.up_proj))  # one LoRA group when both are ours
         h = swiglu_kernel(gate, up)
         if not (h.is_cuda if recompute_down_input is None else recompute_down_input):
             return self.down_proj(h)
