@@ -388,15 +388,25 @@ def _validation_loss_line(losses: dict) -> list[str]:
     if "val_loss_before" not in losses:
         return []
     before = f"- validation loss: {losses['val_loss_before']:.4f} before training"
-    first_step, last_step = losses["eval_steps"]
-    stopped = losses.get("stopped")
+    stopped = stopped_run_last_validation(losses)
     if stopped:
-        why = (f"the run was stopped ({stopped}) at step {losses.get('stopped_at_step')}, before its final "
-               "evaluation")
-        if losses["val_loss_last_step"] == first_step:
-            return [f"{before}, the only measurement ({why})"]
-        return [f"{before}, {losses['val_loss_last']:.4f} at step {losses['val_loss_last_step']}, the last "
-                f"measurement ({why})"]
+        if stopped["only"]:
+            return [f"{before}, the only measurement ({stopped['why']})"]
+        return [f"{before}, {stopped['val_loss']:.4f} at step {stopped['step']}, the last measurement "
+                f"({stopped['why']})"]
+    first_step, last_step = losses["eval_steps"]
     if last_step == first_step:
         return [f"{before}, the only measurement"]
     return [f"{before}, {losses['val_loss_after']:.4f} after"]
+
+
+def stopped_run_last_validation(losses: dict) -> dict | None:
+    """For a stopped run (loss_before_after's `losses`): its last measured validation loss, that step, whether it
+    is the first measurement itself, and why there is no final one. None for a run not stopped, whose last
+    evaluation is its final one. Shared by generation_notes.md and the model card so both say the same."""
+    if not losses.get("stopped") or "val_loss_before" not in losses:
+        return None
+    step = losses["val_loss_last_step"]
+    return {"step": step, "val_loss": losses["val_loss_last"], "only": step == losses["eval_steps"][0],
+            "why": f"the run was stopped ({losses['stopped']}) at step {losses.get('stopped_at_step')}, before its "
+                   "final evaluation"}

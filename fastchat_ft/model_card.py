@@ -108,11 +108,29 @@ def _metrics_section(artifacts: dict) -> list[str]:
     losses = artifacts.get("losses") or {}
     if not losses:
         return ["## Evaluation", "", "The run recorded no metrics.", ""]
+    from fastchat_ft.export_artifacts import stopped_run_last_validation
+
+    keys = (("val_loss", "loss"), ("val_ppl", "perplexity"), ("val_token_acc", "token accuracy"))
+    after = {key: losses.get(key + "_after") for key, _ in keys}
+    column, stop_note = "after training", []
+    # a stopped run skipped its final evaluation: its last metrics row is no "after training" (with one
+    # measurement it is step 0's again), so the card shows the last measurement, as generation_notes.md does
+    stopped = stopped_run_last_validation(losses)
+    if stopped:
+        if stopped["only"]:
+            after = dict.fromkeys(after)
+            stop_note = ["", f"Not measured after training: {stopped['why']}; the first measurement is the only one."]
+        else:
+            column = f"last measured (step {stopped['step']})"
+            same_row = losses["eval_steps"][1] == stopped["step"]  # ppl/accuracy come from the metrics' last row
+            after = {key: v if same_row else None for key, v in after.items()} | {"val_loss": stopped["val_loss"]}
+            stop_note = ["", f"The last column is the last measurement, not one after training: {stopped['why']}."]
     lines = ["## Evaluation", "", "Validation metrics on trainable (assistant) tokens, as logged by training:", "",
-             "| metric | before training | after training |", "|---|---|---|"]
-    for key, label in (("val_loss", "loss"), ("val_ppl", "perplexity"), ("val_token_acc", "token accuracy")):
+             f"| metric | before training | {column} |", "|---|---|---|"]
+    for key, label in keys:
         if f"{key}_before" in losses or f"{key}_after" in losses:
-            lines.append(f"| {label} | {_fmt(losses.get(key + '_before'))} | {_fmt(losses.get(key + '_after'))} |")
+            lines.append(f"| {label} | {_fmt(losses.get(key + '_before'))} | {_fmt(after[key])} |")
+    lines += stop_note
     if "steps" in losses:
         lines += ["", f"Trained for {losses['steps']} steps; training loss {_fmt(losses.get('train_loss_first'))} "
                       f"at the first step, {_fmt(losses.get('train_loss_last'))} at the last."]

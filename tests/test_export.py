@@ -229,6 +229,41 @@ def test_split_files_reads_every_splits_json_form(tiny_run, tmp_path):
 ])
 def test_notes_of_a_stopped_run_give_its_last_measured_validation_loss(tmp_path, eval_steps, result, said):
     # a stopped run skips its final evaluation: the notes compared the step-0 loss with itself ("6.0 ... 6.0 after")
+    out, _, _ = _artifacts_of_a_small_run(tmp_path, eval_steps, result)
+    notes = (out / "generation_notes.md").read_text()
+    assert said in notes, notes
+    assert " after" not in notes, notes
+
+
+@pytest.mark.parametrize("eval_steps, result, rows, note", [
+    ([0], {"stopped": "SIGINT", "val_loss_last": 6.0, "val_loss_last_step": 0},
+     ["| metric | before training | after training |", "| loss | 6.0000 | n/a |"],
+     "Not measured after training: the run was stopped (SIGINT) at step 5, before its final evaluation; the first "
+     "measurement is the only one."),
+    ([0, 3], {"stopped": "SIGTERM", "val_loss_last": 4.1, "val_loss_last_step": 3},
+     ["| metric | before training | last measured (step 3) |", "| loss | 6.0000 | 4.1000 |",
+      "| perplexity | 387.4205 | 58.6937 |"],
+     "The last column is the last measurement, not one after training: the run was stopped (SIGTERM) at step 5, "
+     "before its final evaluation."),
+    ([0, 3], {"val_loss_before": 6.0, "val_loss_after": 4.1}, ["| metric | before training | after training |",
+                                                               "| loss | 6.0000 | 4.1000 |"], None),  # finished
+])
+def test_model_card_of_a_stopped_run_gives_its_last_measured_validation_loss(tmp_path, eval_steps, result, rows,
+                                                                             note):
+    # a stopped run skips its final evaluation: the card's "after training" was step 0's loss again (6.0 | 6.0)
+    from fastchat_ft.model_card import model_card
+    out, source, artifacts = _artifacts_of_a_small_run(tmp_path, eval_steps, {"stopped": None, **result})
+    card = model_card(out, source, {"mode": "adapter"}, artifacts, {})
+    evaluation = card[card.index("## Evaluation"):card.index("Trained for")]
+    for row in rows:
+        assert row in evaluation, evaluation
+    assert (note in evaluation) if note else ("stopped" not in evaluation), evaluation
+    assert "| loss | 6.0000 | 6.0000 |" not in evaluation, evaluation
+
+
+def _artifacts_of_a_small_run(tmp_path, eval_steps, result):
+    """write_artifacts on a 5-step run with validation losses 6.0 (step 0) and 4.1 (step 3) at `eval_steps` and a
+    manifest with `result` (None: no result, as after a crash). Returns the output folder, source and artifacts."""
     from types import SimpleNamespace
 
     from fastchat_ft.export_artifacts import write_artifacts
@@ -242,11 +277,9 @@ def test_notes_of_a_stopped_run_give_its_last_measured_validation_loss(tmp_path,
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     manifest = {"result": {"steps": 5, "tokens_per_s": 100.0, **result}} if result else {"device": "cpu"}
     (run / "run_manifest.json").write_text(json.dumps(manifest))
-    write_artifacts(SimpleNamespace(run_dir=run, path=run / "checkpoints" / "step-000005", tokenizer_dir=None), None,
-                    out)
-    notes = (out / "generation_notes.md").read_text()
-    assert said in notes, notes
-    assert " after" not in notes, notes
+    source = SimpleNamespace(run_dir=run, path=run / "checkpoints" / "step-000005", tokenizer_dir=None, base=None,
+                             kind="lora")
+    return out, source, write_artifacts(source, None, out)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
