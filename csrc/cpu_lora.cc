@@ -300,7 +300,7 @@ SumFn pick_sum() {
   return sum_partials_baseline;
 }
 
-// Contiguous row ranges, one per thread (no thread gets none); fn(thread, begin, end).
+// Contiguous row ranges, one per thread (the last ones may be empty); fn(thread, begin, end).
 template <class Fn>
 void split_rows(int64_t m, int threads, Fn&& fn) {
   const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, m)));

@@ -2,9 +2,7 @@
 for x, A, B (and bias). Owns the fused Triton GEMM, the autograd Function and the torch reference (also the
 CPU path); PEFT-module patching lives in fastchat_ft/model/.
 
-CPU fp32 (rank a multiple of 16): the rank-r products run in csrc/cpu_lora.cc, one call per forward and one per
-backward beside torch's GEMM for x W^T / dy W, instead of four to six skinny torch GEMMs. lora_linear_group runs
-layers that read one input (q/k/v, gate/up) as one such call: their A stacked, one pass over x and dx.
+CPU fp32, rank a multiple of 16: kernels/lora_cpu.py (native rank-r products; groups of layers on one input).
 
 Fusion (after LoRAFusion, see ../shared/notes/kernels.md): the rank-r product S = x A^T is a skinny cuBLAS
 GEMM; one Triton GEMM then seeds its fp32 accumulator with scale * S B^T and runs the normal K loop of x W^T,
@@ -15,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ._native_cpu import native_cpu
+from . import lora_cpu
 from ._triton import autocast_input, cdiv, kernel, next_power_of_2, no_autocast, tl, use_triton
 
 
@@ -148,39 +146,6 @@ def fused_lora_matmul(a, b, s=None, lo=None, scale=1.0, bias=None, blocks: Optio
     return c
 
 
-def _native_for(x2d, lora_a, lora_b, x_drop, weight):
-    """The native CPU module (csrc/cpu_lora.cc) for these tensors: contiguous fp32 on CPU, a dense weight, no LoRA
-    dropout, rank 16/32/48/64, switch FASTCHAT_FT_CPU_LORA not 0; else None (torch's GEMMs). Kept in ctx by
-    forward, so a backward runs the path of its forward."""
-    if (x2d.device.type != "cpu" or x2d.dtype != torch.float32 or x_drop is not None
-            or getattr(weight, "quant_state", None) is not None or lora_a.shape[0] % 16 or lora_a.shape[0] > 64
-            or not (x2d.is_contiguous() and lora_a.is_contiguous() and lora_b.is_contiguous())
-            or lora_a.dtype != torch.float32 or lora_b.dtype != torch.float32):
-        return None
-    return _native_module()
-
-
-def _native_forward(native, x2d, w, lora_a, lora_b, scale, bias):
-    """x W^T (+ bias) by torch's GEMM, then the rank-r term in one native call; returns y and s = x A^T."""
-    y = torch.mm(x2d, w.t()) if bias is None else torch.addmm(bias, x2d, w.t())
-    m, r = x2d.shape[0], lora_a.shape[0]
-    s = torch.empty((m, r), dtype=x2d.dtype)
-    native.lora_forward(x2d.data_ptr(), [lora_a.data_ptr()], [lora_b.data_ptr()], s.data_ptr(), [y.data_ptr()], m,
-                        x2d.shape[1], [y.shape[1]], r, [scale], torch.get_num_threads())
-    return y, s
-
-
-def _native_backward(native, dy, x2d, s, w, lora_a, lora_b, scale, want_x):
-    """dx = dy W by torch's GEMM (if wanted), then dx's rank-r term, dA and dB in one native call."""
-    grad_x = torch.mm(dy, w) if want_x else None
-    grad_a, grad_b = torch.empty_like(lora_a), torch.empty_like(lora_b)
-    x2d, s = x2d.contiguous(), s.contiguous()  # no-ops unless saved-tensor hooks relaid them
-    native.lora_backward([dy.data_ptr()], x2d.data_ptr(), s.data_ptr(), [lora_a.data_ptr()], [lora_b.data_ptr()],
-                         grad_x.data_ptr() if want_x else 0, grad_a.data_ptr(), [grad_b.data_ptr()], dy.shape[0],
-                         x2d.shape[1], [dy.shape[1]], lora_a.shape[0], [scale], torch.get_num_threads())
-    return grad_x, grad_a, grad_b
-
-
 def _dequantize(weight):
     """A dense view of W: bitsandbytes Params4bit (it carries quant_state) is dequantized, others pass through."""
     quant_state = getattr(weight, "quant_state", None)
@@ -207,10 +172,10 @@ class _LoRALinear(torch.autograd.Function):
     def _forward(ctx, x2d, x_drop, weight, lora_a, lora_b, scale, bias, composed):
         w = _dequantize(weight).to(x2d.dtype)
         lora_in = x2d if x_drop is None else x_drop
-        ctx.native = _native_for(x2d, lora_a, lora_b, x_drop, weight) if composed else None
+        ctx.native = lora_cpu.native_for(x2d, lora_a, lora_b, x_drop, weight) if composed else None
         gemm = _composed_lora_matmul if composed else fused_lora_matmul
         if ctx.native is not None:
-            y, s = _native_forward(ctx.native, x2d, w, lora_a, lora_b, scale, bias)
+            (y,), s = lora_cpu.forward(ctx.native, x2d, [w], [lora_a], [lora_b], [scale], [bias])
         else:
             s = torch.mm(lora_in, lora_a.t())  # [M, r], kept for dB
             y = gemm(x2d, w.t(), s, lora_b.t(), scale, bias)
@@ -233,9 +198,8 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[6]:
             grad_bias = dy.sum(0)
         if ctx.native is not None:
-            w = ctx.weight.to(dy.dtype)
-            grad_x, grad_a, grad_b = _native_backward(ctx.native, dy, lora_in, s, w, lora_a, lora_b, scale,
-                                                      ctx.needs_input_grad[0])
+            grad_x, grad_a, (grad_b,) = lora_cpu.backward(ctx.native, [dy], lora_in, s, [ctx.weight], [lora_a],
+                                                          [lora_b], [scale], ctx.needs_input_grad[0])
             return (grad_x, None, None, grad_a if ctx.needs_input_grad[3] else None,
                     grad_b if ctx.needs_input_grad[4] else None, None, grad_bias, None)
         t = torch.mm(dy, lora_b)  # [M, r] = dy B
@@ -302,88 +266,21 @@ def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout=0.0):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-# ----------------------------------------------------------------------------------------------- groups
-
-class _LoRAGroup(torch.autograd.Function):
-    """Several LoRA linears on one input x (q/k/v, gate/up), CPU fp32 only: each base GEMM by torch, the rank-r
-    products of all of them in one native call each way (csrc/cpu_lora.cc stacks their A: one pass over x and dx),
-    and dx = sum_g dy_g W_g accumulated in place instead of autograd adding the layers' dx."""
-
-    @staticmethod
-    def forward(ctx, native, scales, x2d, *params):
-        n = len(scales)
-        weights, lora_as, lora_bs, biases = params[:n], params[n:2 * n], params[2 * n:3 * n], params[3 * n:]
-        ys = [torch.mm(x2d, w.t()) if bias is None else torch.addmm(bias, x2d, w.t())
-              for w, bias in zip(weights, biases)]
-        m, r = x2d.shape[0], lora_as[0].shape[0]
-        s = torch.empty((m, n * r), dtype=x2d.dtype)
-        native.lora_forward(x2d.data_ptr(), [a.data_ptr() for a in lora_as], [b.data_ptr() for b in lora_bs],
-                            s.data_ptr(), [y.data_ptr() for y in ys], m, x2d.shape[1], [y.shape[1] for y in ys],
-                            r, list(scales), torch.get_num_threads())
-        ctx.save_for_backward(x2d, s, *lora_as, *lora_bs)
-        ctx.native, ctx.scales, ctx.weights = native, scales, weights
-        ctx.has_bias = [bias is not None for bias in biases]
-        return tuple(ys)
-
-    @staticmethod
-    def backward(ctx, *dys):
-        n = len(ctx.scales)
-        x2d, s, *ab = ctx.saved_tensors
-        lora_as, lora_bs = ab[:n], ab[n:]
-        dys = [dy.contiguous() for dy in dys]
-        grad_x = None
-        if ctx.needs_input_grad[2]:
-            grad_x = torch.mm(dys[0], ctx.weights[0])
-            for dy, w in zip(dys[1:], ctx.weights[1:]):
-                grad_x.addmm_(dy, w)
-        r = lora_as[0].shape[0]
-        grad_a = torch.empty((n * r, x2d.shape[1]), dtype=x2d.dtype)  # the layers' dA, stacked
-        grad_bs = [torch.empty_like(b) for b in lora_bs]
-        x2d, s = x2d.contiguous(), s.contiguous()  # no-ops unless saved-tensor hooks relaid them
-        ctx.native.lora_backward([dy.data_ptr() for dy in dys], x2d.data_ptr(), s.data_ptr(),
-                                 [a.data_ptr() for a in lora_as], [b.data_ptr() for b in lora_bs],
-                                 grad_x.data_ptr() if grad_x is not None else 0, grad_a.data_ptr(),
-                                 [g.data_ptr() for g in grad_bs], x2d.shape[0], x2d.shape[1],
-                                 [dy.shape[1] for dy in dys], r, list(ctx.scales), torch.get_num_threads())
-        wanted = ctx.needs_input_grad[3:]
-        grad_as = [grad_a[g * r:(g + 1) * r] if wanted[n + g] else None for g in range(n)]
-        grad_bs = [grad if wanted[2 * n + g] else None for g, grad in enumerate(grad_bs)]
-        grad_biases = [dy.sum(0) if has and wanted[3 * n + g] else None
-                       for g, (dy, has) in enumerate(zip(dys, ctx.has_bias))]
-        return (None, None, grad_x, *([None] * n), *grad_as, *grad_bs, *grad_biases)
-
-
 def lora_linear_group(x, layers):
     """[lora_linear(x, *layer) for layer in layers], layers = (weight, lora_a, lora_b, scale, bias) each, without
-    dropout. On CPU in fp32 with one rank (16, 32, ...; the layers' ranks stacked at most 64) and dense weights,
-    the group's rank-r products run in one native call each way (see _LoRAGroup); otherwise one lora_linear per
-    layer, with the same results up to float reassociation."""
-    native = _group_native_for(x, layers)
+    dropout. On CPU in fp32 with one rank (16, 32, ...; stacked at most 64) and dense weights, the group's rank-r
+    products run in one native call each way (lora_cpu.LoRAGroup); otherwise one lora_linear per layer, with the
+    same results up to float reassociation."""
+    native = None if use_triton(x) else lora_cpu.group_native_for(x, layers)
     if native is None:
         return [lora_linear(x, *layer) for layer in layers]
     for weight, lora_a, lora_b, _scale, bias in layers:
         _check(x, weight, lora_a, lora_b, bias)
     x2d = x.reshape(-1, x.shape[-1])
     weights, lora_as, lora_bs, scales, biases = zip(*layers)
-    ys = _LoRAGroup.apply(native, tuple(float(v) for v in scales), x2d, *weights, *lora_as, *lora_bs, *biases)
+    ys = lora_cpu.LoRAGroup.apply(native, tuple(float(v) for v in scales), x2d, *weights, *lora_as, *lora_bs,
+                                  *biases)
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
-
-
-def _group_native_for(x, layers):
-    if not 1 <= len(layers) <= 4 or use_triton(x) or torch.is_autocast_enabled(x.device.type):
-        return None
-    r = layers[0][1].shape[0]
-    if len(layers) * r > 64 or any(layer[1].shape[0] != r for layer in layers):
-        return None
-    x2d = x.reshape(-1, x.shape[-1])
-    natives = {_native_for(x2d, lora_a, lora_b, None, weight) is not None and weight.dtype == torch.float32
-               and weight.is_contiguous() and (bias is None or bias.dtype == torch.float32)
-               for weight, lora_a, lora_b, _scale, bias in layers}
-    return _native_module() if natives == {True} else None
-
-
-def _native_module():
-    return native_cpu("lora_forward", "FASTCHAT_FT_CPU_LORA")
 
 
 # ----------------------------------------------------------------------------------------------- reference

@@ -342,7 +342,8 @@ def _group_layers(k, outs, r, bias):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("outs,r,bias", [
     ((37, 19, 19), 16, False),        # q/k/v-like: three widths, one rank, sizes off the vector width
-    ((53, 53), 32, True),             # gate/up-like at rank 32, with bias
+    ((53, 53), 16, False),            # gate/up-like at rank 16
+    ((53, 53), 32, True),             # the same at rank 32, with bias
     ((23, 40, 17, 64), 16, True),     # four layers: stacked rank 64
     ((31,), 16, False),               # a group of one
 ])
@@ -356,7 +357,7 @@ def test_group_matches_float64_per_layer(outs, r, bias, threads, monkeypatch):
     x = torch.randn(2, 67, 45, requires_grad=True)
     layers = _group_layers(45, outs, r, bias)
     ys = lora_linear_group(x, layers)
-    assert type(ys[0].grad_fn.next_functions[0][0]).__name__ == "_LoRAGroupBackward"
+    assert type(ys[0].grad_fn.next_functions[0][0]).__name__ == "LoRAGroupBackward"
     dys = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(ys, dys)
     x64 = x.detach().double().requires_grad_()
@@ -387,11 +388,88 @@ def test_group_falls_back_to_one_call_per_layer(case, monkeypatch):
         layers[1] = _group_layers(32, (24,), 32, bias=False)[0]
     dtype = torch.float16 if case == "float16" else torch.float32
     if dtype != torch.float32:
-        layers = [(w.to(dtype), a.detach().to(dtype), b.detach().to(dtype), s, bias) for w, a, b, s, bias in layers]
+        layers = [(w.to(dtype), a.detach().to(dtype).requires_grad_(), b.detach().to(dtype).requires_grad_(), s, bias)
+                  for w, a, b, s, bias in layers]
     x = torch.randn(3, 32).to(dtype)
     ys = lora_linear_group(x, layers)
     for y in ys:  # one autograd node per layer, not a group's
-        assert y.grad_fn is None or type(y.grad_fn.next_functions[0][0]).__name__ == "_LoRALinearBackward"
+        assert type(y.grad_fn.next_functions[0][0]).__name__ == "_LoRALinearBackward"
     for y, (w, a, b, scale, bias) in zip(ys, layers):
         want = lora_linear_reference(x.double(), w.double(), a.detach().double(), b.detach().double(), scale)
         close(y, want, dtype)
+
+
+@pytest.mark.parametrize("frozen", ["x", "first A", "last B", "unused output"])
+def test_group_gradients_when_part_of_it_is_frozen(frozen, monkeypatch):
+    """Each gradient goes to its own input when some inputs need none (x frozen: no dx at all; one layer's A or B
+    frozen) or one output is left out of the loss (its dy is zeros)."""
+    from fastchat_ft.kernels import lora_linear_group
+
+    select_impl("native", monkeypatch)
+    layers = _group_layers(40, (24, 16, 16), 16, bias=True)
+    x = torch.randn(3, 9, 40, requires_grad=frozen != "x")
+    if frozen == "first A":
+        layers[0][1].requires_grad_(False)
+    if frozen == "last B":
+        layers[2][2].requires_grad_(False)
+    ys = lora_linear_group(x, layers)
+    used = ys[:2] if frozen == "unused output" else ys
+    dys = [torch.randn_like(y) for y in used]
+    torch.autograd.backward(used, dys)
+    x64 = x.detach().double().requires_grad_(x.requires_grad)
+    refs = [[t.detach().double().requires_grad_(t.requires_grad) for t in (a, b, bias)]
+            for _w, a, b, _s, bias in layers]
+    wants = [lora_linear_reference(x64, w.double(), a64, b64, scale, bias64)
+             for (w, _a, _b, scale, _bias), (a64, b64, bias64) in zip(layers, refs)]
+    torch.autograd.backward(wants[:len(used)], [dy.double() for dy in dys])
+    if frozen == "x":
+        assert x.grad is None
+    else:
+        close(x.grad, x64.grad, torch.float32)
+    for (_w, a, b, _s, bias), ref in zip(layers, refs):
+        for got, want in zip((a, b, bias), ref):
+            if not got.requires_grad:
+                assert got.grad is None
+            elif want.grad is None:  # the unused layer's
+                assert got.grad is None or not got.grad.any()
+            else:
+                close(got.grad, want.grad, torch.float32)
+
+
+def test_native_backward_refuses_to_build_a_graph(monkeypatch):
+    """create_graph=True through the native kernels would give gradients without a graph: a clear error instead."""
+    select_impl("native", monkeypatch)
+    x, w, a, b, _ = make(torch.float32, m=(2, 5), k=32, n=16, r=16, bias=False)
+    y = lora_linear(x, w, a, b, 2.0)
+    with pytest.raises(RuntimeError, match="FASTCHAT_FT_CPU_LORA=0"):
+        torch.autograd.grad(y.sum(), (a,), create_graph=True)
+
+
+def test_project_group_calls_hooked_modules_one_by_one(monkeypatch):
+    """A hook on one of the modules (or a forward replaced on it) sends the group back to one call per module, so
+    the hook runs; the results are the same either way."""
+    from fastchat_ft.kernels import lora_cpu
+    from fastchat_ft.model.lora import LoraLinear, project_group
+
+    select_impl("native", monkeypatch)
+    torch.manual_seed(0)
+    modules = [LoraLinear(torch.nn.Linear(32, n, bias=False), r=16, alpha=32) for n in (32, 16, 16)]
+    for m in modules:
+        torch.nn.init.normal_(m.lora_B.weight, 0, 0.2)
+    groups = []
+    real_apply = lora_cpu.LoRAGroup.apply
+    monkeypatch.setattr(lora_cpu.LoRAGroup, "apply", lambda *a: groups.append(1) or real_apply(*a))
+    x = torch.randn(7, 32)
+    grouped = project_group(x, modules)
+    assert groups == [1]
+    seen = []
+    handle = modules[1].register_forward_hook(lambda mod, inp, out: seen.append(mod))
+    one_by_one = project_group(x, modules)
+    handle.remove()
+    assert groups == [1] and seen == [modules[1]]
+    for got, want in zip(grouped, one_by_one):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    modules[0].train()
+    modules[0].dropout = 0.1  # dropout in training: not the group's
+    project_group(x, modules)
+    assert groups == [1]

@@ -114,14 +114,12 @@ def test_lora_groups_on_cpu_match_one_layer_at_a_time_and_sdpa(monkeypatch):
     """Rank-16 LoRA on every linear, the engine's CPU patches (fused-rotary attention, SwiGLU MLP): q/k/v and
     gate/up run as LoRA groups (one native call each way per group); loss and LoRA gradients equal those of one
     lora_linear per layer with torch's GEMMs (FASTCHAT_FT_CPU_LORA=0) and of transformers' sdpa model."""
-    import importlib
-
     from fastchat_ft.engine.train import use_norm_and_mlp_kernels
+    from fastchat_ft.kernels import lora_cpu
 
-    kernel = importlib.import_module("fastchat_ft.kernels.lora_linear")  # the package's lora_linear is the function
     groups = []
-    real_apply = kernel._LoRAGroup.apply
-    monkeypatch.setattr(kernel._LoRAGroup, "apply", lambda *a: groups.append(len(a[1])) or real_apply(*a))
+    real_apply = lora_cpu.LoRAGroup.apply
+    monkeypatch.setattr(lora_cpu.LoRAGroup, "apply", lambda *a: groups.append(len(a[1])) or real_apply(*a))
     batch = packed_batch(np.random.default_rng(5), [[21, 3, 30, 9]])
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     results = {}

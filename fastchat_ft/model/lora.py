@@ -61,15 +61,29 @@ def project_group(x: torch.Tensor, modules) -> list[torch.Tensor]:
     """[module(x) for module in modules], for linears that read the same input (q/k/v, gate/up). When all are our
     LoraLinear on dense weights with one rank, no dropout in play, no autocast and no hooks, their LoRA products
     run as one group (lora_linear_group: on CPU fp32, one native call each way for the group)."""
-    if (all(type(m) is LoraLinear and not m.quantized and not (m.dropout and m.training)
-            and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
-            and not torch.is_autocast_enabled(x.device.type)):
+    if (all(type(m) is LoraLinear and not m.quantized and not (m.dropout and m.training) and not _hooked(m)
+            for m in modules) and not torch.is_autocast_enabled(x.device.type) and not _global_hooks()):
         dtype = modules[0].lora_A.weight.dtype
         layers = [(m.base_layer.weight, m.lora_A.weight, m.lora_B.weight, m.scale, m.base_layer.bias)
                   for m in modules]
         if x.dtype == dtype and all(w.dtype == dtype for layer in layers for w in layer[:3]):
             return lora_linear_group(x, layers)
     return [m(x) for m in modules]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks or a replaced forward (accelerate's hooks, tracers): calling the group would skip them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
+
+
+def _global_hooks() -> bool:
+    """torch's process-wide module hooks (FLOP counters, module trackers) expect one call per module."""
+    from torch.nn.modules import module as torch_module
+
+    return any(getattr(torch_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
 
 
 def _matches(name: str, targets: list[str]) -> bool:
