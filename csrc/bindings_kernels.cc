@@ -12,6 +12,8 @@
 
 #include "cpu_attention.h"
 #include "cpu_lora.h"
+#include "cpu_parallel.h"
+#include "cpu_simd.h"
 #include "cpu_rms_norm.h"
 #include "cpu_swiglu.h"
 
@@ -82,6 +84,8 @@ void bind_cpu_kernels(py::module_& m) {
     fastchat::rms_norm::backward(f32(dy), f32(x), f32(w), f32(rstd), f32(dx), dw_partial ? f32(dw_partial) : nullptr,
                                  rows, cols, threads);
   }, "dx of rms_norm_forward in one pass; dw per thread into a zeroed [threads x cols] buffer (0: no dw).");
+  m.def("cpu_simd_level", &fastchat::cpu::simd_level,
+        "The CPU kernels' build in use: 2 AVX-512, 1 AVX2+FMA, 0 baseline (FASTCHAT_FT_CPU_SIMD caps it).");
   // LoRA's rank-r products (csrc/cpu_lora.*): contiguous fp32 by data pointer, checked by kernels/lora_linear.py;
   // one entry per layer of the group in a, b, y / dy, db, out, scale.
   using Pointers = std::vector<uintptr_t>;

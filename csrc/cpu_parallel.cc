@@ -5,6 +5,8 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -78,14 +80,19 @@ void run_on_threads(int threads, const std::function<void(int)>& worker) {
 
 int simd_level() {
   static const int level = [] {
+    int supported = 0;
 #ifdef FASTCHAT_HAS_X86_VERSIONS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-      return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+      supported = 2;
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      supported = 1;
 #endif
-    return 0;
+    const char* cap = std::getenv("FASTCHAT_FT_CPU_SIMD");
+    if (cap && std::strcmp(cap, "baseline") == 0) return 0;
+    if (cap && std::strcmp(cap, "avx2") == 0) return std::min(supported, 1);
+    return supported;
   }();
   return level;
 }

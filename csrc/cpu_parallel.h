@@ -1,4 +1,5 @@
-// Run a worker on `threads` threads for the CPU kernels (cpu_attention.cc, cpu_swiglu.cc).
+// Run a worker on `threads` threads for the CPU kernels (cpu_attention.cc, cpu_lora.cc, cpu_rms_norm.cc,
+// cpu_swiglu.cc).
 #pragma once
 
 #include <functional>

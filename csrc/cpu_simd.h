@@ -1,5 +1,5 @@
-// Portable 16-float vectors for the CPU kernels (cpu_attention.cc, cpu_swiglu.cc) and the run-time choice between
-// their AVX-512, AVX2+FMA and baseline builds.
+// Portable 16-float vectors for the CPU kernels (cpu_attention.cc, cpu_lora.cc, cpu_rms_norm.cc, cpu_swiglu.cc) and
+// the run-time choice between their AVX-512, AVX2+FMA and baseline builds.
 //
 // Each kernel writes its loop body once as an always-inline function and instantiates it three times under
 // FASTCHAT_SIMD_VERSIONS-style wrappers with target attributes; simd_level() picks one by the CPU's features.
@@ -64,7 +64,8 @@ FASTCHAT_INLINE float hsum(v16 x) {
   return s;
 }
 
-// 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline. Read once.
+// 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline, as this CPU supports; the environment variable
+// FASTCHAT_FT_CPU_SIMD=avx2 or baseline caps it (to test or compare the other builds). Read once.
 int simd_level();
 
 }  // namespace fastchat::cpu
