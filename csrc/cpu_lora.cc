@@ -311,8 +311,12 @@ void split_rows(int64_t m, int threads, Fn&& fn) {
   });
 }
 
+// At least kMinRowsPerThread rows each: every thread zeroes and sums a partial of (in + out) x r floats, which
+// outweighs a thread's share of the products below that (many cores, few tokens).
+constexpr int64_t kMinRowsPerThread = 32;
+
 int used_threads(int64_t m, int threads) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, threads), m)));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, threads), m / kMinRowsPerThread)));
 }
 
 Kernels kernels_for(const Group& group) {
