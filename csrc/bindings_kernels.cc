@@ -13,7 +13,6 @@
 #include "cpu_attention.h"
 #include "cpu_lora.h"
 #include "cpu_parallel.h"
-#include "cpu_simd.h"
 #include "cpu_rms_norm.h"
 #include "cpu_swiglu.h"
 

@@ -321,21 +321,9 @@ FASTCHAT_VERSIONS(FASTCHAT_TARGET_AVX2, avx2)
 FASTCHAT_VERSIONS(FASTCHAT_TARGET_AVX512, avx512)
 #endif
 
-ForwardFn forward_version() {
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) return forward_avx512;
-  if (cpu::simd_level() == 1) return forward_avx2;
-#endif
-  return forward_baseline;
-}
+ForwardFn forward_version() { return FASTCHAT_SIMD_PICK(forward); }
 
-BackwardFn backward_version() {
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) return backward_avx512;
-  if (cpu::simd_level() == 1) return backward_avx2;
-#endif
-  return backward_baseline;
-}
+BackwardFn backward_version() { return FASTCHAT_SIMD_PICK(backward); }
 
 int64_t longest(const Shape& sh) {
   int64_t m = 0;

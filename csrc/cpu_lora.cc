@@ -276,29 +276,7 @@ FASTCHAT_LORA_VERSIONS(FASTCHAT_TARGET_AVX512, avx512)
 #endif
 
 // The builds for this CPU.
-Kernels pick_kernels(int64_t R, int64_t RS) {
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) return pick_kernels_avx512(R, RS);
-  if (cpu::simd_level() == 1) return pick_kernels_avx2(R, RS);
-#endif
-  return pick_kernels_baseline(R, RS);
-}
-
-TransposeFn pick_transpose() {
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) return transpose_avx512;
-  if (cpu::simd_level() == 1) return transpose_avx2;
-#endif
-  return transpose_baseline;
-}
-
-SumFn pick_sum() {
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) return sum_partials_avx512;
-  if (cpu::simd_level() == 1) return sum_partials_avx2;
-#endif
-  return sum_partials_baseline;
-}
+Kernels pick_kernels(int64_t R, int64_t RS) { return FASTCHAT_SIMD_PICK(pick_kernels)(R, RS); }
 
 // Contiguous row ranges, one per thread (the last ones may be empty); fn(thread, begin, end).
 template <class Fn>
@@ -335,7 +313,7 @@ void forward(const Group& group, int threads) {
   for (int g = 0; g < group.layers; ++g) bt_size += group.out[g] * r;
   std::unique_ptr<float[]> at(new float[static_cast<size_t>(in * rs + bt_size)]);
   const float* bt[kMaxLayers];
-  const TransposeFn transpose_fn = pick_transpose();
+  const TransposeFn transpose_fn = FASTCHAT_SIMD_PICK(transpose);
   float* next = at.get() + in * rs;
   for (int g = 0; g < group.layers; ++g) {
     transpose_fn(group.a[g], r, in, at.get() + g * r, rs, 1.f);
@@ -369,7 +347,7 @@ void backward(const Group& group, int threads) {
   });
   float* sum = scratch.get();
   if (used > 1) {
-    const SumFn sum_fn = pick_sum();
+    const SumFn sum_fn = FASTCHAT_SIMD_PICK(sum_partials);
     const int64_t per = (partial / used + kLanes - 1) / kLanes * kLanes;  // whole vectors per thread
     split_rows(used, used, [&](int t, int64_t, int64_t) {
       const int64_t begin = std::min(partial, t * per), end = t == used - 1 ? partial : std::min(partial, (t + 1) * per);
@@ -377,7 +355,7 @@ void backward(const Group& group, int threads) {
     });
   }
   // da (the layers' [r x in] stacked) = the summed dA^T transposed; db_g = scale_g * its summed partial.
-  pick_transpose()(sum, in, rs, group.da, in, 1.f);
+  FASTCHAT_SIMD_PICK(transpose)(sum, in, rs, group.da, in, 1.f);
   const float* db_sum = sum + in * rs;
   for (int g = 0; g < group.layers; ++g) {
     const float scale = group.scale[g];

@@ -1,5 +1,5 @@
 // Run a worker on `threads` threads for the CPU kernels (cpu_attention.cc, cpu_lora.cc, cpu_rms_norm.cc,
-// cpu_swiglu.cc).
+// cpu_swiglu.cc), and which of their builds (cpu_simd.h) this CPU runs.
 #pragma once
 
 #include <functional>
@@ -13,5 +13,9 @@ namespace fastchat::cpu {
 // ones (libgomp spins for milliseconds after each parallel op), measured 2-3x slower on 2 cores. Without an
 // OpenMP runtime in the process: std::thread. The worker must not throw.
 void run_on_threads(int threads, const std::function<void(int)>& worker);
+
+// 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline, as this CPU supports; the environment variable
+// FASTCHAT_FT_CPU_SIMD=avx2 or baseline caps it (to test or compare the other builds). Read once.
+int simd_level();
 
 }  // namespace fastchat::cpu

@@ -96,21 +96,13 @@ void split_rows(int64_t rows, int threads, Fn&& fn) {
 
 void forward(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t cols, float eps,
              int threads) {
-  ForwardFn fn = forward_baseline;
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) fn = forward_avx512;
-  else if (cpu::simd_level() == 1) fn = forward_avx2;
-#endif
+  const ForwardFn fn = FASTCHAT_SIMD_PICK(forward);
   split_rows(rows, std::max(1, threads), [&](int, int64_t b, int64_t e) { fn(x, w, y, rstd, b, e, cols, eps); });
 }
 
 void backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw_partial,
               int64_t rows, int64_t cols, int threads) {
-  BackwardFn fn = backward_baseline;
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) fn = backward_avx512;
-  else if (cpu::simd_level() == 1) fn = backward_avx2;
-#endif
+  const BackwardFn fn = FASTCHAT_SIMD_PICK(backward);
   split_rows(rows, std::max(1, threads), [&](int t, int64_t b, int64_t e) {
     fn(dy, x, w, rstd, dx, dw_partial ? dw_partial + t * cols : nullptr, b, e, cols);
   });

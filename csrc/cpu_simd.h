@@ -10,11 +10,24 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_parallel.h"
+
 #define FASTCHAT_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTCHAT_HAS_X86_VERSIONS 1
 #define FASTCHAT_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FASTCHAT_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#endif
+
+// The build of a kernel function for this CPU: NAME_avx512, NAME_avx2 or NAME_baseline (each kernel file defines
+// the three; only the baseline off x86).
+#ifdef FASTCHAT_HAS_X86_VERSIONS
+#define FASTCHAT_SIMD_PICK(NAME)                                                                   \
+  (::fastchat::cpu::simd_level() == 2   ? NAME##_avx512                                             \
+   : ::fastchat::cpu::simd_level() == 1 ? NAME##_avx2                                               \
+                                        : NAME##_baseline)
+#else
+#define FASTCHAT_SIMD_PICK(NAME) NAME##_baseline
 #endif
 
 namespace fastchat::cpu {
@@ -64,8 +77,6 @@ FASTCHAT_INLINE float hsum(v16 x) {
   return s;
 }
 
-// 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline, as this CPU supports; the environment variable
-// FASTCHAT_FT_CPU_SIMD=avx2 or baseline caps it (to test or compare the other builds). Read once.
-int simd_level();
+// simd_level() (the build to run) is declared in cpu_parallel.h, beside its definition.
 
 }  // namespace fastchat::cpu

@@ -74,21 +74,13 @@ void split(int64_t n, int threads, Fn&& fn) {
 }  // namespace
 
 void forward(const float* gate, const float* up, float* h, int64_t n, int threads) {
-  ForwardFn fn = forward_baseline;
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) fn = forward_avx512;
-  else if (cpu::simd_level() == 1) fn = forward_avx2;
-#endif
+  const ForwardFn fn = FASTCHAT_SIMD_PICK(forward);
   split(n, std::max(1, threads), [&](int64_t b, int64_t e) { fn(gate, up, h, b, e); });
 }
 
 void backward(const float* dh, const float* gate, const float* up, float* dgate, float* dup, int64_t n,
               int threads) {
-  BackwardFn fn = backward_baseline;
-#ifdef FASTCHAT_HAS_X86_VERSIONS
-  if (cpu::simd_level() == 2) fn = backward_avx512;
-  else if (cpu::simd_level() == 1) fn = backward_avx2;
-#endif
+  const BackwardFn fn = FASTCHAT_SIMD_PICK(backward);
   split(n, std::max(1, threads), [&](int64_t b, int64_t e) { fn(dh, gate, up, dgate, dup, b, e); });
 }
 
