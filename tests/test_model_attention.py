@@ -47,6 +47,22 @@ def lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_engine_matches_sdpa(results, ref, batch, n_grads, switch):
+    """Each engine result (loss, LoRA grads) per setting of `switch` equals transformers' sdpa model `ref` with its
+    own mask from the position ids, loss and CE on the label positions, to float rounding."""
+    states = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    t = batch["targets"]
+    want = torch.nn.functional.cross_entropy(ref.lm_head(states[t.rows, t.cols]), t.labels)
+    want.backward()
+    want_grads = lora_grads(ref)
+    for setting, (loss, grads) in results.items():
+        torch.testing.assert_close(torch.as_tensor(float(loss)), want.detach(), rtol=1e-5, atol=1e-6)
+        assert grads.keys() == want_grads.keys() and len(grads) == n_grads
+        for name in grads:
+            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{switch}={setting} {name}: {m}")
+
+
 def test_segments_follow_transformers_packing_rule():
     pos = torch.tensor([[0, 1, 2, 0, 0, 1, 5, 6], [3, 4, 5, 6, 7, 8, 9, 10]])
     assert segments(pos) == [[(0, 3), (3, 4), (4, 6), (6, 8)], [(0, 8)]]
@@ -96,18 +112,7 @@ def test_fused_rotary_on_cpu_matches_hf_rotary_and_sdpa(monkeypatch, kv_heads):
         results[setting] = (loss, lora_grads(model))
     assert fused == [True, True, False, False]  # 2 layers fused, then 2 layers rotated by HF first
     assert sum("forward" in m.__dict__ for m in model.modules()) == 2  # installed on the two attention modules
-    ref = tiny(seed=3, kv_heads=kv_heads)
-    states = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    t = batch["targets"]
-    want = torch.nn.functional.cross_entropy(ref.lm_head(states[t.rows, t.cols]), t.labels)
-    want.backward()
-    want_grads = lora_grads(ref)
-    for setting, (loss, grads) in results.items():
-        torch.testing.assert_close(torch.as_tensor(float(loss)), want.detach(), rtol=1e-5, atol=1e-6)
-        assert grads.keys() == want_grads.keys() and len(grads) == 16
-        for name in grads:
-            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"FASTCHAT_FT_CPU_ROTARY={setting} {name}: {m}")
+    assert_engine_matches_sdpa(results, tiny(seed=3, kv_heads=kv_heads), batch, 16, "FASTCHAT_FT_CPU_ROTARY")
 
 
 def test_lora_groups_on_cpu_match_one_layer_at_a_time_and_sdpa(monkeypatch):
@@ -130,18 +135,7 @@ def test_lora_groups_on_cpu_match_one_layer_at_a_time_and_sdpa(monkeypatch):
         loss, _ = backward_step(model, [batch], "token", torch.autocast("cpu", enabled=False))
         results[setting] = (loss, lora_grads(model))
     assert sorted(groups) == [2, 2, 3, 3]  # per layer one q/k/v group and one gate/up group, native only
-    ref = tiny(seed=5, lora_r=16, targets=targets)
-    states = ref.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    t = batch["targets"]
-    want = torch.nn.functional.cross_entropy(ref.lm_head(states[t.rows, t.cols]), t.labels)
-    want.backward()
-    want_grads = lora_grads(ref)
-    for setting, (loss, grads) in results.items():
-        torch.testing.assert_close(torch.as_tensor(float(loss)), want.detach(), rtol=1e-5, atol=1e-6)
-        assert grads.keys() == want_grads.keys() and len(grads) == 28
-        for name in grads:
-            torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"FASTCHAT_FT_CPU_LORA={setting} {name}: {m}")
+    assert_engine_matches_sdpa(results, tiny(seed=5, lora_r=16, targets=targets), batch, 28, "FASTCHAT_FT_CPU_LORA")
 
 
 def test_padding_mask_and_generation_defer_to_sdpa():
