@@ -3,11 +3,13 @@
 #include "cpu_simd.h"
 
 #include <dlfcn.h>
+#include <strings.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -90,9 +92,13 @@ int simd_level() {
       supported = 1;
 #endif
     const char* cap = std::getenv("FASTCHAT_FT_CPU_SIMD");
-    if (cap && std::strcmp(cap, "baseline") == 0) return 0;
-    if (cap && std::strcmp(cap, "avx2") == 0) return std::min(supported, 1);
-    return supported;
+    if (!cap || !*cap || strcasecmp(cap, "avx512") == 0) return supported;
+    if (strcasecmp(cap, "avx2") == 0) return std::min(supported, 1);
+    if (strcasecmp(cap, "baseline") == 0) return 0;
+    // a typo must not silently test the wrong build; thrown on the caller's thread (the kernels pick their build
+    // before they start threads), so Python gets a ValueError
+    throw std::invalid_argument(std::string("FASTCHAT_FT_CPU_SIMD=") + cap +
+                                ": use avx512, avx2 or baseline, or leave it unset (the CPU's best)");
   }();
   return level;
 }

@@ -15,7 +15,8 @@ namespace fastchat::cpu {
 void run_on_threads(int threads, const std::function<void(int)>& worker);
 
 // 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline, as this CPU supports; the environment variable
-// FASTCHAT_FT_CPU_SIMD=avx2 or baseline caps it (to test or compare the other builds). Read once.
+// FASTCHAT_FT_CPU_SIMD=avx2 or baseline caps it (to test or compare the other builds; other values throw
+// std::invalid_argument). Read once. Call it on the calling thread, before starting workers.
 int simd_level();
 
 }  // namespace fastchat::cpu

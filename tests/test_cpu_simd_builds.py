@@ -29,3 +29,14 @@ def test_native_kernels_match_their_references_in_the_other_simd_builds(build, l
                           "-k", "native or group or cpu_attention"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_an_unknown_simd_setting_is_an_error_naming_the_choices():
+    """A typo must not silently run (and test) another build than asked; the case of the name does not matter."""
+    env = {**os.environ, "FASTCHAT_FT_CPU_SIMD": "AVX2"}
+    assert _level(env) in (0, 1)
+    code = ("import torch\nfrom fastchat_ft.kernels import swiglu\n"
+            "try:\n    swiglu(torch.randn(4, 32), torch.randn(4, 32))\nexcept ValueError as e:\n    print(e)\n")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTCHAT_FT_CPU_SIMD": "avx-512"},
+                         capture_output=True, text=True, check=True)
+    assert "FASTCHAT_FT_CPU_SIMD=avx-512" in run.stdout and "avx512, avx2 or baseline" in run.stdout
