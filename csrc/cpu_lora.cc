@@ -10,11 +10,12 @@
 namespace fastchat::lora {
 namespace {
 
+using cpu::i16v;
 using cpu::kLanes;
 using cpu::load;
 using cpu::splat;
+using cpu::split_rows;
 using cpu::store;
-using cpu::i16v;
 using cpu::v16;
 
 // Rows per block: a block's dy and x rows (64 x 1536 floats = 384 KiB at most for a 1536-wide layer) are read
@@ -277,17 +278,6 @@ FASTCHAT_LORA_VERSIONS(FASTCHAT_TARGET_AVX512, avx512)
 
 // The builds for this CPU.
 Kernels pick_kernels(int64_t R, int64_t RS) { return FASTCHAT_SIMD_PICK(pick_kernels)(R, RS); }
-
-// Contiguous row ranges, one per thread (the last ones may be empty); fn(thread, begin, end).
-template <class Fn>
-void split_rows(int64_t m, int threads, Fn&& fn) {
-  const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, m)));
-  const int64_t per = (m + used - 1) / used;
-  cpu::run_on_threads(used, [&](int t) {
-    const int64_t begin = std::min(m, t * per), end = std::min(m, (t + 1) * per);
-    fn(t, begin, end);
-  });
-}
 
 // At least kMinRowsPerThread rows each: every thread zeroes and sums a partial of (in + out) x r floats, which
 // outweighs a thread's share of the products below that (many cores, few tokens).

@@ -2,6 +2,8 @@
 // cpu_swiglu.cc), and which of their builds (cpu_simd.h) this CPU runs.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <functional>
 
 namespace fastchat::cpu {
@@ -13,6 +15,18 @@ namespace fastchat::cpu {
 // ones (libgomp spins for milliseconds after each parallel op), measured 2-3x slower on 2 cores. Without an
 // OpenMP runtime in the process: std::thread. The worker must not throw.
 void run_on_threads(int threads, const std::function<void(int)>& worker);
+
+// fn(t, begin, end) on min(threads, rows) threads (at least one): contiguous row ranges covering [0, rows), one per
+// thread t; the last ones may be empty (fn still runs, e.g. to zero that thread's partial sums).
+template <class Fn>
+void split_rows(int64_t rows, int threads, Fn&& fn) {
+  const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+  const int64_t per = (rows + used - 1) / used;
+  run_on_threads(used, [&](int t) {
+    const int64_t begin = std::min(rows, t * per), end = std::min(rows, (t + 1) * per);
+    fn(t, begin, end);
+  });
+}
 
 // 2: AVX-512 (F, DQ, VL, BW), 1: AVX2 + FMA, 0: baseline, as this CPU supports; the environment variable
 // FASTCHAT_FT_CPU_SIMD=avx2 or baseline caps it (to test or compare the other builds; other values throw

@@ -81,29 +81,19 @@ FASTCHAT_RMS_NORM_VERSIONS(FASTCHAT_TARGET_AVX2, avx2)
 FASTCHAT_RMS_NORM_VERSIONS(FASTCHAT_TARGET_AVX512, avx512)
 #endif
 
-// Contiguous row ranges, one per thread.
-template <class Fn>
-void split_rows(int64_t rows, int threads, Fn&& fn) {
-  const int used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
-  const int64_t per = (rows + used - 1) / used;
-  cpu::run_on_threads(used, [&](int t) {
-    const int64_t begin = std::min(rows, t * per), end = std::min(rows, (t + 1) * per);
-    if (begin < end) fn(t, begin, end);
-  });
-}
-
 }  // namespace
 
 void forward(const float* x, const float* w, float* y, float* rstd, int64_t rows, int64_t cols, float eps,
              int threads) {
   const ForwardFn fn = FASTCHAT_SIMD_PICK(forward);
-  split_rows(rows, std::max(1, threads), [&](int, int64_t b, int64_t e) { fn(x, w, y, rstd, b, e, cols, eps); });
+  cpu::split_rows(rows, std::max(1, threads),
+                  [&](int, int64_t b, int64_t e) { fn(x, w, y, rstd, b, e, cols, eps); });
 }
 
 void backward(const float* dy, const float* x, const float* w, const float* rstd, float* dx, float* dw_partial,
               int64_t rows, int64_t cols, int threads) {
   const BackwardFn fn = FASTCHAT_SIMD_PICK(backward);
-  split_rows(rows, std::max(1, threads), [&](int t, int64_t b, int64_t e) {
+  cpu::split_rows(rows, std::max(1, threads), [&](int t, int64_t b, int64_t e) {
     fn(dy, x, w, rstd, dx, dw_partial ? dw_partial + t * cols : nullptr, b, e, cols);
   });
 }
