@@ -17,14 +17,15 @@ def native_for(x2d, lora_a, lora_b, x_drop, weight):
     """The native module for one layer: contiguous fp32 CPU tensors, a dense weight, no LoRA dropout, rank 16/32/
     48/64, not under torch.compile, switch on; else None (torch's GEMMs). Kept in ctx by forward, so a backward
     runs the path of its forward."""
+    return native_module() if x_drop is None and _takes_layer(x2d, lora_a, lora_b, weight) else None
+
+
+def _takes_layer(x2d, lora_a, lora_b, weight) -> bool:
     r = lora_a.shape[0]
-    tensors = (x2d, lora_a, lora_b, weight)
-    if (x_drop is not None or getattr(weight, "quant_state", None) is not None or r == 0 or r % 16
-            or r > MAX_STACKED_RANK or not all(_fp32_cpu(t) for t in tensors)
-            or not (x2d.is_contiguous() and lora_a.is_contiguous() and lora_b.is_contiguous())
-            or torch.compiler.is_compiling()):
-        return None
-    return native_module()
+    return not (getattr(weight, "quant_state", None) is not None or r == 0 or r % 16 or r > MAX_STACKED_RANK
+                or not all(_fp32_cpu(t) for t in (x2d, lora_a, lora_b, weight))
+                or not (x2d.is_contiguous() and lora_a.is_contiguous() and lora_b.is_contiguous())
+                or torch.compiler.is_compiling())
 
 
 def group_native_for(x, layers):
@@ -36,9 +37,9 @@ def group_native_for(x, layers):
     if len(layers) * r > MAX_STACKED_RANK or any(layer[1].shape[0] != r for layer in layers):
         return None
     x2d = x.reshape(-1, x.shape[-1])
-    if all(native_for(x2d, a, b, None, w) is not None and w.is_contiguous() and (bias is None or _fp32_cpu(bias))
+    if all(_takes_layer(x2d, a, b, w) and w.is_contiguous() and (bias is None or _fp32_cpu(bias))
            for w, a, b, _scale, bias in layers):
-        return native_module()
+        return native_module()  # looked up once for the group, not once per layer
     return None
 
 
