@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastchat_ft.atomic import write_json_atomic
-from fastchat_ft.bench_runners import RUNNERS
+from fastchat_ft.bench_runners import RUNNERS, matmul_rate
 from fastchat_ft.config import ALL_LINEAR, ASSETS, TrainConfig
 from fastchat_ft.engine.rundir import package_versions
 from fastchat_ft.errors import ConfigError
@@ -122,34 +122,6 @@ def build_plan(args, base_model: str, tokenizer: str, device: str, dtype: str, d
 
 
 # --------------------------------------------------------------------------------------- measurements
-def matmul_rate(device: str, dtype: str, threads: int, model_cfg: dict) -> dict:
-    """Best FLOP/s of a large square GEMM and of the model's MLP-shaped GEMM, on this device, now."""
-    import torch
-
-    torch.set_num_threads(threads)
-    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    n = 8192 if device == "cuda" else 2048
-    d, inter = model_cfg["hidden_size"], model_cfg["intermediate_size"]
-    shapes = {"square": (n, n, n), "mlp": (4096 if device == "cuda" else 1024, d, inter)}
-    out = {}
-    for name, (m, k, nn) in shapes.items():
-        a = torch.randn(m, k, device=device, dtype=dt)
-        b = torch.randn(k, nn, device=device, dtype=dt)
-        best = float("inf")
-        for _ in range(8 if device == "cuda" else 4):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(10 if device == "cuda" else 1):
-                a @ b
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) / (10 if device == "cuda" else 1))
-        out[name] = 2.0 * m * k * nn / best
-    out["peak"] = max(out.values())
-    return out
-
-
 def flop_parts(model_cfg: dict, lora: dict, lengths: list[int], label_tokens: int) -> dict:
     """Model FLOPs a step needs, counted once whatever the implementation does: decoder matmuls forward (2 per
     weight per token, LoRA A and B included), backward to activations (2, through frozen weights too), weight
@@ -196,26 +168,39 @@ def summarise(plan: dict, raw: dict, model_cfg: dict, peak_flops: float) -> dict
     tokens = sum(lengths[i] for c in step_convs for i in c)
     trained = sum(labels[i] for c in step_convs for i in c)
     padded = sum(b * max(lengths[i] for i in c[k:k + b]) for c in step_convs for k in range(0, per_step, b))
-    flops = sum(useful_flops(model_cfg, plan["lora"], [lengths[i] for i in c], sum(labels[i] for i in c))
-                for c in step_convs)
+    step_flops = [useful_flops(model_cfg, plan["lora"], [lengths[i] for i in c], sum(labels[i] for i in c))
+                  for c in step_convs]
+    flops = sum(step_flops)
     out = {}
     for name, r in raw.items():
         ends = r["step_ends"]
         if len(ends) != plan["steps"]:
             raise RuntimeError(f"{name} reported {len(ends)} step ends for {plan['steps']} steps")
-        seconds = ends[-1] - ends[0]
+        # a step runs from the previous step's end, or from the end of the matmul probe taken there
+        resumes = r.get("step_resumes") or ends
+        steps_s = [end - resume for resume, end in zip(resumes, ends[1:])]
+        seconds = sum(steps_s)
         # CPU seconds of the whole process over the same steps: on a shared machine wall time mostly measures
         # waiting for a core, CPU time does not (the run's own threads are fixed and equal for all three).
         cpu = r.get("step_cpu_ends") or []
-        cpu_seconds = cpu[-1] - cpu[0] if len(cpu) == len(ends) else float("nan")
+        cpu_resumes = r.get("step_cpu_resumes") or cpu
+        cpu_seconds = (sum(e - s for s, e in zip(cpu_resumes, cpu[1:])) if len(cpu) == len(ends) == len(cpu_resumes)
+                       else float("nan"))
+        mfu_best = flops / seconds / peak_flops
         out[name] = {
             "data_prep_s": r["prep_s"], "timed_steps": len(timed), "timed_s": seconds,
-            "step_time_s": seconds / len(timed), "step_time_median_s": statistics.median(b - a for a, b in zip(ends, ends[1:])),
+            "step_time_s": seconds / len(timed), "step_time_median_s": statistics.median(steps_s),
             "tokens_per_s": tokens / seconds, "cpu_s": cpu_seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
-            "trainable_tokens_per_s": trained / seconds, "mfu": flops / seconds / peak_flops,
+            "trainable_tokens_per_s": trained / seconds, "mfu": mfu_best, "mfu_vs_best_rate": mfu_best,
             "model_tflops_per_s": flops / seconds / 1e12, "peak_memory_mb": r["peak_memory_mb"],
             "attention": r.get("attention"), "final_train_loss": r["losses"][-1], "val_loss_start": r["val_loss_start"],
             "val_loss_end": r["val_loss_end"], "losses": r["losses"]}
+        rates = r.get("probe_rates")
+        if rates:  # MFU against the matmul rate measured at both ends of each step: flops over what the GEMM
+            # could have done in those same seconds (the mean of the two probes times the step's time)
+            possible = sum(s * (lo + hi) / 2 for s, lo, hi in zip(steps_s, rates, rates[1:]))
+            out[name].update(mfu=flops / possible, probe_rates=rates,
+                             step_mfu=[f / (s * (lo + hi) / 2) for f, s, lo, hi in zip(step_flops, steps_s, rates, rates[1:])])
     out["tokens"] = {"timed_non_padding": tokens, "timed_trainable": trained, "timed_padded_batches": padded,
                      "padding_share_a": 1 - tokens / padded, "useful_flops_timed": flops}
     return out
@@ -276,7 +261,12 @@ def run_worker(name: str, plan: dict, workdir: Path, threads: int) -> dict:
 def bench_one(plan: dict, model_cfg: dict, workdir: Path, label: str) -> dict:
     """plan["repeats"] rounds, each running (a), (b), (c) in turn (so a slow spell of a shared machine hits all
     three alike); each runner is reported by its median round (by tokens/s), every round's figure kept beside it.
-    The matmul rate is measured before every round; MFU divides by the best of them."""
+    The matmul rate is measured before every round. On CPU each runner also measures it at every optimizer step's
+    end (StepClock): MFU there divides each step's useful FLOPs by the rate around it; mfu_vs_best_rate divides by
+    the best rate of the whole run (rounds and probes), the stricter figure on a machine whose rate swings."""
+    if plan["device"] == "cpu":
+        plan = {**plan, "matmul_probe": {"device": "cpu", "dtype": plan["dtype"], "threads": plan["threads"],
+                                         "model_cfg": {k: model_cfg[k] for k in ("hidden_size", "intermediate_size")}}}
     rates, rounds = [], []
     for i in range(plan.get("repeats", 1)):
         if plan.get("repeats", 1) > 1:
@@ -288,12 +278,14 @@ def bench_one(plan: dict, model_cfg: dict, workdir: Path, label: str) -> dict:
             raise RuntimeError(f"the runners tokenized the data differently: {digests}")
         rounds.append(raw)
     rate = max(rates, key=lambda r: r["peak"])
-    summaries = [summarise(plan, raw, model_cfg, rate["peak"]) for raw in rounds]
+    best = max([rate["peak"]] + [p for raw in rounds for r in raw.values() for p in r.get("probe_rates", [])])
+    summaries = [summarise(plan, raw, model_cfg, best) for raw in rounds]
     runs = combine_rounds(summaries)
     problems = [p for s in summaries for p in check_agreement(s, plan["dtype"])]
     return {"model": label, "model_config": model_cfg, "lora_params": lora_params(model_cfg, plan["lora"]),
             "plan": {k: v for k, v in plan.items() if k != "schedule"}, "schedule": plan["schedule"],
             "matmul_flops_per_s": rate, "matmul_flops_per_s_rounds": [r["peak"] for r in rates],
+            "matmul_flops_per_s_best": best,
             "tolerance": dict(zip(("atol", "rtol"), TOLERANCE[plan["dtype"]])),
             "losses_agree": not problems, "disagreements": sorted(set(problems)), "runs": runs}
 
@@ -307,6 +299,7 @@ def combine_rounds(summaries: list[dict]) -> dict:
         ranked = sorted(range(len(per_round)), key=lambda k: per_round[k]["tokens_per_s"])
         runs[name] = {**per_round[ranked[(len(ranked) - 1) // 2]], "median_of_rounds": len(per_round),
                       "tokens_per_s_rounds": [r["tokens_per_s"] for r in per_round],
+                      "mfu_rounds": [r["mfu"] for r in per_round],
                       "peak_memory_mb_rounds": [r["peak_memory_mb"] for r in per_round]}
     return runs
 
@@ -322,19 +315,28 @@ def format_table(result: dict) -> str:
     rows = [("data prep (s)", "data_prep_s", "{:.2f}"), ("tokens/s (non-padding)", "tokens_per_s", "{:.1f}"),
             ("tokens per CPU-second", "tokens_per_cpu_s", "{:.2f}"),
             ("trainable tokens/s", "trainable_tokens_per_s", "{:.1f}"), ("step time (s)", "step_time_s", "{:.3f}"),
-            ("MFU (%)", "mfu", "{:.1f}"), ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
+            ("MFU (%)", "mfu", "{:.1f}"), ("MFU vs best rate (%)", "mfu_vs_best_rate", "{:.1f}"),
+            ("peak memory (MB)", "peak_memory_mb", "{:.0f}"),
             ("final train loss", "final_train_loss", "{:.4f}"), ("val loss (start)", "val_loss_start", "{:.4f}"),
             ("val loss (end)", "val_loss_end", "{:.4f}")]
     head = f"{'':26}{LABELS['hf_padded']:>26}{LABELS['hf_flat']:>28}{LABELS['fastchat_ft']:>18}{'c/a':>8}{'c/b':>8}"
     lines = [head, "-" * len(head)]
     for title, key, fmt in rows:
-        vals = [fmt.format(100 * r[key] if key == "mfu" else r[key]) for r in (a, b, c)]
+        if key == "mfu_vs_best_rate" and "probe_rates" not in c:
+            continue  # without per-step probes (GPU) the two are one figure
+        vals = [fmt.format(100 * r[key] if key.startswith("mfu") else r[key]) for r in (a, b, c)]
         ratios = [ratio(c[key], a[key]), ratio(c[key], b[key])] if "loss" not in key else ["", ""]
         lines.append(f"{title:26}{vals[0]:>26}{vals[1]:>28}{vals[2]:>18}{ratios[0]:>8}{ratios[1]:>8}")
         if key == "tokens_per_s" and len(c.get("tokens_per_s_rounds", [])) > 1:  # the spread behind the median
             vals = ["/".join(f"{v:.0f}" for v in r["tokens_per_s_rounds"]) for r in (a, b, c)]
             lines.append(f"{'  every round':26}{vals[0]:>26}{vals[1]:>28}{vals[2]:>18}")
+        if key == "mfu" and len(c.get("mfu_rounds", [])) > 1:
+            vals = ["/".join(f"{100 * v:.1f}" for v in r["mfu_rounds"]) for r in (a, b, c)]
+            lines.append(f"{'  every round':26}{vals[0]:>26}{vals[1]:>28}{vals[2]:>18}")
     tok = runs["tokens"]
+    if "probe_rates" in c and result.get("matmul_flops_per_s_best"):
+        lines.append(f"MFU: each step's useful FLOPs over the GEMM rate measured at its two ends; vs best rate: over "
+                     f"the best GEMM rate of the whole run, {result['matmul_flops_per_s_best'] / 1e9:.0f} GFLOP/s")
     lines.append("attention: " + "; ".join(f"({k}) {r.get('attention')}" for k, r in zip("abc", (a, b, c))))
     if "padding_share_a" in tok:
         lines.append(f"padding: {100 * tok['padding_share_a']:.0f}% of (a)'s batch tokens; "

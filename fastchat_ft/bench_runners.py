@@ -79,6 +79,34 @@ def _threads(plan: dict) -> None:
     torch.manual_seed(plan["seed"])
 
 
+def matmul_rate(device: str, dtype: str, threads: int, model_cfg: dict) -> dict:
+    """Best FLOP/s of a large square GEMM and of the model's MLP-shaped GEMM, on this device, now."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    n = 8192 if device == "cuda" else 2048
+    d, inter = model_cfg["hidden_size"], model_cfg["intermediate_size"]
+    shapes = {"square": (n, n, n), "mlp": (4096 if device == "cuda" else 1024, d, inter)}
+    out = {}
+    for name, (m, k, nn) in shapes.items():
+        a = torch.randn(m, k, device=device, dtype=dt)
+        b = torch.randn(k, nn, device=device, dtype=dt)
+        best = float("inf")
+        for _ in range(8 if device == "cuda" else 4):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10 if device == "cuda" else 1):
+                a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / (10 if device == "cuda" else 1))
+        out[name] = 2.0 * m * k * nn / best
+    out["peak"] = max(out.values())
+    return out
+
+
 # -------------------------------------------------------------------------------------------- HF Trainer
 def hf_prepare(plan: dict):
     """Tokenize as the transformers docs do: datasets + apply_chat_template with the assistant mask -> labels."""
@@ -108,24 +136,48 @@ def hf_prepare(plan: dict):
     return tok, load(plan["train_file"]), load(plan["val_file"])
 
 
-class _StepRecorder:
-    """TrainerCallback recording the wall time at each optimizer step's end and each logged loss."""
+class StepClock:
+    """Wall and CPU time at each optimizer step's end. With plan["matmul_probe"] (CPU mode) the matmul rate is
+    measured right there too, and the time the probe finished, so every timed step is bracketed by two measurements
+    of what the GEMM could do at that moment (a shared VM's rate swings by a quarter within minutes) and the probes'
+    own time is left out of the step's."""
 
-    def __init__(self):
+    def __init__(self, plan: dict):
+        self.probe = plan.get("matmul_probe")
+        self.ends, self.cpu_ends, self.resumes, self.cpu_resumes, self.rates = [], [], [], [], []
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
+        if self.probe:
+            self.rates.append(matmul_rate(**self.probe)["peak"])
+            self.resumes.append(time.perf_counter())
+            self.cpu_resumes.append(time.process_time())
+
+    def report(self) -> dict:
+        out = {"step_ends": self.ends, "step_cpu_ends": self.cpu_ends}
+        if self.probe:
+            out.update(step_resumes=self.resumes, step_cpu_resumes=self.cpu_resumes, probe_rates=self.rates)
+        return out
+
+
+class _StepRecorder:
+    """TrainerCallback keeping a StepClock at each optimizer step's end and recording each logged loss."""
+
+    def __init__(self, plan: dict):
         from transformers import TrainerCallback
 
         rec = self
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
-                rec.ends.append(time.perf_counter())
-                rec.cpu_ends.append(time.process_time())
+                rec.clock.step_end()
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     rec.losses.append(float(logs["loss"]))
 
-        self.ends, self.cpu_ends, self.losses, self.callback = [], [], [], Callback()
+        self.clock, self.losses, self.callback = StepClock(plan), [], Callback()
 
 
 def hf_val_loss(model, convs: list[tuple], device: str, amp) -> float:
@@ -193,7 +245,7 @@ def run_hf(plan: dict, flat: bool) -> dict:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to="none", seed=plan["seed"], bf16=bf16, use_cpu=device == "cpu",
         train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True)
-    rec = _StepRecorder()
+    rec = _StepRecorder(plan)
     trainer = Trainer(model=model, args=args, train_dataset=ordered, data_collator=collator, callbacks=[rec.callback])
     start = time.perf_counter()
     trainer.train()
@@ -204,8 +256,7 @@ def run_hf(plan: dict, flat: bool) -> dict:
     attention = describe(base, device=device, half=bf16) if flat else base.config._attn_implementation
     if flat and device == "cuda" and not flash:
         attention += " (flash-attn not installed, so no flash_attention_2)"
-    return {"prep_s": prep_s, "attention": attention, "train_start": start, "step_ends": rec.ends,
-            "step_cpu_ends": rec.cpu_ends, "losses": rec.losses,
+    return {"prep_s": prep_s, "attention": attention, "train_start": start, **rec.clock.report(), "losses": rec.losses,
             "val_loss_start": val_start, "val_loss_end": val_end, "peak_memory_mb": peak_memory_mb(device),
             "conversations": len(convs), "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
             "lengths": [len(c[0]) for c in convs], "label_tokens": [sum(1 for x in c[1][1:] if x != -100) for c in convs]}
@@ -280,7 +331,7 @@ def run_engine(plan: dict) -> dict:
         "eval_steps": plan["steps"], "save_steps": plan["steps"], "sample_prompts": 0, "logging_steps": 1,
         "bf16": plan["dtype"] == "bfloat16", "cpu_merge_tokens": plan.get("cpu_merge_tokens", 0)})
 
-    ends, cpu_ends, starts, setups = [], [], [], []
+    clock, starts, setups = StepClock(plan), [], []
     original_build, original_after = train_mod.build, train_mod.Reporter.after_step
 
     def build(*a, **k):  # same starting LoRA weights as PEFT's (see seeded_lora_init)
@@ -291,8 +342,7 @@ def run_engine(plan: dict) -> dict:
         return s
 
     def after_step(self, *a, **k):
-        ends.append(time.perf_counter())
-        cpu_ends.append(time.process_time())
+        clock.step_end()
         return original_after(self, *a, **k)
 
     train_mod.build, train_mod.Reporter.after_step = build, after_step
@@ -305,7 +355,7 @@ def run_engine(plan: dict) -> dict:
 
     attention = describe(setups[0].model, device=plan["device"], half=plan["dtype"] == "bfloat16")
     return {"prep_s": prep_s, "attention": attention, "train_start": starts[0] if starts else None,
-            "step_ends": ends, "step_cpu_ends": cpu_ends, "losses": [float(x) for x in summary["train_losses"]], "val_loss_start": vals[0], "val_loss_end": vals[-1],
+            **clock.report(), "losses": [float(x) for x in summary["train_losses"]], "val_loss_start": vals[0], "val_loss_end": vals[-1],
             "peak_memory_mb": peak_memory_mb(plan["device"]), "conversations": len(convs),
             "data_digest": data_digest(convs), "val_digest": data_digest(val_convs),
             "lengths": [len(c[0]) for c in convs], "label_tokens": [int((c[1][1:] != -100).sum()) for c in convs]}

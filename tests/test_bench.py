@@ -51,6 +51,9 @@ def test_three_runs_agree_step_by_step_and_json_has_the_fields(bench_result):
         assert 0 < r["trainable_tokens_per_s"] < r["tokens_per_s"]
         assert r["cpu_s"] > 0 and np.isfinite(r["tokens_per_cpu_s"])  # CPU time of the same steps, load-robust
         assert 0 < r["mfu"] < 1.5 and r["peak_memory_mb"] > 50
+        # CPU: the matmul rate probed at every step's end, and the best rate of the run is at least each probe's
+        assert len(r["probe_rates"]) == 3 and min(r["probe_rates"]) > 0 and len(r["step_mfu"]) == 2
+        assert r["mfu_vs_best_rate"] <= r["mfu"] and res["matmul_flops_per_s_best"] >= max(r["probe_rates"])
         np.testing.assert_allclose(r["losses"], ref, rtol=1e-4, atol=1e-4)
         assert r["val_loss_end"] < r["val_loss_start"]  # three steps of training moved the model
     assert runs["tokens"]["timed_padded_batches"] >= runs["tokens"]["timed_non_padding"] > 0
@@ -62,6 +65,7 @@ def test_three_runs_agree_step_by_step_and_json_has_the_fields(bench_result):
     assert res["plan"]["data"] == "the bundled demo"
     table = bench.format_table(res)
     assert "(c) per conversation: one native CPU attention call" in table and "of (a)'s batch tokens" in table
+    assert "MFU vs best rate (%)" in table and "GEMM rate measured at its two ends" in table
     assert (out / "vs_hf_trainer-cpu.png").stat().st_size > 1000
 
 
@@ -148,14 +152,43 @@ def test_engine_step_rows_train_like_micro_batch_rows(tmp_path):
     assert abs(whole["losses"][2] - whole["losses"][0]) > 1e-3  # training moved the loss, so the check has teeth
 
 
+def test_step_times_leave_the_probes_out_and_mfu_pairs_each_step_with_the_rate_around_it():
+    """summarise on hand-made step clocks: a step runs from the end of the probe after the previous step to its own
+    end; MFU divides each step's FLOPs by the mean of the two probes around it times its seconds; the run without
+    probes (a GPU run) keeps the old end-to-end timing and one MFU against the best rate."""
+    cfg = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "vocab_size": 32}
+    lora = {"r": 2, "target_modules": ["q_proj"]}
+    plan = {"micro_batch": 1, "grad_accum": 1, "steps": 3, "schedule": [0, 1, 2], "lora": lora}
+    lengths, labels = [5, 7, 9], [2, 3, 4]
+    probed = {"step_ends": [10.0, 13.0, 20.0], "step_resumes": [11.0, 14.0, 21.0], "probe_rates": [1e3, 3e3, 2e3],
+              "step_cpu_ends": [5.0, 9.0, 16.0], "step_cpu_resumes": [6.0, 10.0, 17.0]}
+    plain = {"step_ends": [10.0, 13.0, 20.0], "step_cpu_ends": [5.0, 9.0, 16.0]}
+    common = {"prep_s": 0.1, "peak_memory_mb": 100, "losses": [3.0, 2.0, 1.0], "val_loss_start": 3.0,
+              "val_loss_end": 1.0, "lengths": lengths, "label_tokens": labels}
+    raw = {"hf_padded": {**common, **plain}, "hf_flat": {**common, **plain}, "fastchat_ft": {**common, **probed}}
+    out = bench.summarise(plan, raw, cfg, peak_flops=4e3)
+    f1, f2 = (bench.useful_flops(cfg, lora, [lengths[i]], labels[i]) for i in (1, 2))
+    c, a = out["fastchat_ft"], out["hf_padded"]
+    assert c["timed_s"] == pytest.approx((13 - 11) + (20 - 14)) and c["cpu_s"] == pytest.approx((9 - 6) + (16 - 10))
+    assert c["step_mfu"] == pytest.approx([f1 / (2 * 2e3), f2 / (6 * 2.5e3)])
+    assert c["mfu"] == pytest.approx((f1 + f2) / (2 * 2e3 + 6 * 2.5e3))
+    assert c["mfu_vs_best_rate"] == pytest.approx((f1 + f2) / 8 / 4e3)
+    assert a["timed_s"] == pytest.approx(10) and a["cpu_s"] == pytest.approx(11) and "probe_rates" not in a
+    assert a["mfu"] == a["mfu_vs_best_rate"] == pytest.approx((f1 + f2) / 10 / 4e3)
+    assert c["step_time_median_s"] == pytest.approx(4) and a["step_time_median_s"] == pytest.approx(5)
+
+
 def test_rounds_report_each_runners_median_round_and_keep_every_round():
     def summary(tps):
-        return {"tokens": {"timed_non_padding": 10}, **{n: {"tokens_per_s": t, "peak_memory_mb": 100 + t, "mark": t}
+        return {"tokens": {"timed_non_padding": 10}, **{n: {"tokens_per_s": t, "peak_memory_mb": 100 + t, "mark": t,
+                                                            "mfu": t / 1000}
                                                         for n, t in zip(bench.RUNNERS, tps)}}
     runs = bench.combine_rounds([summary((100, 7, 30)), summary((300, 5, 10)), summary((200, 6, 20))])
     assert [runs[n]["mark"] for n in bench.RUNNERS] == [200, 6, 20]  # the middle round of each, chosen apart
     assert runs["hf_padded"]["tokens_per_s_rounds"] == [100, 300, 200]
     assert runs["fastchat_ft"]["peak_memory_mb_rounds"] == [130, 110, 120] and runs["fastchat_ft"]["median_of_rounds"] == 3
+    assert runs["fastchat_ft"]["mfu_rounds"] == [0.03, 0.01, 0.02]
     two = bench.combine_rounds([summary((100, 1, 1)), summary((300, 2, 2))])
     assert two["hf_padded"]["mark"] == 100  # even count: the lower middle
     table = bench.format_table({"runs": {**runs, **{n: {**runs[n], **{k: 1.0 for k in (
