@@ -157,6 +157,29 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_dir, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed afterwards
 
 
+def test_a_stop_asked_between_steps_still_saves_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    # a signal during the loop's own work after a step (an evaluation here; logging, a save) ended the loop
+    # without a checkpoint: exit 143 and "saving a checkpoint" said, yet the steps since the last save were lost
+    import signal
+
+    real = train_mod.evaluate
+    calls = {"n": 0}
+
+    def term_in_second_eval(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-2 evaluation (step 0's is the first)
+            signal.raise_signal(signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", term_in_second_eval)
+    out = tmp_path / "term"
+    summary = train_mod.train(make_cfg(tiny_dir, out, eval_steps=2, save_steps=100), data=make_data(tmp_path),
+                              show_bar=False)
+    assert summary["stopped"] == "SIGTERM" and summary["steps"] == 3  # the step under way when it was seen
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    assert not (out / "final").exists()
+
+
 @pytest.mark.parametrize("eval_steps, stop, said", [
     (100, 2, "validation loss: none measured since the start (step 0: "), (2, 3, "last validation loss: ")])
 def test_a_stopped_run_reports_its_last_validation_loss_not_a_before_after(tiny_dir, tmp_path, capsys, eval_steps,

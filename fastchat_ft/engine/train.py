@@ -316,8 +316,12 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
                       active=rank == 0, sharded=sharded)
 
     merge_tokens = data_mod.merge_budget(cfg, s.device, world)  # fewer, larger forwards on one CPU process
+    # stopping: the stop request as read once after each step, which every rank agrees on and after_step saves
+    # for. A signal that lands later (in after_step's logging, evaluation or save) is seen after the next step:
+    # ending the loop on it directly skipped the checkpoint, and on one rank alone left the others waiting
+    stopping = None
     with ckpt.StopFlag() as stop, _oom_advice(cfg):
-        while state.step < total_steps and not stop.requested:
+        while state.step < total_steps and not stopping:
             t0 = time.perf_counter()
             idx, mine = data_mod.rank_step(rows, cfg, per_step, state.epoch, state.batch_in_epoch, rank, merge_tokens)
             if not any(idx):  # an optimizer step on no data would still move the weights (AdamW momentum, decay)
@@ -342,12 +346,11 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _advance(state, steps_epoch, sum(data_mod.row_tokens(rows[i]) for m in idx for i in m))
-            if stop_after and state.step >= stop_after:
-                stop.requested = stop.requested or "stop_after"
-            if dist_mod.any_rank(bool(stop.requested)):  # every rank stops after the same step
-                stop.requested = stop.requested or "stop on another rank"
-            report.after_step(step_loss, grad_norm, lr, t_data, time.perf_counter() - t0, stop.requested)
-    return report.finish(stop.requested)
+            stopping = stop.requested or ("stop_after" if stop_after and state.step >= stop_after else None)
+            if dist_mod.any_rank(bool(stopping)):  # every rank stops after the same step
+                stopping = stopping or "stop on another rank"
+            report.after_step(step_loss, grad_norm, lr, t_data, time.perf_counter() - t0, stopping)
+    return report.finish(stopping)
 
 
 @contextlib.contextmanager
