@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         ARGUMENTS[name](p)
+        # `fastchat-ft validate x.jsonl --debug` is where users add it; SUPPRESS keeps an earlier `--debug` set
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     return parser
 
 

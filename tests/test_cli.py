@@ -61,3 +61,14 @@ def test_the_template_names_in_help_are_the_ones_the_encoder_knows():
     from fastchat_ft.data.encode import BUILTIN_TEMPLATES
 
     assert cli.TEMPLATES.split(", ") == [*BUILTIN_TEMPLATES, "tokenizer"]
+
+
+def test_debug_is_taken_after_the_subcommand_too(tmp_path):
+    missing = str(tmp_path / "missing.jsonl")
+    for argv in (["validate", missing, "--debug"], ["--debug", "validate", missing]):
+        out = run_cli(*argv)
+        assert out.returncode == 1, (argv, out.stderr)
+        assert "Traceback" in out.stderr and "no such file" in out.stderr, argv
+    out = run_cli("validate", missing)  # and without it, none
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "no such file" in out.stderr
+
