@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from fastchat_ft import __version__
@@ -238,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `fastchat-ft validate x.jsonl | head` closed the pipe: not an error of ours. Python would also report
+        # the pipe again when it flushes stdout at exit, so stdout goes to devnull first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe exits with
 
 
 if __name__ == "__main__":

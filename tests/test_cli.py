@@ -72,3 +72,13 @@ def test_debug_is_taken_after_the_subcommand_too(tmp_path):
     out = run_cli("validate", missing)  # and without it, none
     assert out.returncode == 1 and "Traceback" not in out.stderr and "no such file" in out.stderr
 
+
+def test_output_piped_into_head_ends_without_a_traceback(tmp_path):
+    # --json lists every issue: far more than a pipe buffer, so the write after `head` exits hits a closed pipe
+    bad = '{"messages": [{"role": "usr", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n'
+    data = tmp_path / "bad.jsonl"
+    data.write_text(bad * 3000)
+    out = subprocess.run(f'"{sys.executable}" -m fastchat_ft validate "{data}" --json | head -c 10',
+                         shell=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout == '{\n  "file"'
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
