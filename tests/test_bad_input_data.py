@@ -193,6 +193,19 @@ def test_validate_an_empty_dataset_fails(tmp_path, capsys, content):
     refused(capsys, ["validate", str(f)], file=f)
 
 
+@pytest.mark.parametrize("content,reason", [(b"", "no records"), (b"\n  \n", "no records"),
+                                            (b'{"messages": []}\n{"foo": 1}\n', "no valid records (2 with errors)")])
+def test_analyze_of_a_file_with_nothing_to_analyze_fails(tmp_path, tok_dir, capsys, content, reason):
+    # as validate and split: a report of zeros with status 0 read as a dataset that passed
+    f = tmp_path / "empty.jsonl"
+    f.write_bytes(content)
+    png = tmp_path / "len.png"
+    for extra in ([], ["--json"], ["--plot", str(png)]):
+        err = refused(capsys, ["analyze", str(f), "--tokenizer", tok_dir, *extra], file=f)
+        assert reason in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no PNG of nothing
+
+
 # -------------------------------------------------------------------------- .jsonl of bare message lists
 
 def bare_lists(path):

@@ -177,8 +177,20 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
             "missing_tokens": max(0, int(budget) - trained_tokens),
         }
     if plot:
+        if not conversations:  # a histogram of nothing: refuse it before the file is written
+            raise no_conversations(path, records)
         result["plot"] = str(plot_lengths(hist, max_seq_len, plot, title=Path(path).name))
     return result
+
+
+def no_conversations(path, records: int) -> DataError:
+    """A file with nothing to analyze (as validate and split refuse it): a report of zeros with exit status 0 reads
+    as a dataset that passed."""
+    if records == 0:
+        return DataError("the file holds no records", file=str(path),
+                         fix='add records: one JSON object per line, {"messages": [{"role": "user", ...}, ...]}')
+    return DataError(f"the file holds no valid records ({records} with errors)", file=str(path),
+                     fix=f"run `fastchat-ft validate {path}` to see what is wrong with each")
 
 
 def plot_lengths(hist: np.ndarray, max_seq_len: int, out: str | os.PathLike, title: str = "") -> Path:
@@ -259,6 +271,8 @@ def run_analyze(args) -> int:
                           gradient_accumulation_steps=getattr(args, "grad_accum", 1),
                           world_size=getattr(args, "world_size", 1), overlong=getattr(args, "overlong", "drop"),
                           plot=args.plot)
+    if result["conversations"] == 0:
+        raise no_conversations(args.file, result["records"])
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
