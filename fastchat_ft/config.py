@@ -314,7 +314,21 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
         raise ConfigError(f"the file must hold a mapping of keys to values, not a {type(data).__name__}",
                           file=str(path), fix="write one `key: value` per line (see fastchat_ft/assets/default.yaml)")
     data = _resolve_relative_paths(data, path.parent)
-    return from_dict_with_overrides(data, overrides or [], str(path))
+    try:
+        return from_dict_with_overrides(data, overrides or [], str(path))
+    except ConfigError as e:  # a key or value from this file: name its line, as a YAML syntax error does
+        line = _key_lines(text).get(e.field) if e.file == str(path) and e.line is None else None
+        if line is None:
+            raise
+        raise type(e)(e.reason, file=e.file, line=line, field=e.field, fix=e.fix) from None
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """The line of each top-level key of a YAML mapping (the text has loaded already, so it composes)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
 class _DuplicateKey(yaml.constructor.ConstructorError):

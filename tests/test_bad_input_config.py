@@ -91,3 +91,27 @@ def test_a_set_value_that_yaml_reads_as_a_mapping_or_list_suggests_quoting(tmp_p
         config.load(path, [item])
     assert e.value.file == f"--set {item}" and shown in e.value.fix
     assert config.load(path, [shown[len("--set '"):-1]]).system_prompt == item.split("=", 1)[1]
+
+
+@pytest.mark.parametrize("text, field, line", [
+    ("lora_r: 8\n\nlearning_rat: 1.0e-4\n", "learning_rat", 3),   # a typo'd key
+    ("# comment\nmax_steps: 5\nadapter: lorra\n", "adapter", 3),   # a bad choice
+    ("lora_r: 0\nmax_steps: 5\n", "lora_r", 1),                   # a bad number
+    ("lora_r: 8\ndatasets:\n  - path: a.jsonl\n    typ: chat_template\n", "datasets", 2),  # inside an entry: its key
+])
+def test_an_error_from_the_file_names_the_line_of_its_key(tmp_path, capsys, text, field, line):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert (e.value.file, e.value.line, e.value.field) == (str(path), line, field) and e.value.fix
+    assert main(["train", str(path), "--dry-run"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {path}:{line}: field '{field}'")
+
+
+def test_an_error_from_a_set_override_gets_no_line_of_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 5\nlora_r: 8\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(path, ["lora_r=0"])
+    assert e.value.file == "--set lora_r=0" and e.value.line is None
