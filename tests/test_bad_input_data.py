@@ -206,6 +206,19 @@ def test_analyze_of_a_file_with_nothing_to_analyze_fails(tmp_path, tok_dir, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]  # no PNG of nothing
 
 
+@pytest.mark.parametrize("command", ["validate", "analyze", "split"])
+@pytest.mark.parametrize("compress, kind", [("gzip", "gzip"), ("bz2", "bzip2"), ("lzma", "xz")])
+def test_a_compressed_file_is_named_as_one(data, tok_dir, tmp_path, capsys, command, compress, kind):
+    # was one "not valid UTF-8" error per compressed line, which hid the fix
+    import importlib
+    packed = tmp_path / "small.jsonl.z"
+    packed.write_bytes(importlib.import_module(compress).compress(data.read_bytes()))
+    extra = ["--tokenizer", tok_dir] if command == "analyze" else []
+    err = refused(capsys, [command, str(packed), *extra], file=packed)
+    assert f"{kind}-compressed" in err and "UTF-8" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.jsonl", "small.jsonl.z"]
+
+
 # -------------------------------------------------------------------------- .jsonl of bare message lists
 
 def bare_lists(path):

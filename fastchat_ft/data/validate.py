@@ -190,6 +190,7 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
         raise DataError("this is a folder, not a dataset file", file=str(p), fix="give one .jsonl or .json file")
     if not p.is_file():
         raise DataError("no such file", file=str(p), fix="check the path")
+    refuse_compressed(p)
     check_max_seq_len(max_seq_len, "max_seq_len")
     if near_duplicates:
         check_near_threshold(near_threshold, "near_threshold")
@@ -210,6 +211,21 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
         if m:
             raise reader_error(p, int(m.group(1)), int(m.group(2)), m.group(3)) from None
         raise DataError(msg, file=str(p)) from None
+
+
+# Leading bytes of compressed files: the reader takes plain JSON(L) only, and without this check a .jsonl.gz is
+# reported as one "not valid UTF-8" error per compressed line, which hides the one fix.
+COMPRESSED_MAGIC = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"),
+                    b"BZh": ("bzip2", "bunzip2 -k"), b"\xfd7zXZ\x00": ("xz", "unxz -k"), b"PK\x03\x04": ("zip", "unzip")}
+
+
+def refuse_compressed(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    for magic, (kind, tool) in COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            raise DataError(f"this is a {kind}-compressed file; the dataset tools read plain .jsonl / .json",
+                            file=str(path), fix=f"decompress it first ({tool} {path}) and pass the plain file")
 
 
 def iter_batches(scanner) -> Iterator[dict]:
