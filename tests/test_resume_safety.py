@@ -136,3 +136,41 @@ def test_checkpoints_and_the_final_model_get_the_normal_file_modes(env):
         assert folder.stat().st_mode & 0o777 == 0o777 & ~umask, folder
         for f in folder.rglob("*"):
             assert f.stat().st_mode & 0o777 == (0o777 if f.is_dir() else 0o666) & ~umask, f
+
+
+def test_a_save_stopped_while_it_replaces_a_checkpoint_leaves_none_half_deleted(tmp_path, monkeypatch):
+    """A re-save of a step (a run into its folder again with overwrite_output_dir, final/ included) removed the old
+    folder in place before renaming the new one there: killed part way, it left a half-deleted step-NNNNNN (or
+    final/) that --resume (latest) then picked."""
+    from pathlib import Path
+
+    import torch
+
+    from fastchat_ft.engine import checkpoint as ckpt
+    from fastchat_ft.engine.schedule import build_scheduler
+
+    monkeypatch.setattr(ckpt, "save_model_files", lambda folder, *a, **k: (folder / "weights").write_bytes(b"w"))
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    sched = build_scheduler(opt, 4, 0.0, "cosine")
+    expected = {"weights", "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng.pt"}
+    for name in (None, "final"):
+        args = (tmp_path, ckpt.TrainState(step=2), None, {"adapter": None}, tmp_path, opt, sched, 3)
+        ckpt.save_checkpoint(*args, name=name)
+        real = shutil.rmtree
+
+        def killed_part_way(path, *a, **k):  # as a kill would leave it: some files gone, then nothing more runs
+            files = [f for f in Path(path).iterdir() if f.is_file()] if Path(path).is_dir() else []
+            files[0].unlink() if files else None
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ckpt.shutil, "rmtree", killed_part_way)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(*args, name=name)
+        monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+        for folder in [*ckpt.list_checkpoints(tmp_path), *[tmp_path / "final"] * bool(name)]:
+            assert {f.name for f in folder.iterdir()} == expected, folder
+    # the next save removes what the stopped ones left (a SIGKILL mid-save leaves its .step-NNNNNN.tmp-* too)
+    ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=3), None, {"adapter": None}, tmp_path, opt, sched, 3)
+    ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=3), None, {"adapter": None}, tmp_path, opt, sched, 3,
+                         name="final")
+    assert not [p.name for p in tmp_path.rglob(".*")]

@@ -26,6 +26,7 @@ from fastchat_ft.model import lora as lora_mod
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STAGED = re.compile(r"^\.(step-\d{6,}|final)\.(tmp|old)-")  # save_checkpoint's staging and set-aside folders
 RESUME_FIX = "resume with the same base_model and adapter settings (lora_r, target modules) the run started with"
 
 
@@ -98,16 +99,29 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, model_info: dict, t
         for r, rng in enumerate(rng_states or [_rng_state()]):
             torch.save(rng, tmp / rng_file_name(r))
         readable_by_all(tmp)  # mkdtemp's 0700 would keep the model from anyone but this user
-        if final.exists():  # a re-save of the same step (e.g. stop right after a scheduled save)
-            shutil.rmtree(final)
+        replaced = _set_aside(final) if final.exists() else None  # a re-save (a run into its folder again)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replaced:
+        shutil.rmtree(replaced, ignore_errors=True)
     if not name:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(_set_aside(old), ignore_errors=True)
+    for stale in parent.iterdir():  # what a killed save left (saves are collective: none is under way now)
+        if STAGED.match(stale.name) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename `folder` to a hidden name before it is removed: removing it in place, a kill part way left a
+    half-deleted step-NNNNNN (or final/) under the name --resume and export look for."""
+    aside = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)  # left by a killed save of this process id: a rename needs the name free
+    os.replace(folder, aside)
+    return aside
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
