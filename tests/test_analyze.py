@@ -137,3 +137,32 @@ def test_cli_json_and_plot(tmp_path, capsys):
     assert main(["analyze", str(src), "--tokenizer", str(tok_dir), "--budget", "1000000000"]) == 0
     text = capsys.readouterr().out
     assert re.search(r"budget\s+1000000000 tokens: NOT met", text)
+
+
+@pytest.mark.parametrize("overlong", ["drop", "truncate"])
+def test_single_turn_records_over_max_seq_len_count_in_the_lengths(tmp_path, tok, overlong):
+    # A single exchange over max_seq_len is an error (no whole trained turn fits), so it was left out of the
+    # lengths too: single-turn data always read "0 over max_seq_len" and percentiles below the limit.
+    from fastchat_ft.data import encode_chat
+    rng = random.Random(11)
+    recs = []
+    for _ in range(40):
+        recs.append({"messages": [{"role": "user", "content": sentence(rng, rng.randint(3, 30))},
+                                  {"role": "assistant", "content": sentence(rng, rng.randint(3, 90))}]})
+    lines = [json.dumps(r) for r in recs]
+    lines.insert(3, '{"messages": []}')  # another error: still left out of every number
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    lengths = np.array([len(encode_chat(r["messages"], tok)[0]) for r in recs])
+    max_seq_len = int(np.percentile(lengths, 70))
+    over = lengths > max_seq_len
+    res = analyze_file(f, tok, max_seq_len=max_seq_len, overlong=overlong)
+    assert res["issues"]["error:length.truncated_no_trainable"] == over.sum() > 5  # the case is exercised
+    assert res["conversations"] == (~over).sum() and res["invalid_records"] == over.sum() + 1
+    assert res["lengths"]["over_max_seq_len"] == over.sum()
+    assert res["lengths"]["over_max_seq_len_share"] == pytest.approx(over.mean())
+    for q in (50, 90, 95, 99):
+        assert res["lengths"][f"p{q}"] == int(np.percentile(lengths, q, method="inverted_cdf"))
+    assert res["lengths"]["max"] == lengths.max() and res["lengths"]["mean"] == pytest.approx(lengths.mean())
+    assert res["tokens"]["total"] == lengths[~over].sum()  # tokens and packing: what trains, as before
+    assert res["packing"]["conversations"] == (~over).sum()

@@ -20,6 +20,10 @@ from fastchat_ft.data.validate import (SEVERITIES, iter_batches, load_tokenizer,
 from fastchat_ft.errors import DataError
 
 PERCENTILES = (50, 90, 95, 99)
+# The error of a conversation over max_seq_len that training drops under either overlong policy. A record with no
+# other error still counts in the length percentiles and the share over max_seq_len: those numbers are how a user
+# picks max_seq_len, and leaving out the over-long records made single-turn data read "0 over max_seq_len".
+LENGTH_ONLY = "length.truncated_no_trainable"
 
 
 def _grow_add(hist: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -76,16 +80,21 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
     records = invalid = conversations = multi_turn = messages = max_turns = 0
     roles = np.zeros(4, dtype=np.int64)
     tokens = trainable = trained_tokens = trained_trainable = 0
-    over = exact_dups = near_dups = 0
-    hist = np.zeros(1, dtype=np.int64)       # token length of every valid conversation
+    over = measured = exact_dups = near_dups = 0
+    hist = np.zeros(1, dtype=np.int64)       # token length of every valid conversation (and LENGTH_ONLY ones)
     kept_hist = np.zeros(1, dtype=np.int64)  # lengths that reach training under `overlong`
     issue_counts: dict[str, int] = {}
     for batch in iter_batches(scanner):
         records += len(batch["lines"])
-        for (_, _, _, sev, code, _, _) in batch["issues"]:
+        too_long, other_error = set(), set()
+        for (idx, _, _, sev, code, _, _) in batch["issues"]:
             key = f"{SEVERITIES[sev]}:{code}"
             issue_counts[key] = issue_counts.get(key, 0) + 1
+            if SEVERITIES[sev] == "error":
+                (too_long if code == LENGTH_ONLY else other_error).add(idx)
         ok = ~batch["has_error"]
+        only_long = np.zeros(ok.size, dtype=bool)
+        only_long[list(too_long - other_error)] = True
         invalid += int((~ok).sum())
         n_tok = batch["tokens"][ok].astype(np.int64)
         n_train = batch["trainable"][ok].astype(np.int64)
@@ -100,10 +109,11 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
         tokens += int(n_tok.sum())
         trainable += int(n_train.sum())
         is_over = n_tok > max_seq_len
-        over += int(is_over.sum())
+        over += int(is_over.sum()) + int(only_long.sum())
+        measured += int(ok.sum()) + int(only_long.sum())
         exact_dups += int((batch["duplicate_of"][ok] > 0).sum())
         near_dups += int((batch["near_duplicate_of"][ok] > 0).sum())
-        hist = _grow_add(hist, n_tok)
+        hist = _grow_add(hist, np.concatenate([n_tok, batch["tokens"][only_long].astype(np.int64)]))
         if overlong == "drop":
             kept = n_tok[~is_over]
             trained_trainable += int(n_train[~is_over].sum())
@@ -143,9 +153,9 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
         "lengths": {
             **{f"p{q}": _percentile(hist, q) for q in PERCENTILES},
             "max": int(np.flatnonzero(hist).max()) if hist.any() else 0,
-            "mean": tokens / conversations if conversations else 0.0,
+            "mean": float(np.arange(hist.size) @ hist) / measured if measured else 0.0,
             "over_max_seq_len": over,
-            "over_max_seq_len_share": over / conversations if conversations else 0.0,
+            "over_max_seq_len_share": over / measured if measured else 0.0,
         },
         "diversity": {
             "distinct_2": distinct_2,
