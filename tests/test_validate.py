@@ -267,3 +267,18 @@ def test_a_folder_or_missing_path_is_named_as_such(tmp_path, capsys):
     assert "a folder, not a dataset file" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "missing.jsonl")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_fix_rejects_of_a_json_array_name_each_record_line(tmp_path):
+    # the raw copy of an array item has no line of its own: the rejects said "line": null
+    good = {"messages": [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "4."}]}
+    bad = {"messages": [{"role": "bogus", "content": "hi"}, {"role": "assistant", "content": "x"}]}
+    other = {"messages": [{"role": "user", "content": "Name a blue fruit."}, {"role": "assistant", "content": "Plum."}]}
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps([good, bad, other, good], indent=1))  # indent: each record starts on its own line
+    starts = [i for i, text in enumerate(src.read_text().splitlines(), 1) if text == " {"]
+    report = validate_file(src)
+    _, rej, kept, dropped = write_fixed(report, tmp_path / "clean.jsonl")
+    rejects = [json.loads(x) for x in rej.read_text().splitlines()]
+    assert (kept, dropped) == (2, 2)
+    assert [(r["record_index"], r["line"]) for r in rejects] == [(1, starts[1]), (3, starts[3])]

@@ -58,6 +58,7 @@ class ValidationReport:
     near_duplicates: int = 0
     issues: list[Issue] = field(default_factory=list)
     rejected: dict[int, list[str]] = field(default_factory=dict)  # record ordinal -> reasons (for --fix)
+    rejected_lines: dict[int, int] = field(default_factory=dict)  # record ordinal -> its first line (for --fix)
     tokenizer: str | None = None
     template: str = "chatml"
     max_seq_len: int | None = None
@@ -253,6 +254,9 @@ def validate_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | Non
         for (idx, line, column, severity, code, fld, message) in batch["issues"]:
             sev = SEVERITIES[severity]
             report.issues.append(Issue(line, column, sev, code, fld, message))
+            if sev == "error" or code.startswith("duplicate."):
+                # a .json array's records have no line in their raw copy: the rejects give the scanner's
+                report.rejected_lines.setdefault(offset + idx, int(batch["lines"][idx]))
             if sev == "error":
                 report.rejected.setdefault(offset + idx, []).append(f"{code}: {message}")
             elif sev == "warning":
@@ -315,7 +319,7 @@ def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path,
             else:
                 dropped += 1
                 text = raw.decode("utf-8", errors="backslashreplace")
-                entry = {"line": line or None, "record_index": ordinal, "reasons": reasons, "raw": text}
+                entry = {"line": line or report.rejected_lines.get(ordinal), "record_index": ordinal, "reasons": reasons, "raw": text}
                 yield False, (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
 
     # Both outputs stream through temp files, then land atomically.
