@@ -307,12 +307,13 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 
 class ChatStream:
     """Stream one assistant reply: iterate for text pieces; afterwards `.text`, `.token_ids`,
-    `.finish_reason` ("stop" when an end-of-turn/eos token ended it, "length" at max_new_tokens) and
-    `.prompt_tokens` are set. Hand-written (a KV-cache loop rather than `model.generate` + a streamer
+    `.finish_reason` ("stop" when an end-of-turn/eos token or one of the `stop` strings ended it, "length" at
+    max_new_tokens) and `.prompt_tokens` are set. A stop string is left out of the text, as OpenAI does. Hand-written (a KV-cache loop rather than `model.generate` + a streamer
     thread) so the caller gets text as it is decoded, without a thread, and knows exactly why it stopped."""
 
     def __init__(self, model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_ids=None):
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_ids=None,
+                 stop: list[str] | tuple[str, ...] = ()):
         problem = sampling_problem(temperature, top_p)
         if problem:  # callers check their own flags; this keeps torch's "invalid multinomial distribution" away
             raise ValueError(problem[1])
@@ -320,6 +321,7 @@ class ChatStream:
         self.messages, self.max_new_tokens = messages, max_new_tokens
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer, model)
+        self.stop = [s for s in stop if s]
         self.prompt_ids = chat_prompt_ids(tokenizer, messages)
         self.prompt_tokens = len(self.prompt_ids)
         self.token_ids: list[int] = []
@@ -337,7 +339,7 @@ class ChatStream:
         ids = torch.tensor([self.prompt_ids], device=device)
         # transformers 5.x renamed past_key_values to cache; older releases (>=4.51 is supported) lack it
         cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        past, emitted = None, 0
+        past, emitted, cut = None, 0, None
         with torch.inference_mode():
             for _ in range(self.max_new_tokens):
                 out = self.model(input_ids=ids, use_cache=True, **{cache_kw: past})
@@ -347,15 +349,21 @@ class ChatStream:
                     self.finish_reason = "stop"
                     break
                 self.token_ids.append(next_id)
-                # a trailing U+FFFD may be half a UTF-8 character that the next token completes: hold it back
-                stable = self.tokenizer.decode(self.token_ids, skip_special_tokens=False).rstrip("\ufffd")
+                text = self.tokenizer.decode(self.token_ids, skip_special_tokens=False)
+                cut = _stop_at(text, self.stop)
+                if cut is not None:
+                    self.finish_reason = "stop"
+                    break
+                # a trailing U+FFFD may be half a UTF-8 character that the next token completes, and a tail that
+                # begins a stop string may be completed by the next tokens: hold both back
+                stable = _without_stop_prefix(text.rstrip("\ufffd"), self.stop)
                 if len(stable) > emitted:
                     yield stable[emitted:]
                     emitted = len(stable)
                 ids = torch.tensor([[next_id]], device=device)
             else:
                 self.finish_reason = "length"
-        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=False)
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=False)[:cut]
         if len(self.text) > emitted:
             yield self.text[emitted:]
 
@@ -363,6 +371,20 @@ class ChatStream:
         for _ in self:
             pass
         return self.text
+
+
+def _stop_at(text: str, stop: list[str]) -> int | None:
+    """Where the earliest stop string starts in text, or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def _without_stop_prefix(text: str, stop: list[str]) -> str:
+    """text less its longest tail that is the start of a stop string."""
+    for n in range(min(len(text), max((len(s) for s in stop), default=0)), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stop):
+            return text[:-n]
+    return text
 
 
 def sampling_problem(temperature: float, top_p: float) -> tuple[str, str] | None:

@@ -278,7 +278,7 @@ def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], 
     opts = {"max_new_tokens": default_max_tokens if key is None else _positive_int(req[key], key),
             "temperature": 1.0 if temperature is None else _number(temperature, "temperature"),
             "top_p": 1.0 if req.get("top_p") is None else _number(req["top_p"], "top_p"),
-            "seed": _seed(req.get("seed"))}
+            "seed": _seed(req.get("seed")), "stop": _stop(req.get("stop"))}
     problem = sampling_problem(opts["temperature"], opts["top_p"])
     if problem:
         raise RequestError(problem[1], param=problem[0])
@@ -324,6 +324,16 @@ def _text_parts(parts: list, param: str) -> str:
             raise RequestError(f"{param}[{j}] is {kind}; only {{\"type\": \"text\", \"text\": ...}} parts "
                                "(or a plain string) are supported", param=param)
     return "".join(p["text"] for p in parts)
+
+
+def _stop(v) -> list[str]:
+    # OpenAI's `stop`: a string or up to 4 strings; left unread, a reply ran on past it to max_tokens
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+        raise RequestError(f"'stop' must be a string or a list of up to 4 strings, got {v!r}", param="stop")
+    return stops
 
 
 def _seed(v):

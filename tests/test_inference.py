@@ -152,3 +152,19 @@ def test_model_folder_without_a_usable_tokenizer_is_a_user_error(tiny_run, tmp_p
     with pytest.raises(ModelError, match="could not load the tokenizer") as err:
         load_model(bare, device="cpu")
     assert err.value.file == str(bare)
+
+
+def test_stop_strings_cut_the_reply_and_are_never_streamed(chatty_run):
+    # a stop string may span tokens: what was streamed before it completed must not include its first part
+    loaded = load_model(chatty_run["run"], device="cpu")
+    msgs = [{"role": "user", "content": "two dogs?"}]
+    full = ChatStream(loaded.model, loaded.tokenizer, msgs, max_new_tokens=16)
+    full.run()
+    for stop in (full.text[len(full.text) // 2: len(full.text) // 2 + 6], full.text[-3:]):
+        cut = full.text.index(stop)
+        stream = ChatStream(loaded.model, loaded.tokenizer, msgs, max_new_tokens=16, stop=["@@@", stop])
+        pieces = list(stream)
+        assert "".join(pieces) == stream.text == full.text[:cut]
+        assert stream.finish_reason == "stop" and stream.token_ids == full.token_ids[:len(stream.token_ids)]
+    never = ChatStream(loaded.model, loaded.tokenizer, msgs, max_new_tokens=16, stop=["@@@"])
+    assert "".join(never) == full.text and never.finish_reason == "length"

@@ -255,3 +255,28 @@ def test_max_tokens_beyond_the_context_over_http(server, client):
         client.chat.completions.create(model="x", messages=MSGS, max_tokens=3, extra_body={"stream": "false"})
     r = client.chat.completions.create(model="x", messages=MSGS, max_tokens=3, temperature=0.5, seed=2**63 - 1)
     assert r.usage.completion_tokens <= 3
+
+
+def test_stop_sequences_end_the_reply_before_them_streamed_and_not(server, client):
+    # `stop` was ignored: the reply ran on past it to max_tokens with finish_reason "length"
+    full = ChatStream(server.loaded.model, server.loaded.tokenizer, MSGS, max_new_tokens=12)
+    full.run()
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 4]
+    cut = full.text.index(stop)
+    assert 0 < cut
+    r = client.chat.completions.create(model="x", messages=MSGS, max_tokens=12, temperature=0, stop=[stop, "@@"])
+    assert r.choices[0].message.content == full.text[:cut] and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 12
+    chunks = list(client.chat.completions.create(model="x", messages=MSGS, max_tokens=12, temperature=0, stop=stop,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.text[:cut]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+@pytest.mark.parametrize("value", [7, ["a", 3], ["a", "b", "c", "d", "e"]])
+def test_stop_of_the_wrong_shape_is_a_400(value):
+    from fastchat_ft.serve import RequestError, parse_chat_request
+    with pytest.raises(RequestError, match="stop") as err:
+        parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "stop": value}, 8)
+    assert err.value.param == "stop" and err.value.status == 400
+    assert parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "stop": "x"}, 8)[1]["stop"] == ["x"]
