@@ -82,6 +82,26 @@ def test_a_new_run_never_replaces_an_earlier_one_silently(tiny_dir, tmp_path):
     assert summary["steps"] == 1
 
 
+def test_resuming_another_folders_checkpoint_never_takes_over_a_run_there(tiny_dir, tmp_path):
+    # --resume PATH skipped the check: into a folder holding a stopped run with older checkpoints, it trained on
+    # there, keeping that run's metrics up to its own step and pruning that run's checkpoints
+    from engine_fixtures import snapshot
+
+    data, kw = make_data(tmp_path), dict(save_steps=100, eval_steps=100)
+    train_mod.train(make_cfg(tiny_dir, tmp_path / "x", **kw), data=data, show_bar=False, stop_after=2)
+    train_mod.train(make_cfg(tiny_dir, tmp_path / "y", **kw), data=data, show_bar=False, stop_after=1)
+    before = snapshot(tmp_path / "y")
+    with pytest.raises(ConfigError) as err:
+        train_mod.train(make_cfg(tiny_dir, tmp_path / "y", **kw), data=data, show_bar=False,
+                        resume=str(tmp_path / "x" / "checkpoints" / "step-000002"))
+    assert err.value.field == "output_dir" and "checkpoints" in str(err.value)
+    assert snapshot(tmp_path / "y") == before
+    # its own checkpoint, named as a path, resumes as --resume alone does
+    summary = train_mod.train(make_cfg(tiny_dir, tmp_path / "y", **kw), data=data, show_bar=False,
+                              resume=str(tmp_path / "y" / "checkpoints" / "step-000001"))
+    assert summary["steps"] == 6
+
+
 @pytest.mark.parametrize("adapter", ["lora", None])
 def test_resume_gives_the_uninterrupted_run(tiny_dir, tmp_path, adapter):
     # 10 rows / (2 x 2) = 3 steps per epoch: the resume point (step 4) is inside the second epoch;

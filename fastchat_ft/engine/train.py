@@ -50,8 +50,8 @@ def run_train(args) -> int:
     config_mod.validate(cfg)
     check_config_data_files(cfg)
     flags.output_folder(cfg.output_dir, "--output-dir" if args.output_dir else "output_dir")
-    if not (args.resume or args.dry_run or cfg.overwrite_output_dir):  # before torchrun starts N processes
-        refuse_to_overwrite(Path(cfg.output_dir))
+    if not (args.dry_run or cfg.overwrite_output_dir):  # before torchrun starts N processes
+        refuse_to_overwrite(Path(cfg.output_dir), args.resume)
     if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist_mod.relaunch_with_torchrun(args.nproc, sys.argv[1:])
     try:
@@ -248,9 +248,14 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, fused=fused or None)
 
 
-def refuse_to_overwrite(run_dir: Path) -> None:
+def refuse_to_overwrite(run_dir: Path, resume: str | None = None) -> None:
     """A new run never silently replaces an earlier run's checkpoints, final model and metrics (a run stopped
-    before its first checkpoint has only its logged steps)."""
+    before its first checkpoint has only its logged steps). `resume`: --resume of a checkpoint of run_dir's own run
+    goes on (the resume's own checks follow); --resume PATH of another folder's checkpoint starts a new run here,
+    which would have taken over the earlier run's metrics, manifest and checkpoints."""
+    if resume and (resume == "latest" or Path(resume).resolve().parent in (run_dir.resolve(),
+                                                                           (run_dir / "checkpoints").resolve())):
+        return
     earlier = [n for n in ("final", "checkpoints") if (run_dir / n).is_dir() and any((run_dir / n).iterdir())]
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
@@ -269,8 +274,8 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
     torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
     random.seed(cfg.seed + rank)
     run_dir = Path(cfg.output_dir)
-    if not (resume or dry_run or cfg.overwrite_output_dir):
-        refuse_to_overwrite(run_dir)
+    if not (dry_run or cfg.overwrite_output_dir):
+        refuse_to_overwrite(run_dir, resume)
     # A one-process dry run builds (the extended tokenizer) in scratch space: it writes nothing into the output
     # folder, where it would replace an earlier run's tokenizer/. Ranks of a torchrun share run_dir to build.
     # The dry-run report needs nothing from that folder once the model is built.
