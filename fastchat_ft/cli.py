@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from fastchat_ft import __version__
 from fastchat_ft.errors import FastchatError, NotBuiltYet
@@ -223,12 +224,27 @@ def resolve_handler(command: str):
     return func
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (their text starts "fastchat-ft: ") print as `warning: ...`: the default format adds our
+    source file, line and code, which reads like a traceback to a user. Others keep Python's format."""
+    text = str(message)
+    if text.startswith("fastchat-ft: "):
+        return f"warning: {text[len('fastchat-ft: '):]}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    formatwarning = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _format_warning
     try:
         return resolve_handler(args.command)(args) or 0
     except FastchatError as e:
@@ -244,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         # the pipe again when it flushes stdout at exit, so stdout goes to devnull first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe exits with
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -82,3 +82,16 @@ def test_output_piped_into_head_ends_without_a_traceback(tmp_path):
                          shell=True, capture_output=True, text=True, timeout=120)
     assert out.stdout == '{\n  "file"'
     assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+
+
+def test_our_warnings_print_without_our_source_lines(tmp_path):
+    from conftest import shared_path
+    tok = shared_path("tokenizers", "smollm2")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    out = run_cli("validate", str(data), "--tokenizer", str(tok), "--template", "tokenizer")
+    assert out.returncode == 0
+    assert out.stderr.startswith("warning: the dataset tools check template='tokenizer' with the built-in 'chatml'")
+    assert "validate.py" not in out.stderr and "RuntimeWarning" not in out.stderr, out.stderr
+    debug = run_cli("--debug", "validate", str(data), "--tokenizer", str(tok), "--template", "tokenizer")
+    assert "RuntimeWarning: fastchat-ft: the dataset tools" in debug.stderr  # --debug: Python's format, with where
