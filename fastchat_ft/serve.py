@@ -185,8 +185,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         except RequestError as e:
             return self._error(e)
         with self.server.lock:
-            chat = ChatStream(self.server.loaded.model, self.server.loaded.tokenizer, messages, **opts)
             try:
+                chat = new_chat(self.server.loaded, messages, opts)
                 fit_to_context(req, chat, context_length(self.server.loaded.model))
             except RequestError as e:
                 return self._error(e)
@@ -291,6 +291,17 @@ def parse_chat_request(req: dict, default_max_tokens: int) -> tuple[list[dict], 
 def _max_tokens_key(req: dict) -> str | None:
     # `is not None`, not `or`: max_tokens 0 is an error to report, not a request for the server's default
     return next((k for k in ("max_completion_tokens", "max_tokens") if req.get(k) is not None), None)
+
+
+def new_chat(loaded: LoadedModel, messages: list[dict], opts: dict) -> ChatStream:
+    """The reply stream; a conversation the model's chat template refuses (Mistral, Llama 2 and Gemma templates
+    raise on some role orders) is the client's error to fix, a 400, not an exception that drops the connection."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return ChatStream(loaded.model, loaded.tokenizer, messages, **opts)
+    except TemplateError as e:
+        raise RequestError(f"the model's chat template refused these messages: {e}", param="messages") from None
 
 
 def context_length(model) -> int | None:

@@ -280,3 +280,32 @@ def test_stop_of_the_wrong_shape_is_a_400(value):
         parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "stop": value}, 8)
     assert err.value.param == "stop" and err.value.status == 400
     assert parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "stop": "x"}, 8)[1]["stop"] == ["x"]
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400_not_a_dropped_connection(tiny_run):
+    # Mistral/Llama-2/Gemma templates raise on some message orders (two user turns in a row, a system turn); the
+    # TemplateError escaped the handler, the connection dropped and the client saw only a network error
+    openai = pytest.importorskip("openai")
+    loaded = load_model(tiny_run["run"], device="cpu")
+    loaded.tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    srv = make_server(loaded, "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="unused",
+                               timeout=60, max_retries=0)
+        two_users = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match="roles must alternate") as err:
+                client.chat.completions.create(model="x", messages=two_users, max_tokens=3, stream=stream)
+            assert err.value.body["param"] == "messages"
+        r = client.chat.completions.create(model="x", messages=two_users[:1], max_tokens=3, temperature=0)
+        assert r.choices[0].finish_reason == "stop"  # the server still answers
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
