@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fastchat_ft.atomic import write_text_atomic
+
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, show_bar: bool = True):
@@ -17,12 +19,11 @@ class MetricsLogger:
         self.path = self.run_dir / "metrics.jsonl"
         self.records: list[dict] = []
         self._shown: dict = {}  # the progress bar's postfix: latest loss, lr, tokens/s, val_loss
-        if start_step and self.path.is_file():  # resume: keep history up to the checkpoint, drop the rest
-            for line in self.path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("step", 0) <= start_step:
-                    self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        if start_step:  # resume: keep history up to the checkpoint, drop what a killed run logged past it
+            self.records = _kept_up_to(self.path, start_step)
+            _kept_up_to(self.run_dir / "samples.jsonl", start_step)  # else its evaluations' samples come twice
+        else:
+            self.path.write_text("")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not show_bar, file=sys.stderr)
         self.tb = _tensorboard(self.run_dir / "training_logs")
@@ -57,6 +58,15 @@ class MetricsLogger:
         if self.tb is not None:
             self.tb.close()
         return plot_loss_curve(self.records, self.run_dir / "loss_curve.png")
+
+
+def _kept_up_to(path: Path, step: int) -> list[dict]:
+    """The records of the .jsonl log `path` up to `step`, which it is rewritten (atomically) to hold."""
+    if not path.is_file():
+        return []
+    kept = [rec for rec in map(json.loads, path.read_text().splitlines()) if rec.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    return kept
 
 
 def append_samples(run_dir: Path, step: int, samples: list[dict]) -> None:
