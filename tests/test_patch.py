@@ -502,6 +502,18 @@ def test_patching_twice_is_refused_and_undo_is_idempotent():
     assert second.rms_norms == handle.rms_norms
 
 
+def test_patching_a_deep_copy_of_a_patched_model_is_refused():
+    """A deep copy carries our forwards (bound to the copy): patching it again would wrap ours in ours, and the new
+    handle's undo would bring back the first patch's forwards instead of transformers' own."""
+    model = tiny_model("llama")
+    fastchat_ft.patch(model)
+    twin = copy.deepcopy(model)
+    before = forwards(twin)
+    with pytest.raises(ModelError, match="copy of a patched model"):
+        fastchat_ft.patch(twin)
+    assert forwards(twin) == before
+
+
 def test_undo_leaves_a_later_wrapper_in_place(caplog):
     """A trainer that wraps the patched forward (TRL's fused LM head does) keeps its wrapper after our undo."""
     model = tiny_model("llama")

@@ -95,6 +95,7 @@ class PatchHandle:
         self._model = None
 
     def _install(self, name: str, module, new_forward) -> None:
+        new_forward._fastchat_ft_patch = True  # how patch() knows a deep copy of a patched model
         before = module.__dict__.get("forward", _MISSING)
         bound = types.MethodType(new_forward, module)
         module.forward = bound
@@ -147,6 +148,11 @@ def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True,
     if lm in _ACTIVE:
         raise ModelError("this model is already patched by fastchat_ft.patch",
                          fix="call handle.undo() (or fastchat_ft.unpatch(handle)) before patching it again")
+    if any(_runs_ours(m) for m in model.modules()):
+        # a deep copy keeps our forwards: patching again would wrap ours in ours, and undo would restore ours
+        raise ModelError("this model is a copy of a patched model (copy.deepcopy keeps our forwards): it runs the "
+                         "fastchat-ft kernels already, on its own weights",
+                         fix="use it as it is, or copy the model before patching and patch each copy")
     handle = PatchHandle(model_type=model_type)
     try:
         if rms_norm:
@@ -169,6 +175,10 @@ def patch(model, *, rms_norm: bool = True, loss: bool = True, lora: bool = True,
 def unpatch(handle: PatchHandle) -> None:
     """The same as handle.undo()."""
     handle.undo()
+
+
+def _runs_ours(module) -> bool:
+    return getattr(getattr(module.__dict__.get("forward"), "__func__", None), "_fastchat_ft_patch", False)
 
 
 def _causal_lm(model):
