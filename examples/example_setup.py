@@ -55,7 +55,9 @@ def load_tokenizer_and_model(args):
     torch.manual_seed(args.seed)
     if args.model:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        # bf16 weights only for a frozen LoRA base: AdamW at full fine-tuning's 2e-5 on bf16 weights rounds most
+        # updates away, so those stay fp32 (the trainers' bf16=True autocasts the matmuls on CUDA)
+        dtype = torch.bfloat16 if torch.cuda.is_available() and args.lora else torch.float32
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         return tokenizer, model
     tokenizer = _train_tiny_tokenizer(args.data)

@@ -185,3 +185,18 @@ def test_trl_sft_trainer_receives_packed_rows_with_assistant_labels(chat_file, t
     assert len(seen) == 3 and all(b.get("fused_lm_head") for b in seen)
     _assert_labels_survived(seen, dataset)
     assert handle.rms_norms == 5
+
+
+@pytest.mark.parametrize("lora", [0, 8])
+def test_a_real_model_on_cuda_is_fully_fine_tuned_in_fp32_weights(chat_file, tmp_path, monkeypatch, lora):
+    """--model DIR on a GPU: bf16 weights only under LoRA (the base is frozen there). Full fine-tuning keeps fp32
+    weights (Trainer's bf16 autocasts the matmuls): AdamW at 2e-5 on bf16 weights rounds most updates away."""
+    tokenizer, model, _ = _pieces(chat_file, tmp_path)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    setup = sys.modules["example_setup"]  # imported by _pieces
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = type("Args", (), dict(model=str(tmp_path / "model"), seed=0, lora=lora))()
+    _, loaded = setup.load_tokenizer_and_model(args)
+    dtypes = {p.dtype for p in loaded.parameters()}
+    assert dtypes == ({torch.bfloat16} if lora else {torch.float32})
