@@ -209,7 +209,7 @@ def test_broken_json_array_file_names_line_and_column(tmp_path, capsys):
     f.write_text('[\n  {"messages": [{"role": "user", "content": "hi"}]},\n  {"messages": ]\n]\n')
     assert main(["validate", str(f)]) == 1
     err = capsys.readouterr().err
-    assert f"{f}:3:16:" in err and "fix:" in err
+    assert f"{f}:3:16:" in err and "fix: correct the JSON at that line and column" in err
 
 
 def test_results_do_not_depend_on_threads_or_batch_size(tmp_path):

@@ -178,8 +178,11 @@ def reader_error(path: Path, line: int, column: int, reason: str) -> DataError:
                              "this line is a JSON list, so the file was read as one JSON array, which ends on line 1"),
                              file=str(path), line=1,
                              fix='write each line as {"messages": [{"role": "user", "content": "..."}, ...]}')
+    # The reader fails here only on a file read as one JSON array: JSONL lines are checked one by one as records.
     return DataError(reason, file=str(path), line=line or None, column=column or None,
-                     fix="a .json file must hold one JSON list of records; use .jsonl for one record per line")
+                     fix="correct the JSON at that line and column: a file that starts with '[' is read as one JSON "
+                         "list of records, so one mistake stops the whole file (in .jsonl, one record per line, "
+                         "each line is checked on its own)")
 
 
 def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "chatml", max_seq_len: int | None = None,
