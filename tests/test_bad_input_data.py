@@ -154,6 +154,12 @@ def test_validate_max_seq_len_must_be_positive(data, tok_dir, capsys, value):
     assert "at least 1" in err and "no length check" not in err
 
 
+def test_validate_max_issues_must_not_be_negative(data, capsys):
+    err = refused(capsys, ["validate", str(data), "--max-issues", "-5"], flag="--max-issues")
+    assert "at least 0" in err
+    assert main(["validate", str(data), "--max-issues", "0"]) == 0  # 0: all issues
+
+
 @pytest.mark.parametrize("value", [-5, 0])
 def test_validate_file_max_seq_len_one_rule(data, tok_dir, value):
     # The API follows the CLI's rule: 0 is refused, None is no length check.

@@ -380,6 +380,7 @@ def check_fix_paths(out: str | os.PathLike, src: str | os.PathLike, tokenizer=No
 def run_validate(args) -> int:
     # Flag values before the tokenizer loads and the file is read.
     check_max_seq_len(args.max_seq_len)
+    flags.at_least(args, {"max_issues": 0})  # 0 is "all"; -5 printed all too, which no one means
     if not getattr(args, "no_near_duplicates", False):
         check_near_threshold(getattr(args, "near_threshold", 0.8), skip_flag="--no-near-duplicates")
     if args.fix:
