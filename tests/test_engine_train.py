@@ -82,6 +82,22 @@ def test_a_new_run_never_replaces_an_earlier_one_silently(tiny_dir, tmp_path):
     assert summary["steps"] == 1
 
 
+def test_overwrite_output_dir_replaces_the_earlier_run(tiny_dir, tmp_path):
+    # the earlier run's checkpoints (later steps) stayed and save_total_limit pruned the new run's own instead; its
+    # final/ then made --resume say the run had finished at the earlier run's step; its samples stayed too
+    data, kw = make_data(tmp_path), dict(sample_prompts=1, sample_max_new_tokens=2, eval_steps=100)
+    out = tmp_path / "run"
+    train_mod.train(make_cfg(tiny_dir, out, **kw), data=data, show_bar=False)
+    again = dict(kw, max_steps=4, save_steps=1, save_total_limit=2)
+    train_mod.train(make_cfg(tiny_dir, out, overwrite_output_dir=True, **again), data=data, show_bar=False,
+                    stop_after=2)
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000001", "step-000002"]
+    assert not (out / "final").exists()
+    assert {json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()} == {0}
+    summary = train_mod.train(make_cfg(tiny_dir, out, **again), data=data, show_bar=False, resume="latest")
+    assert summary["steps"] == 4 and len(summary["train_losses"]) == 2
+
+
 def test_resuming_another_folders_checkpoint_never_takes_over_a_run_there(tiny_dir, tmp_path):
     # --resume PATH skipped the check: into a folder holding a stopped run with older checkpoints, it trained on
     # there, keeping that run's metrics up to its own step and pruning that run's checkpoints

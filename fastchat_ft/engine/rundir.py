@@ -70,6 +70,22 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     _write_json(manifest_path, manifest)
 
 
+EARLIER_RUN = ("checkpoints", "final", "samples.jsonl", "loss_curve.png", "training_logs", "data")
+
+
+def clear_earlier_run(run_dir: Path) -> None:
+    """What an earlier run left in run_dir, before a new run starts there (overwrite_output_dir; without it the
+    start refuses a folder holding a run): its checkpoints outnumbered the new run's and were kept over them
+    (save_total_limit prunes by step), its final/ made --resume report the new run finished, and its sample
+    generations were read as the new run's "before"."""
+    for name in EARLIER_RUN:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def _copy_rejects(names: str, dest: Path) -> None:
     """on_error: skip: the records left out, with their reasons (one rejects file per loader option set,
     os.pathsep-separated), gathered into the run folder when small."""

@@ -28,7 +28,7 @@ from fastchat_ft.engine import fsdp
 from fastchat_ft.engine.cpu_allocator import tune_cpu_allocator
 from fastchat_ft.engine.loss import backward_step, to_device
 from fastchat_ft.engine.metrics import MetricsLogger, append_samples
-from fastchat_ft.engine.rundir import generate_samples, write_run_files
+from fastchat_ft.engine.rundir import clear_earlier_run, generate_samples, write_run_files
 from fastchat_ft.engine.schedule import build_scheduler
 from fastchat_ft.engine.validation import EvalResult, evaluate
 from fastchat_ft.errors import ConfigError, ModelError
@@ -393,6 +393,8 @@ class Reporter:
             if self.collective_eval and state.step == 0:
                 self.evaluate()
             return
+        if not resumed:  # a new run: anything of an earlier one here goes (overwrite_output_dir said replace it)
+            clear_earlier_run(run_dir)
         write_run_files(run_dir, cfg, s, resumed=resumed)
         self.log = MetricsLogger(run_dir, total_steps, state.step, show_bar)
         self.val_history = [r["val_loss"] for r in self.log.records if "val_loss" in r]
