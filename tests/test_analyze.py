@@ -15,7 +15,7 @@ import pytest
 
 from fastchat_ft import _native
 from fastchat_ft.cli import main
-from fastchat_ft.data.analyze import analyze_file
+from fastchat_ft.data.analyze import analyze_file, format_report
 from conftest import shared_path
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
@@ -161,6 +161,8 @@ def test_single_turn_records_over_max_seq_len_count_in_the_lengths(tmp_path, tok
     assert res["conversations"] == (~over).sum() and res["invalid_records"] == over.sum() + 1
     assert res["lengths"]["over_max_seq_len"] == over.sum()
     assert res["lengths"]["over_max_seq_len_share"] == pytest.approx(over.mean())
+    assert res["lengths"]["conversations"] == len(recs)  # what the share is of: the report says "N of M over"
+    assert f"{over.sum()} of {len(recs)} over max_seq_len" in format_report(res)
     for q in (50, 90, 95, 99):
         assert res["lengths"][f"p{q}"] == int(np.percentile(lengths, q, method="inverted_cdf"))
     assert res["lengths"]["max"] == lengths.max() and res["lengths"]["mean"] == pytest.approx(lengths.mean())

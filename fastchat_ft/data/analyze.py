@@ -153,6 +153,7 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
         "lengths": {
             **{f"p{q}": _percentile(hist, q) for q in PERCENTILES},
             "max": int(np.flatnonzero(hist).max()) if hist.any() else 0,
+            "conversations": measured,  # the valid ones and those over max_seq_len with no other error
             "mean": float(np.arange(hist.size) @ hist) / measured if measured else 0.0,
             "over_max_seq_len": over,
             "over_max_seq_len_share": over / measured if measured else 0.0,
@@ -245,7 +246,7 @@ def format_report(r: dict) -> str:
         f"  tokens             {t['total']} total, {t['trainable']} trainable ({t['trainable_share']:.1%}); "
         f"one epoch reads {t['trained_total']} ({t['trained_trainable']} trainable)",
         "  length             " + "  ".join(f"p{q} {ln[f'p{q}']}" for q in PERCENTILES) +
-        f"  max {ln['max']};  {ln['over_max_seq_len']} over max_seq_len ({ln['over_max_seq_len_share']:.1%}, "
+        f"  max {ln['max']};  {ln['over_max_seq_len']} of {ln['conversations']} over max_seq_len ({ln['over_max_seq_len_share']:.1%}, "
         f"overlong={r['overlong']})",
         f"  diversity          score {d['score']:.3f} = distinct-2 {d['distinct_2']:.3f} x (1 - duplicate share "
         f"{d['duplicate_share']:.1%}: {d['exact_duplicates']} exact, {d['near_duplicates']} near)",
