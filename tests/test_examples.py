@@ -3,6 +3,7 @@ SFTTrainer with packed rows whose assistant-only labels reach the model unchange
 ChatDataset built; TRL's loss must also equal HF Trainer's on the same rows)."""
 from __future__ import annotations
 
+import functools
 import json
 import runpy
 import sys
@@ -116,6 +117,7 @@ def _pieces(chat_file, tmp_path, **overrides):
 def _spy_forward(model, seen: list):
     inner = model.forward
 
+    @functools.wraps(inner)  # the same signature: Trainer picks the columns it keeps from it
     def spy(*args, **kwargs):
         seen.append({k: v for k, v in kwargs.items()})
         return inner(*args, **kwargs)
@@ -200,3 +202,30 @@ def test_a_real_model_on_cuda_is_fully_fine_tuned_in_fp32_weights(chat_file, tmp
     _, loaded = setup.load_tokenizer_and_model(args)
     dtypes = {p.dtype for p in loaded.parameters()}
     assert dtypes == ({torch.bfloat16} if lora else {torch.float32})
+
+
+def test_hf_trainer_with_its_default_remove_unused_columns(chat_file, tmp_path):
+    """Without remove_unused_columns=False, HF Trainer drops every column forward() does not name (seq_lens,
+    sources) before the collate: it rebuilds the documents from position_ids, so the rows still train."""
+    from transformers import Trainer, TrainingArguments
+
+    import fastchat_ft
+    from fastchat_ft.data.collate import collate
+
+    _, model, dataset = _pieces(chat_file, tmp_path)
+    fastchat_ft.patch(model)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True)
+    assert args.remove_unused_columns
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+    seen: list = []
+    _spy_forward(model, seen)
+    trainer.train()
+    assert len(seen) == 2 and "seq_lens" in seen[0]
+    _assert_labels_survived(seen, dataset)
+    by_ids = {tuple(int(x) for x in row["input_ids"]): row for row in dataset}
+    for batch in seen:  # each row's documents as ChatDataset built them, then the padding as one more
+        for ids, lens in zip(batch["input_ids"], batch["seq_lens"]):
+            row = next(by_ids[k] for n in range(len(ids), 0, -1) if (k := tuple(ids[:n].tolist())) in by_ids)
+            pad = [len(ids) - len(row["input_ids"])] if len(ids) > len(row["input_ids"]) else []
+            assert lens.tolist() == row["seq_lens"].tolist() + pad

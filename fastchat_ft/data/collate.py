@@ -30,7 +30,7 @@ def collate(items: list[dict], pad_id: int = 0, pad_to: int | None = None, pad_t
         input_ids[r, :n] = it["input_ids"]
         labels[r, :n] = it["labels"]
         position_ids[r, :n] = it["position_ids"]
-        lens = [int(x) for x in it["seq_lens"]]
+        lens = [int(x) for x in (it["seq_lens"] if "seq_lens" in it else _documents(it["position_ids"]))]
         if n < t:
             position_ids[r, n:] = np.arange(t - n)
             lens = lens + [t - n]
@@ -50,3 +50,13 @@ def collate(items: list[dict], pad_id: int = 0, pad_to: int | None = None, pad_t
         rows = [it.get("sources") for it in items]
         batch["sources"] = [[] if row is None else [str(s) for s in row] for row in rows]
     return batch
+
+
+def _documents(position_ids) -> np.ndarray:
+    """Document lengths of one packed row, from where its position_ids restart at 0: HF Trainer's default
+    remove_unused_columns drops the columns forward() does not name (seq_lens among them) before the collate."""
+    positions = np.asarray(position_ids)
+    starts = np.flatnonzero(positions == 0)
+    if not len(starts) or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return np.diff(np.append(starts, len(positions)))
