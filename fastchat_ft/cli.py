@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from fastchat_ft import __version__
-from fastchat_ft.errors import FastchatError, NotBuiltYet
+from fastchat_ft.errors import ConfigError, FastchatError, NotBuiltYet
 
 # subcommand -> (implementing "module:function", one-line help). The function takes the parsed args
 # and returns an exit code (None means 0).
@@ -224,6 +224,16 @@ def resolve_handler(command: str):
     return func
 
 
+def check_resume_value(args) -> None:
+    """`fastchat-ft train --resume my.yaml`: --resume takes an optional checkpoint, so argparse hands it the config
+    and the run would start on the bundled demo config, failing only after its data and model load."""
+    resume = getattr(args, "resume", None)
+    if args.command == "train" and args.config is None and resume and resume.lower().endswith((".yaml", ".yml")):
+        raise ConfigError(f"--resume took {resume} as the checkpoint to resume (its value is optional), so no config "
+                          "was given", field="--resume",
+                          fix=f"put the config first: fastchat-ft train {resume} --resume")
+
+
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """Our own warnings (their text starts "fastchat-ft: ") print as `warning: ...`: the default format adds our
     source file, line and code, which reads like a traceback to a user. Others keep Python's format."""
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         warnings.formatwarning = _format_warning
     try:
+        check_resume_value(args)
         return resolve_handler(args.command)(args) or 0
     except FastchatError as e:
         if args.debug:

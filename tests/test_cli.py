@@ -95,3 +95,14 @@ def test_our_warnings_print_without_our_source_lines(tmp_path):
     assert "validate.py" not in out.stderr and "RuntimeWarning" not in out.stderr, out.stderr
     debug = run_cli("--debug", "validate", str(data), "--tokenizer", str(tok), "--template", "tokenizer")
     assert "RuntimeWarning: fastchat-ft: the dataset tools" in debug.stderr  # --debug: Python's format, with where
+
+
+def test_train_resume_before_the_config_is_named_before_anything_loads(tmp_path, monkeypatch, capsys):
+    # `train --resume my.yaml` gave my.yaml to --resume and ran the bundled demo config, failing after its model load
+    import fastchat_ft.engine.train as train_mod
+    monkeypatch.setattr(train_mod, "run_train", lambda args: pytest.fail("reached the training command"))
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("max_steps: 2\n")
+    assert cli.main(["train", "--resume", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "'--resume'" in err and f"fix: put the config first: fastchat-ft train {cfg} --resume" in err
