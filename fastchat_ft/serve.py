@@ -197,13 +197,23 @@ class ChatHandler(BaseHTTPRequestHandler):
                 self._json(200, completion(chat, self.server.model_name))
 
     def _read_json(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        # a body left unread (chunked, a bad length, too large) would stay on the keep-alive connection and be
+        # parsed as the next request: answer and close the connection instead
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise RequestError("chunked request bodies are not supported: send the body with a Content-Length", 411)
+        raw = (self.headers.get("Content-Length") or "0").strip()
+        length = int(raw) if raw.isdigit() else -1
         if length <= 0 or length > MAX_BODY:
-            raise RequestError("request body missing or too large")
+            self.close_connection = True
+            raise RequestError(f"request body missing, too large (over {MAX_BODY} bytes) or with a bad "
+                               f"Content-Length ({raw!r})")
         try:
             req = json.loads(self.rfile.read(length))
         except json.JSONDecodeError as e:
             raise RequestError(f"invalid JSON body: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except UnicodeDecodeError as e:
+            raise RequestError(f"the body is not UTF-8 text: {e.reason} at byte {e.start}") from None
         if not isinstance(req, dict):
             raise RequestError("the body must be a JSON object")
         return req
@@ -242,6 +252,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

@@ -309,3 +309,44 @@ def test_a_conversation_the_chat_template_refuses_is_a_400_not_a_dropped_connect
         srv.shutdown()
         srv.server_close()
         t.join(timeout=10)
+
+
+@pytest.mark.parametrize("headers, body", [
+    (b"Content-Length: abc\r\n", b"{}"),
+    (b"Transfer-Encoding: chunked\r\n", b"3\r\n{}\n\r\n0\r\n\r\n")])
+def test_a_body_without_a_usable_length_is_an_error_json_and_the_connection_closes(tiny_run, headers, body):
+    # Content-Length "abc" raised in the handler (dropped connection, traceback on stderr); a chunked body was left
+    # unread on the keep-alive connection and its bytes were parsed as the next request
+    import json
+    import socket
+
+    srv = make_server(load_model(tiny_run["run"], device="cpu"), "127.0.0.1", 0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        with socket.create_connection(srv.server_address[:2], timeout=30) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers
+                      + b"\r\n" + body)
+            reply = b""
+            while chunk := s.recv(4096):  # the server closes the connection after its answer
+                reply += chunk
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        assert head.split()[1] in (b"400", b"411") and reply.count(b"HTTP/1.1") == 1
+        assert json.loads(payload)["error"]["type"] == "invalid_request_error"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=10)
+
+
+def test_a_body_that_is_not_utf8_is_a_400(server):
+    # json.loads raised UnicodeDecodeError (not a JSONDecodeError) inside the handler: a dropped connection
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=b'{"messages": "\xff"}',
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 400 and "UTF-8" in json.loads(r.read())["error"]["message"]
+    conn.close()
