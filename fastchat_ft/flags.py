@@ -5,6 +5,7 @@ output path that cannot be written should not cost the run that produced the out
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from fastchat_ft.errors import ConfigError, DataError
@@ -64,6 +65,23 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def writable_folder(folder: str | Path, flag: str, fix: str | None = None) -> None:
+    """The folder (or, where it is still to be created, its nearest existing parent) can be written into: a read-only
+    dataset folder is refused before the scan, not with a PermissionError traceback after it."""
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write into the folder {p} (no write permission)", field=flag,
+                          fix=fix or f"give {flag} a path in a folder you can write to")
+
+
+def write_failed(e: OSError, path: str | Path, flag: str) -> ConfigError:
+    """An OSError while writing an output (permissions, a read-only or full disk) as a user error."""
+    return ConfigError(f"could not write {path}: {e.strerror or e}", field=flag,
+                       fix=f"give {flag} a path in a folder you can write to, on a disk with free space")
+
+
 def output_file(path: str | Path, flag: str, *, inputs=()) -> Path:
     """A file the command will write: not one of its inputs (nothing is overwritten that the run reads), not an
     existing folder, and in a folder that exists. Returns the path."""
@@ -83,6 +101,7 @@ def output_file(path: str | Path, flag: str, *, inputs=()) -> Path:
     if not parent.is_dir():
         raise ConfigError(f"the folder {parent} does not exist", field=flag,
                           fix=f"create {parent} first, or give {flag} a path in an existing folder")
+    writable_folder(parent, flag)
     return out
 
 
@@ -93,4 +112,5 @@ def output_folder(path: str | Path, flag: str) -> Path:
         if p.exists() and not p.is_dir():
             raise ConfigError(f"{p} is a file, not a folder", field=flag,
                               fix=f"give {flag} a folder path (it is created if missing)")
+    writable_folder(out, flag)
     return out

@@ -225,6 +225,27 @@ def test_a_compressed_file_is_named_as_one(data, tok_dir, tmp_path, capsys, comm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.jsonl", "small.jsonl.z"]
 
 
+@pytest.mark.parametrize("command", ["validate", "analyze", "split"])
+def test_an_output_that_cannot_be_written_is_a_clean_error(data, tok_dir, tmp_path, capsys, monkeypatch, command):
+    # a full or read-only disk found while writing (after the scan) was an OSError traceback
+    import os
+    import tempfile
+
+    def no_space(*a, **k):
+        raise OSError(28, "No space left on device")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)  # validate --fix and split
+    monkeypatch.setattr(os, "replace", no_space)  # analyze --plot lands its PNG with os.replace
+    argv = {"validate": ["validate", str(data), "--fix", str(out / "clean.jsonl")],
+            "analyze": ["analyze", str(data), "--tokenizer", tok_dir, "--plot", str(out / "len.png")],
+            "split": ["split", str(data), "--out-dir", str(out)]}[command]
+    flag = {"validate": "--fix", "analyze": "--plot", "split": "--out-dir"}[command]
+    err = refused(capsys, argv, flag=flag)
+    assert "could not write" in err and "No space left on device" in err
+    assert list(out.iterdir()) == []  # no partial file or temp file left
+
+
 # -------------------------------------------------------------------------- .jsonl of bare message lists
 
 def bare_lists(path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,19 @@ def test_output_folder_refuses_a_file_or_a_path_under_one(tmp_path):
         with pytest.raises(ConfigError, match="is a file"):
             flags.output_folder(bad, "--out")
     assert flags.output_folder(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
+
+
+def test_an_output_in_a_folder_without_write_permission_is_refused_first(tmp_path, monkeypatch):
+    # tests may run as root, for whom every folder is writable: the permission answer is what os.access says
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = flags.os.access
+    monkeypatch.setattr(flags.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    with pytest.raises(ConfigError, match="cannot write into the folder .*locked.*no write permission") as e:
+        flags.output_file(locked / "out.jsonl", "--fix")
+    assert e.value.field == "--fix" and e.value.fix
+    with pytest.raises(ConfigError, match="no write permission") as e:  # a folder still to be created in it
+        flags.output_folder(locked / "new" / "deeper", "--out-dir")
+    assert e.value.field == "--out-dir"
+    flags.output_file(tmp_path / "ok.jsonl", "--fix")  # elsewhere: fine
+    flags.output_folder(tmp_path / "new", "--out-dir")

@@ -229,9 +229,14 @@ def plot_lengths(hist: np.ndarray, max_seq_len: int, out: str | os.PathLike, tit
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    except OSError as e:  # a read-only or full disk, after the whole scan: a user error, not a traceback
+        raise flags.write_failed(e, out, "--plot") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
 
 

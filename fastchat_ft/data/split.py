@@ -81,10 +81,11 @@ def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0
         what = "no records" if usable.size == 0 else f"no valid records ({usable.size} with errors)"
         raise DataError(f"the file holds {what}", file=str(src), fix="see `fastchat-ft validate` for what is wrong")
     val = assign_groups(groups, usable, val_ratio, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    fds = [tempfile.mkstemp(dir=str(out), prefix=f".{p.name}.", suffix=".tmp") for p in (train_path, val_path)]
+    fds = []
     counts = [0, 0]
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        fds = [tempfile.mkstemp(dir=str(out), prefix=f".{p.name}.", suffix=".tmp") for p in (train_path, val_path)]
         with os.fdopen(fds[0][0], "wb") as ft, os.fdopen(fds[1][0], "wb") as fv:
             for ordinal, (_, raw) in enumerate(_records_raw(src)):
                 if ordinal >= usable.size or not usable[ordinal]:
@@ -96,6 +97,10 @@ def split_file(path: str | os.PathLike, *, val_ratio: float = 0.1, seed: int = 0
             make_usual_mode(tmp)
         os.replace(fds[0][1], train_path)
         os.replace(fds[1][1], val_path)
+    except OSError as e:  # a read-only or full disk: the input was read fine, the outputs cannot be written
+        if e.filename is not None and Path(e.filename).resolve() == src.resolve():
+            raise
+        raise flags.write_failed(e, train_path, "--out-dir") from None
     finally:
         for _, tmp in fds:
             if os.path.exists(tmp):

@@ -326,9 +326,10 @@ def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path,
                 yield False, (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
 
     # Both outputs stream through temp files, then land atomically.
-    fd_k, tmp_k = tempfile.mkstemp(dir=str(dst.parent), prefix=f".{dst.name}.", suffix=".tmp")
-    fd_r, tmp_r = tempfile.mkstemp(dir=str(rej.parent), prefix=f".{rej.name}.", suffix=".tmp")
+    tmp_k = tmp_r = ""
     try:
+        fd_k, tmp_k = tempfile.mkstemp(dir=str(dst.parent), prefix=f".{dst.name}.", suffix=".tmp")
+        fd_r, tmp_r = tempfile.mkstemp(dir=str(rej.parent), prefix=f".{rej.name}.", suffix=".tmp")
         with os.fdopen(fd_k, "wb") as fk, os.fdopen(fd_r, "wb") as fr:
             for keep, chunk in split_records():
                 (fk if keep else fr).write(chunk)
@@ -336,9 +337,13 @@ def write_fixed(report: ValidationReport, out: str | os.PathLike) -> tuple[Path,
             make_usual_mode(t)
         os.replace(tmp_k, dst)
         os.replace(tmp_r, rej)
+    except OSError as e:  # a read-only or full disk: the input was read fine, the outputs cannot be written
+        if e.filename is not None and Path(e.filename).resolve() == src:
+            raise
+        raise flags.write_failed(e, out, "--fix") from None
     finally:
         for t in (tmp_k, tmp_r):
-            if os.path.exists(t):
+            if t and os.path.exists(t):
                 os.unlink(t)
     return dst, rej, kept, dropped
 
