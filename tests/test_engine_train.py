@@ -216,6 +216,17 @@ def test_a_stop_asked_between_steps_still_saves_a_checkpoint(tiny_dir, tmp_path,
     assert not (out / "final").exists()
 
 
+def test_a_stop_seen_after_the_last_step_still_finishes_the_run(tiny_dir, tmp_path):
+    # a stop after the last step skipped final/ and reported "stopped early at step 6 of 6" (exit 130/143); a
+    # --resume then said the run had finished, so final/ was never written
+    out = tmp_path / "run"
+    summary = train_mod.train(make_cfg(tiny_dir, out, save_steps=100, eval_steps=100), data=make_data(tmp_path),
+                              show_bar=False, stop_after=6)
+    assert summary["stopped"] is None and summary["steps"] == 6
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert train_mod.stopped_status(summary) == 0
+
+
 @pytest.mark.parametrize("eval_steps, stop, said", [
     (100, 2, "validation loss: none measured since the start (step 0: "), (2, 3, "last validation loss: ")])
 def test_a_stopped_run_reports_its_last_validation_loss_not_a_before_after(tiny_dir, tmp_path, capsys, eval_steps,

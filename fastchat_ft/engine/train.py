@@ -355,7 +355,9 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             if dist_mod.any_rank(bool(stopping)):  # every rank stops after the same step
                 stopping = stopping or "stop on another rank"
             report.after_step(step_loss, grad_norm, lr, t_data, time.perf_counter() - t0, stopping)
-    return report.finish(stopping)
+    # a stop seen after the last step stops nothing: the run finished (final/ saved, exit 0), else a resume
+    # would find it finished with no final/ ever written
+    return report.finish(stopping if state.step < total_steps else None)
 
 
 @contextlib.contextmanager
