@@ -246,6 +246,16 @@ def test_an_output_that_cannot_be_written_is_a_clean_error(data, tok_dir, tmp_pa
     assert list(out.iterdir()) == []  # no partial file or temp file left
 
 
+def test_split_beside_an_input_in_a_read_only_folder_is_refused_before_the_scan(data, capsys, monkeypatch):
+    from fastchat_ft import flags
+    from fastchat_ft.data import split
+    real_access = flags.os.access
+    monkeypatch.setattr(flags.os, "access", lambda p, mode: p != data.parent and real_access(p, mode))
+    monkeypatch.setattr(split, "open_scanner", lambda *a, **k: pytest.fail("scanned"))
+    err = refused(capsys, ["split", str(data)], flag="--out-dir")
+    assert "no write permission" in err and "pass --out-dir" in err
+
+
 # -------------------------------------------------------------------------- .jsonl of bare message lists
 
 def bare_lists(path):

@@ -45,6 +45,8 @@ def output_paths(src: Path, out_dir: str | os.PathLike | None) -> tuple[Path, Pa
     """(folder, train file, val file), refused before the scan when they cannot be written or would replace the
     input."""
     out = flags.output_folder(out_dir, "--out-dir") if out_dir else src.parent
+    if not out_dir:  # beside the input, e.g. in a read-only dataset folder: say so before the scan
+        flags.writable_folder(out, "--out-dir", fix="pass --out-dir with a folder you can write to")
     stem = src.name
     for suffix in (".jsonl", ".json"):
         if stem.endswith(suffix):
