@@ -174,3 +174,17 @@ def test_a_save_stopped_while_it_replaces_a_checkpoint_leaves_none_half_deleted(
     ckpt.save_checkpoint(tmp_path, ckpt.TrainState(step=3), None, {"adapter": None}, tmp_path, opt, sched, 3,
                          name="final")
     assert not [p.name for p in tmp_path.rglob(".*")]
+
+
+def test_a_finished_run_without_its_final_model_gets_it_from_the_last_checkpoint(env, capsys):
+    """A run killed while it wrote final/ (its last checkpoint at the last step) was called finished by --resume,
+    which wrote nothing: final/, the folder export reads, never came."""
+    root, cfg, run = env
+    copy = root / "runs" / "no-final"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "final")
+    assert cli.main(["train", str(cfg), "--output-dir", str(copy), "--resume"]) == 0
+    assert "already finished at step 6" in capsys.readouterr().out
+    final = _snapshot(copy / "final")
+    assert final and final == _snapshot(copy / "checkpoints" / "step-000006")
+    assert json.loads((copy / "final" / "trainer_state.json").read_text())["step"] == 6

@@ -197,6 +197,26 @@ def finished_at(run_dir: Path, resume: str, total_steps: int) -> int | None:
     return done
 
 
+def final_from_last_checkpoint(run_dir: Path, steps: int) -> Path | None:
+    """final/ as a copy of the run's last checkpoint (the same layout) when that is at the run's last step `steps`
+    and final/ is missing: a run killed while it wrote final/ is finished, so a resume trains nothing, and without
+    this the model export reads never came. Rank 0 writes it."""
+    found = list_checkpoints(run_dir)
+    final = Path(run_dir) / "final"
+    if dist_mod.world()[0] or final.exists() or not found or read_state(found[-1]).step != steps:
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=run_dir))
+    try:
+        shutil.copytree(found[-1], tmp, dirs_exist_ok=True)
+        readable_by_all(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"{final}: copied from {found[-1]} (the run stopped before it wrote final/)")
+    return final
+
+
 def resume_checked(run_dir: Path, resume: str, load, *, steps_epoch: int, fingerprint: str,
                    overwrite: bool) -> TrainState:
     """--resume for train and distill, once the model is built (and finished_at has said there is training left):

@@ -69,6 +69,7 @@ def finished_already(run_dir: Path, steps: int, undo_setup) -> dict:
     checkpoint resumed into a new --output-dir left that folder behind with only a tokenizer/ in it."""
     dist_mod.barrier()  # every rank has read rank 0's tokenizer/ there before it goes
     undo_setup()
+    ckpt.final_from_last_checkpoint(run_dir, steps)  # after the undo, which removes what it finds new
     return {"run_dir": str(run_dir), "steps": steps, "stopped": None, "finished": True, "train_losses": []}
 
 
