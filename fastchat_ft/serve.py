@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fastchat_ft import flags
 from fastchat_ft.errors import ConfigError, FastchatError
-from fastchat_ft.inference import ChatStream, LoadedModel, load_model, resolve_model, sampling_problem
+from fastchat_ft.inference import (ChatStream, LoadedModel, load_model, read_adapter_config, resolve_model,
+                                   sampling_problem)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_BODY = 8 * 1024 * 1024
@@ -75,12 +76,23 @@ def vllm_command(model: str, host: str, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", host, "--port", str(port)]
     if source.kind == "lora":
         cmd += ["--model", str(source.base), "--enable-lora", "--lora-modules", f"finetuned={source.path}",
+                "--max-lora-rank", str(_vllm_max_lora_rank(read_adapter_config(source.path))),
                 "--tokenizer", str(source.tokenizer_dir)]
         if (source.path / "generation_config.json").is_file():
             cmd += ["--generation-config", str(source.path)]
     else:
-        cmd += ["--model", str(source.path)]
+        # vLLM would name the model by its path; the transformers backend's name (the folder's) keeps requests alike
+        cmd += ["--model", str(source.path), "--served-model-name", (source.run_dir or source.path).name or "model"]
     return cmd
+
+
+# the values vLLM's --max-lora-rank accepts (its default, 16, refuses a rank-32 or rank-64 adapter at start-up)
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _vllm_max_lora_rank(conf: dict) -> int:
+    rank = max([conf.get("r", 8), *(conf.get("rank_pattern") or {}).values()])
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
 
 
 def _exec_vllm(args) -> int:

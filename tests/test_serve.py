@@ -350,3 +350,24 @@ def test_a_body_that_is_not_utf8_is_a_400(server):
     r = conn.getresponse()
     assert r.status == 400 and "UTF-8" in json.loads(r.read())["error"]["message"]
     conn.close()
+
+
+@pytest.mark.parametrize("r, rank_pattern, expected", [(4, None, 8), (16, None, 16), (32, None, 32),
+                                                      (16, {"q_proj": 40}, 64)])
+def test_vllm_command_allows_the_adapters_rank(tiny_run, tmp_path, r, rank_pattern, expected):
+    # vLLM's --max-lora-rank defaults to 16 and takes only 8, 16, 32, 64, ...: a rank-32 run failed to start
+    import json
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_run["run"] / "final", ckpt)
+    conf = json.loads((ckpt / "adapter_config.json").read_text())
+    conf.update(r=r, rank_pattern=rank_pattern or {})
+    (ckpt / "adapter_config.json").write_text(json.dumps(conf))
+    cmd = vllm_command(str(ckpt), "127.0.0.1", 8123)
+    assert cmd[cmd.index("--max-lora-rank") + 1] == str(expected)
+
+
+def test_vllm_serves_a_model_folder_under_the_name_the_transformers_backend_uses(tiny_run):
+    # vLLM names a model by its --model path by default: the README's request for "demo" got a 404 from vLLM
+    cmd = vllm_command(str(tiny_run["base"]), "127.0.0.1", 8123)
+    assert cmd[cmd.index("--served-model-name") + 1] == tiny_run["base"].name
