@@ -183,8 +183,10 @@ def test_a_finished_run_without_its_final_model_gets_it_from_the_last_checkpoint
     copy = root / "runs" / "no-final"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "final")
+    (copy / ".final.tmp-killed").mkdir()  # what the killed write left
     assert cli.main(["train", str(cfg), "--output-dir", str(copy), "--resume"]) == 0
     assert "already finished at step 6" in capsys.readouterr().out
     final = _snapshot(copy / "final")
     assert final and final == _snapshot(copy / "checkpoints" / "step-000006")
     assert json.loads((copy / "final" / "trainer_state.json").read_text())["step"] == 6
+    assert not (copy / ".final.tmp-killed").exists()

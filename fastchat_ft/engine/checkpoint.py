@@ -109,10 +109,15 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, model_info: dict, t
     if not name:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(_set_aside(old), ignore_errors=True)
-    for stale in parent.iterdir():  # what a killed save left (saves are collective: none is under way now)
+    _remove_staged(parent)
+    return final
+
+
+def _remove_staged(parent: Path) -> None:
+    """The staging and set-aside folders a killed save left in parent (saves are collective: none is under way)."""
+    for stale in parent.iterdir():
         if STAGED.match(stale.name) and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def _set_aside(folder: Path) -> Path:
@@ -213,6 +218,7 @@ def final_from_last_checkpoint(run_dir: Path, steps: int) -> Path | None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_staged(Path(run_dir))  # the killed final/ write's
     print(f"{final}: copied from {found[-1]} (the run stopped before it wrote final/)")
     return final
 
