@@ -18,7 +18,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fastchat_ft import flags
-from fastchat_ft.errors import ConfigError, FastchatError
+from fastchat_ft.errors import ConfigError, FastchatError, ModelError
 from fastchat_ft.inference import (ChatStream, LoadedModel, load_model, read_adapter_config, resolve_model,
                                    sampling_problem)
 
@@ -75,6 +75,7 @@ def vllm_command(model: str, host: str, port: int) -> list[str]:
     source = resolve_model(model)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", host, "--port", str(port)]
     if source.kind == "lora":
+        _check_vllm_adapter(source.path)
         cmd += ["--model", str(source.base), "--enable-lora", "--lora-modules", f"finetuned={source.path}",
                 "--max-lora-rank", str(_vllm_max_lora_rank(read_adapter_config(source.path))),
                 "--tokenizer", str(source.tokenizer_dir)]
@@ -84,6 +85,25 @@ def vllm_command(model: str, host: str, port: int) -> list[str]:
         # vLLM would name the model by its path; the transformers backend's name (the folder's) keeps requests alike
         cmd += ["--model", str(source.path), "--served-model-name", (source.run_dir or source.path).name or "model"]
     return cmd
+
+
+def _check_vllm_adapter(ckpt) -> None:
+    """vLLM loads lora_A/lora_B only: a checkpoint that also replaces whole tensors (added tokens resized the
+    vocabulary, modules_to_save) is refused, but only after the base has loaded on the GPU. Say so now."""
+    from safetensors import safe_open
+
+    from fastchat_ft.inference import ADAPTER_WEIGHTS, split_adapter_tensors
+
+    weights = ckpt / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return  # vLLM reports what it cannot find; nothing here to check
+    with safe_open(str(weights), framework="pt") as f:
+        _, full = split_adapter_tensors(dict.fromkeys(f.keys()))
+    if full:
+        raise ModelError(f"this LoRA checkpoint replaces whole tensors ({', '.join(sorted(full))}), which vLLM does "
+                         "not load from an adapter", file=str(ckpt),
+                         fix="export it with `fastchat-ft export RUN --out DIR --adapter` (the whole tensors go into "
+                             "DIR/base/) and serve DIR, or serve a merged export")
 
 
 # the values vLLM's --max-lora-rank accepts (its default, 16, refuses a rank-32 or rank-64 adapter at start-up)

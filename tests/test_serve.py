@@ -8,7 +8,7 @@ import torch
 
 from fastchat_ft.inference import ChatStream, load_model
 from fastchat_ft.serve import make_server, vllm_command
-from test_export_fixtures import chatty_run, tiny_run  # noqa: F401 (fixtures)
+from test_export_fixtures import chatty_run, tiny_run, tiny_run_new_tokens  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +371,17 @@ def test_vllm_serves_a_model_folder_under_the_name_the_transformers_backend_uses
     # vLLM names a model by its --model path by default: the README's request for "demo" got a 404 from vLLM
     cmd = vllm_command(str(tiny_run["base"]), "127.0.0.1", 8123)
     assert cmd[cmd.index("--served-model-name") + 1] == tiny_run["base"].name
+
+
+def test_vllm_command_refuses_a_checkpoint_with_whole_tensors_and_names_the_export(tiny_run_new_tokens, tmp_path):
+    # vLLM refuses an adapter holding whole tensors (a resized vocabulary) only after loading the base on the GPU
+    from fastchat_ft.errors import FastchatError
+    from fastchat_ft.export import write_adapter
+    from fastchat_ft.inference import load_tokenizer, resolve_model
+    with pytest.raises(FastchatError, match="--adapter") as err:
+        vllm_command(str(tiny_run_new_tokens["run"]), "127.0.0.1", 8123)
+    assert "embed_tokens" in str(err.value)
+    source = resolve_model(tiny_run_new_tokens["run"])  # the export the error names is served
+    write_adapter(source.path, source.base, load_tokenizer(source.tokenizer_dir), tmp_path)
+    cmd = vllm_command(str(tmp_path), "127.0.0.1", 8123)
+    assert cmd[cmd.index("--model") + 1] == str((tmp_path / "base").resolve())
