@@ -70,7 +70,8 @@ def write_run_files(run_dir: Path, cfg, s, resumed: bool) -> None:
     _write_json(manifest_path, manifest)
 
 
-EARLIER_RUN = ("checkpoints", "final", "samples.jsonl", "loss_curve.png", "training_logs", "data")
+# data/ itself stays (write_run_files rewrites its files): a new run's input may be an earlier run's data/train.jsonl
+EARLIER_RUN = ("checkpoints", "final", "samples.jsonl", "loss_curve.png", "training_logs", "data/rejects.jsonl")
 
 
 def clear_earlier_run(run_dir: Path) -> None:
