@@ -43,6 +43,9 @@ def _add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--near-threshold", type=float, default=0.8, help="near duplicate: estimated Jaccard of word 3-grams")
     p.add_argument("--no-near-duplicates", action="store_true", help="skip the MinHash near-duplicate check")
     p.add_argument("--max-issues", type=int, default=200, help="issues printed (0: all; --json lists all)")
+    p.add_argument("--system-prompt", default=None, help="system turn for conversations without one, as the config's "
+                   "system_prompt (default, as training: the model's own template's default system prompt, if any; "
+                   "'': none)")
 
 
 def _add_analyze(p: argparse.ArgumentParser) -> None:
@@ -57,6 +60,9 @@ def _add_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (steps estimate)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (steps estimate)")
     p.add_argument("--overlong", choices=["drop", "truncate"], default="drop", help="as training treats over-long conversations")
+    p.add_argument("--system-prompt", default=None, help="system turn for conversations without one, as the config's "
+                   "system_prompt (default, as training: the model's own template's default system prompt, if any; "
+                   "'': none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 

@@ -168,3 +168,32 @@ def test_single_turn_records_over_max_seq_len_count_in_the_lengths(tmp_path, tok
     assert res["lengths"]["max"] == lengths.max() and res["lengths"]["mean"] == pytest.approx(lengths.mean())
     assert res["tokens"]["total"] == lengths[~over].sum()  # tokens and packing: what trains, as before
     assert res["packing"]["conversations"] == (~over).sum()
+
+
+def test_cli_counts_the_default_system_prompt_training_adds(tmp_path, capsys):
+    # Training (system_prompt unset) gives a conversation without a system turn the model's default system prompt;
+    # analyze counted without it: a third fewer tokens and fewer packed rows than training on such data.
+    from fastchat_ft.data import ChatDataset
+    from fastchat_ft.data.template_defaults import model_default_system
+    from fastchat_ft.data.tokenize import LoaderTokenizer
+    tok_dir = shared_path("tokenizers", "smollm2")
+    system = model_default_system(str(tok_dir), "chatml")
+    assert system  # SmolLM2's template adds one: the case is exercised
+    rng = random.Random(4)
+    recs = make_records(rng, 30)
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    as_training = ChatDataset(f, LoaderTokenizer.from_any(tok_dir), max_seq_len=512, cache=False, verbose=False,
+                              system_prompt=system, self_check=0).stats
+    assert main(["analyze", str(f), "--tokenizer", str(tok_dir), "--max-seq-len", "512", "--json"]) == 0
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert res["tokens"]["trained_total"] == as_training.tokens
+    assert res["packing"]["packed_sequences"] == as_training.bins
+    assert "default system prompt" in captured.err
+    # --system-prompt '' counts without it, as training with system_prompt: ""
+    assert main(["analyze", str(f), "--tokenizer", str(tok_dir), "--max-seq-len", "512", "--json",
+                 "--system-prompt", ""]) == 0
+    plain = ChatDataset(f, LoaderTokenizer.from_any(tok_dir), max_seq_len=512, cache=False, verbose=False,
+                        self_check=0).stats
+    assert json.loads(capsys.readouterr().out)["tokens"]["trained_total"] == plain.tokens < as_training.tokens

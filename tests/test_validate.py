@@ -282,3 +282,17 @@ def test_fix_rejects_of_a_json_array_name_each_record_line(tmp_path):
     rejects = [json.loads(x) for x in rej.read_text().splitlines()]
     assert (kept, dropped) == (2, 2)
     assert [(r["record_index"], r["line"]) for r in rejects] == [(1, starts[1]), (3, starts[3])]
+
+
+def test_cli_length_check_counts_the_default_system_prompt_training_adds(tmp_path, capsys):
+    from fastchat_ft.data import encode_chat
+    tok_dir = shared_path("tokenizers", "smollm2")
+    rec = {"messages": [{"role": "user", "content": "Name a blue fruit."}, {"role": "assistant", "content": "Plum."}]}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    n = len(encode_chat(rec["messages"], str(tok_dir))[0])  # without a system turn
+    argv = ["validate", str(f), "--tokenizer", str(tok_dir), "--max-seq-len", str(n), "--json"]
+    assert main(argv) == 1  # training adds SmolLM2's default system prompt: no longer fits
+    codes = [i["code"] for i in json.loads(capsys.readouterr().out)["issues"]]
+    assert codes == ["length.truncated_no_trainable"]
+    assert main([*argv, "--system-prompt", ""]) == 0

@@ -16,7 +16,8 @@ import numpy as np
 
 from fastchat_ft import _native, flags
 from fastchat_ft.data.validate import (SEVERITIES, iter_batches, load_tokenizer, open_scanner, resolve_template,
-                                       tokenizer_special_strings)
+                                       print_system_prompt_note, tokenizer_special_strings,
+                                       training_system_prompt)
 from fastchat_ft.errors import DataError
 
 PERCENTILES = (50, 90, 95, 99)
@@ -58,7 +59,7 @@ def _pack_estimate(hist: np.ndarray, capacity: int) -> tuple[int, float]:
 def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml", max_seq_len: int = 2048,
                  budget: int | None = None, micro_batch_size: int = 1, gradient_accumulation_steps: int = 1,
                  world_size: int = 1, overlong: str = "drop", near_threshold: float = 0.8, threads: int = 0,
-                 plot: str | os.PathLike | None = None) -> dict:
+                 plot: str | os.PathLike | None = None, system_prompt: str = "") -> dict:
     """Statistics of a chat file under a tokenizer (path or object) and template; see the module docstring.
 
     Records with validation errors are counted but left out of every other number (they do not train).
@@ -74,7 +75,7 @@ def analyze_file(path: str | os.PathLike, tokenizer, *, template: str = "chatml"
         flags.output_file(plot, "--plot", inputs=[path, tok_path])
     tmpl = resolve_template(template, tok_path)
     tok = load_tokenizer(tokenizer)
-    scanner = open_scanner(path, tokenizer=tok, template=tmpl, max_seq_len=max_seq_len,
+    scanner = open_scanner(path, tokenizer=tok, template=tmpl, max_seq_len=max_seq_len, system_prompt=system_prompt,
                            special_strings=tokenizer_special_strings(tok_path), near_threshold=near_threshold,
                            count_bigrams=True, threads=threads)
     records = invalid = conversations = multi_turn = messages = max_turns = 0
@@ -282,7 +283,9 @@ def run_analyze(args) -> int:
     if tokenizer is None:
         from fastchat_ft.model.default_model import default_model_dir
         tokenizer = str(default_model_dir())
+    system = training_system_prompt(getattr(args, "system_prompt", None), tokenizer, args.template)
     result = analyze_file(args.file, tokenizer, template=args.template, max_seq_len=args.max_seq_len,
+                          system_prompt=system,
                           budget=args.budget, micro_batch_size=getattr(args, "micro_batch_size", 1),
                           gradient_accumulation_steps=getattr(args, "grad_accum", 1),
                           world_size=getattr(args, "world_size", 1), overlong=getattr(args, "overlong", "drop"),
@@ -294,4 +297,6 @@ def run_analyze(args) -> int:
         print()
     else:
         print(format_report(result))
+    if result["role_counts"]["system"] < result["conversations"]:  # some conversation took the default
+        print_system_prompt_note(getattr(args, "system_prompt", None), system)
     return 0

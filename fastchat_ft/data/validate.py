@@ -186,6 +186,7 @@ def reader_error(path: Path, line: int, column: int, reason: str) -> DataError:
 
 
 def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "chatml", max_seq_len: int | None = None,
+                 system_prompt: str = "",
                  special_strings: list[str] | None = None, near_duplicates: bool = True, near_threshold: float = 0.8,
                  count_bigrams: bool = False, threads: int = 0, batch_records: int = 4096):
     """The native DatasetScanner over `path` (file errors become DataError)."""
@@ -205,7 +206,8 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
         bos, eos = kw["bos"], kw["eos"]
     try:
         return _native.DatasetScanner(
-            str(p), template=template, bos=bos, eos=eos, tokenizer=None if tokenizer is None else tokenizer.native,
+            str(p), template=template, default_system=system_prompt, bos=bos, eos=eos,
+            tokenizer=None if tokenizer is None else tokenizer.native,
             max_seq_len=int(max_seq_len or 0), special_strings=special_strings or [],
             near_duplicates=near_duplicates, near_threshold=near_threshold, count_bigrams=count_bigrams,
             threads=threads, batch_records=batch_records)
@@ -241,13 +243,15 @@ def iter_batches(scanner) -> Iterator[dict]:
 
 def validate_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, template: str = "chatml",
                   max_seq_len: int | None = None, near_duplicates: bool = True, near_threshold: float = 0.8,
-                  threads: int = 0) -> ValidationReport:
-    """Check every record of `path`; the report lists each issue and which records --fix would drop."""
+                  threads: int = 0, system_prompt: str = "") -> ValidationReport:
+    """Check every record of `path`; the report lists each issue and which records --fix would drop.
+    `system_prompt`: the system turn of conversations that have none (the loader's option of that name)."""
     tmpl = resolve_template(template, tokenizer)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     report = ValidationReport(file=str(path), tokenizer=None if tokenizer is None else str(tokenizer), template=tmpl,
                               max_seq_len=max_seq_len)
     scanner = open_scanner(path, tokenizer=tok, template=tmpl, max_seq_len=max_seq_len if tok else None,
+                           system_prompt=system_prompt,
                            special_strings=tokenizer_special_strings(tokenizer), near_duplicates=near_duplicates,
                            near_threshold=near_threshold, threads=threads)
     offset = 0
@@ -370,6 +374,30 @@ def print_report(report: ValidationReport, max_issues: int, out=sys.stdout) -> N
         print(f"  {n:>8}  {key}", file=out)
 
 
+def training_system_prompt(given: str | None, tokenizer, template: str) -> str:
+    """The system turn training gives a conversation without one: `given` (--system-prompt, as the config's
+    system_prompt), else (unset) the default system prompt of the model's own chat template, which training adds
+    when the built-in template renders like it (SmolLM2's "You are a helpful AI assistant named SmolLM, ...").
+    Without it the tools counted a third fewer tokens than training on data without system turns."""
+    if given is not None or tokenizer is None:
+        return given or ""
+    from fastchat_ft.data.template_defaults import model_default_system
+    folder = Path(tokenizer)
+    folder = folder if folder.is_dir() else folder.parent
+    with warnings.catch_warnings():  # validate_file / analyze_file resolve it again and warn there
+        warnings.simplefilter("ignore")
+        tmpl = resolve_template(template, folder)
+    return model_default_system(str(folder), tmpl) or ""
+
+
+def print_system_prompt_note(given: str | None, system: str) -> None:
+    """After the report (an error before it needs no note): the counts include a system prompt the data lacks."""
+    if given is None and system:
+        print(f"note: conversations without a system turn were counted with the model's default system prompt "
+              f"{system[:80]!r}{'...' if len(system) > 80 else ''}, as training adds it (system_prompt unset); "
+              "--system-prompt '' counts them without it", file=sys.stderr)
+
+
 def check_fix_paths(out: str | os.PathLike, src: str | os.PathLike, tokenizer=None) -> None:
     """--fix OUT and the rejects file beside it can both be written, and neither is an input."""
     inputs = [src, tokenizer]
@@ -392,7 +420,9 @@ def run_validate(args) -> int:
         check_fix_paths(args.fix, args.file, args.tokenizer)
     if args.max_seq_len and not args.tokenizer:
         print("note: --max-seq-len needs --tokenizer to count tokens; lengths are not checked", file=sys.stderr)
+    system = training_system_prompt(args.system_prompt, args.tokenizer, args.template)
     report = validate_file(args.file, tokenizer=args.tokenizer, template=args.template, max_seq_len=args.max_seq_len,
+                           system_prompt=system,
                            near_duplicates=not getattr(args, "no_near_duplicates", False),
                            near_threshold=getattr(args, "near_threshold", 0.8))
     if report.records == 0:  # nothing to train on is what a validator exists to catch
@@ -411,4 +441,5 @@ def run_validate(args) -> int:
         print_report(report, getattr(args, "max_issues", 200))
         if fixed:
             print(f"wrote {fixed[2]} records to {fixed[0]} and {fixed[3]} rejects (with reasons) to {fixed[1]}")
+    print_system_prompt_note(args.system_prompt, system)
     return 0 if report.ok else 1
