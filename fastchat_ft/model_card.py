@@ -58,9 +58,11 @@ def _usage(mode: str, summary: dict) -> list[str]:
     if mode == "merge":
         lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                  "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
-                 "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Hi!\"}], "
-                 "add_generation_prompt=True, return_tensors=\"pt\")",
-                 "print(tok.decode(model.generate(ids, max_new_tokens=256)[0, ids.shape[1]:]))", "```", "",
+                 # return_dict: transformers 5 returns a dict (BatchEncoding) here anyway; 4.x a bare tensor
+                 "inputs = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Hi!\"}], "
+                 "add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+                 "out = model.generate(**inputs, max_new_tokens=256)",
+                 "print(tok.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", "",
                  "```bash", "vllm serve PATH            # or: fastchat-ft serve PATH", "```"]
     else:
         base = "PATH/base" if summary.get("adapter", {}).get("base_copy") else "BASE_MODEL"

@@ -349,3 +349,15 @@ def test_gguf_of_an_adapter_export_is_the_merged_model_and_passes_the_self_check
     assert (out / "model-f16.gguf").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "ex.failed").exists()
     assert "model-f16.gguf: GGUF for llama.cpp / Ollama (merged weights" in (out / "README.md").read_text()
+
+
+def test_the_model_cards_python_snippet_runs_on_the_export(merged_export):
+    # apply_chat_template(return_tensors="pt") gives a BatchEncoding in transformers 5: the card's snippet
+    # passed it to generate() as a tensor and failed with an AttributeError
+    import re
+    card = (merged_export / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("256", "8")
+    ns = {"PATH": str(merged_export)}
+    exec(snippet, ns)  # noqa: S102 - our own card's code on our own export
+    new = ns["out"][0, ns["inputs"]["input_ids"].shape[1]:].tolist()
+    assert new and new[-1] == ns["tok"].convert_tokens_to_ids("<|im_end|>")  # the tiny model ends its turn
