@@ -30,7 +30,12 @@ def model_card(out: Path, source, summary: dict, artifacts: dict, check: dict) -
                      "Replies use the model's chat template (saved with the tokenizer) and end with the "
                      f"end-of-turn token `{check.get('end_of_turn', {}).get('token', '?')}`, which "
                      "`generation_config.json` lists as a stop token.", ""]
-    lines += ["## Use it", ""] + _usage(mode, summary) + [""]
+    rank = None
+    if mode == "adapter" and (Path(source.path) / "adapter_config.json").is_file():
+        from fastchat_ft.inference import read_adapter_config
+        from fastchat_ft.serve import vllm_max_lora_rank
+        rank = vllm_max_lora_rank(read_adapter_config(Path(source.path)))
+    lines += ["## Use it", ""] + _usage(mode, summary, rank) + [""]
     lines += _data_section(artifacts)
     lines += _hyperparameter_section(config)
     lines += _metrics_section(artifacts)
@@ -54,7 +59,7 @@ def _kind(source) -> str:
     return "LoRA, merged in float32" if source.kind == "lora" else "full fine-tune"
 
 
-def _usage(mode: str, summary: dict) -> list[str]:
+def _usage(mode: str, summary: dict, max_lora_rank: int | None = None) -> list[str]:
     if mode == "merge":
         lines = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                  "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
@@ -68,9 +73,11 @@ def _usage(mode: str, summary: dict) -> list[str]:
         base = "PATH/base" if summary.get("adapter", {}).get("base_copy") else "BASE_MODEL"
         lines = ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), PATH)", "```",
-                 "", "```bash", f"vllm serve {base} --enable-lora --lora-modules finetuned=PATH --generation-config PATH",
+                 "", "```bash", f"vllm serve {base} --enable-lora --lora-modules finetuned=PATH"
+                 + (f" --max-lora-rank {max_lora_rank}" if max_lora_rank else "") + " --generation-config PATH",
                  "```", "", "`--generation-config PATH` gives vLLM this folder's stop tokens (the end-of-turn token "
-                 "included), which the base model's own generation_config.json may lack."]
+                 "included), which the base model's own generation_config.json may lack; `--max-lora-rank` admits "
+                 "the adapter's rank (vLLM's default, 16, refuses a larger one)."]
     if summary.get("gguf"):
         lines += ["", "```bash", f"llama-cli -m PATH/{summary['gguf']} -cnv", "```"]
     return lines

@@ -77,7 +77,7 @@ def vllm_command(model: str, host: str, port: int) -> list[str]:
     if source.kind == "lora":
         _check_vllm_adapter(source.path)
         cmd += ["--model", str(source.base), "--enable-lora", "--lora-modules", f"finetuned={source.path}",
-                "--max-lora-rank", str(_vllm_max_lora_rank(read_adapter_config(source.path))),
+                "--max-lora-rank", str(vllm_max_lora_rank(read_adapter_config(source.path))),
                 "--tokenizer", str(source.tokenizer_dir)]
         if (source.path / "generation_config.json").is_file():
             cmd += ["--generation-config", str(source.path)]
@@ -110,7 +110,7 @@ def _check_vllm_adapter(ckpt) -> None:
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def _vllm_max_lora_rank(conf: dict) -> int:
+def vllm_max_lora_rank(conf: dict) -> int:
     rank = max([conf.get("r", 8), *(conf.get("rank_pattern") or {}).values()])
     return next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
 

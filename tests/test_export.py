@@ -361,3 +361,18 @@ def test_the_model_cards_python_snippet_runs_on_the_export(merged_export):
     exec(snippet, ns)  # noqa: S102 - our own card's code on our own export
     new = ns["out"][0, ns["inputs"]["input_ids"].shape[1]:].tolist()
     assert new and new[-1] == ns["tok"].convert_tokens_to_ids("<|im_end|>")  # the tiny model ends its turn
+
+
+def test_the_adapter_cards_vllm_command_admits_the_adapters_rank(tiny_run, tmp_path):
+    # the card's `vllm serve ... --enable-lora` line left vLLM's --max-lora-rank at 16: a rank-32 adapter failed there
+    import shutil
+
+    from fastchat_ft.inference import resolve_model
+    from fastchat_ft.model_card import model_card
+    ckpt = tmp_path / "adapter"
+    shutil.copytree(tiny_run["run"] / "final", ckpt)
+    conf = json.loads((ckpt / "adapter_config.json").read_text())
+    (ckpt / "adapter_config.json").write_text(json.dumps({**conf, "r": 32}))
+    card = model_card(tmp_path, resolve_model(ckpt), {"mode": "adapter", "adapter": {"base_copy": None}}, {}, {})
+    line = next(x for x in card.splitlines() if x.startswith("vllm serve"))
+    assert "--max-lora-rank 32" in line
