@@ -256,6 +256,17 @@ def test_split_beside_an_input_in_a_read_only_folder_is_refused_before_the_scan(
     assert "no write permission" in err and "pass --out-dir" in err
 
 
+@pytest.mark.parametrize("command", ["validate", "analyze", "split"])
+def test_pretty_printed_records_are_named_as_such(data, tok_dir, tmp_path, capsys, command):
+    # was one "invalid JSON" error per line of every record
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text("\n".join(json.dumps(json.loads(x), indent=2) for x in data.read_text().splitlines()) + "\n")
+    extra = ["--tokenizer", tok_dir] if command == "analyze" else []
+    err = refused(capsys, [command, str(pretty), *extra], file=f"{pretty}:1")
+    assert "pretty-printed" in err and "one record per line" in err and "invalid JSON" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretty.jsonl", "small.jsonl"]
+
+
 # -------------------------------------------------------------------------- .jsonl of bare message lists
 
 def bare_lists(path):

@@ -196,6 +196,7 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
     if not p.is_file():
         raise DataError("no such file", file=str(p), fix="check the path")
     refuse_compressed(p)
+    refuse_multiline_records(p)
     check_max_seq_len(max_seq_len, "max_seq_len")
     if near_duplicates:
         check_near_threshold(near_threshold, "near_threshold")
@@ -232,6 +233,20 @@ def refuse_compressed(path: Path) -> None:
         if head.startswith(magic):
             raise DataError(f"this is a {kind}-compressed file; the dataset tools read plain .jsonl / .json",
                             file=str(path), fix=f"decompress it first ({tool} {path}) and pass the plain file")
+
+
+def refuse_multiline_records(path: Path) -> None:
+    """Pretty-printed records (`json.dump(..., indent=2)` or jq without -c): a file that starts with '{' is read as
+    JSONL, so every line was its own "invalid JSON" error, hundreds of them, none saying what is wrong. A JSONL
+    record cannot be a lone '{' line followed by a member line, so this never refuses a readable file."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    lines = [ln.strip() for ln in head.removeprefix(b"\xef\xbb\xbf").splitlines() if ln.strip()]
+    if len(lines) >= 2 and lines[0] == b"{" and lines[1].startswith(b'"'):
+        raise DataError("the records are spread over several lines (pretty-printed JSON), and a file that starts "
+                        "with '{' is read as JSONL: one whole record per line", file=str(path), line=1,
+                        fix=f"write one record per line (e.g. jq -c . {path} > data.jsonl), or a .json file that "
+                            "holds one JSON list [...] of records")
 
 
 def iter_batches(scanner) -> Iterator[dict]:
