@@ -82,6 +82,17 @@ def test_a_new_run_never_replaces_an_earlier_one_silently(tiny_dir, tmp_path):
     assert summary["steps"] == 1
 
 
+def test_a_run_killed_in_its_first_save_is_not_offered_a_resume(tmp_path):
+    # checkpoints/ held only the killed save's staging folder: the refusal offered --resume, which found nothing
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".step-000002.tmp-killed").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(ConfigError) as err:
+        train_mod.refuse_to_overwrite(out)
+    assert "metrics.jsonl" in str(err.value) and "checkpoints" not in str(err.value)
+    assert "--resume" not in err.value.fix and "overwrite_output_dir" in err.value.fix
+
+
 def test_overwrite_output_dir_replaces_the_earlier_run(tiny_dir, tmp_path):
     # the earlier run's checkpoints (later steps) stayed and save_total_limit pruned the new run's own instead; its
     # final/ then made --resume say the run had finished at the earlier run's step; its samples stayed too

@@ -257,7 +257,9 @@ def refuse_to_overwrite(run_dir: Path, resume: str | None = None) -> None:
     if resume and (resume == "latest" or Path(resume).resolve().parent in (run_dir.resolve(),
                                                                            (run_dir / "checkpoints").resolve())):
         return
-    earlier = [n for n in ("final", "checkpoints") if (run_dir / n).is_dir() and any((run_dir / n).iterdir())]
+    earlier = ["final"] if (run_dir / "final").is_dir() and any((run_dir / "final").iterdir()) else []
+    if ckpt.list_checkpoints(run_dir):  # not a killed save's staging folder alone: --resume finds nothing there
+        earlier.append("checkpoints")
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         earlier.append(metrics.name)
