@@ -267,6 +267,17 @@ def test_pretty_printed_records_are_named_as_such(data, tok_dir, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pretty.jsonl", "small.jsonl"]
 
 
+@pytest.mark.parametrize("command", ["validate", "analyze", "split"])
+def test_standard_input_or_a_pipe_is_named_as_such(data, tok_dir, tmp_path, capsys, command):
+    import os
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # what /dev/stdin or <(cmd) is when fed by a pipe; never opened here, so never blocks
+    extra = ["--tokenizer", tok_dir] if command == "analyze" else []
+    for path in ("-", str(fifo)):
+        err = refused(capsys, [command, path, *extra], file=path)
+        assert "not a regular file" in err and "no such file" not in err
+
+
 # -------------------------------------------------------------------------- .jsonl of bare message lists
 
 def bare_lists(path):

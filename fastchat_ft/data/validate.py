@@ -194,6 +194,9 @@ def open_scanner(path: str | os.PathLike, *, tokenizer=None, template: str = "ch
     if p.is_dir():
         raise DataError("this is a folder, not a dataset file", file=str(p), fix="give one .jsonl or .json file")
     if not p.is_file():
+        if str(path) == "-" or p.exists():  # "-", /dev/stdin, <(cmd): a pipe, which said "no such file"
+            raise DataError("not a regular file (standard input, a pipe or a device): the tools read the file "
+                            "again to write their outputs", file=str(p), fix="save the data to a file and pass its path")
         raise DataError("no such file", file=str(p), fix="check the path")
     refuse_compressed(p)
     refuse_multiline_records(p)
