@@ -54,6 +54,9 @@ def input_file(path: str | Path, flag: str, fix: str = CWD_FIX) -> Path:
     if p.is_dir():
         raise DataError("is a folder, not a file", file=str(p), field=flag, fix="pass a file (inside it?)")
     if not p.is_file():
+        if str(path) == "-" or p.exists():  # "-", /dev/stdin or <(cmd) fed by a pipe: it is there, and unreadable twice
+            raise DataError("not a regular file (standard input, a pipe or a device)", file=str(p), field=flag,
+                            fix="save the data to a file and pass its path")
         raise DataError("file not found", file=str(p), field=flag, fix=fix)
     return p
 

@@ -66,3 +66,16 @@ def test_an_output_in_a_folder_without_write_permission_is_refused_first(tmp_pat
     assert e.value.field == "--out-dir"
     flags.output_file(tmp_path / "ok.jsonl", "--fix")  # elsewhere: fine
     flags.output_folder(tmp_path / "new", "--out-dir")
+
+
+def test_input_file_names_standard_input_or_a_pipe(tmp_path):
+    import os
+    from fastchat_ft.errors import DataError
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    for path in ("-", str(fifo)):
+        with pytest.raises(DataError, match="not a regular file") as e:
+            flags.input_file(path, "--data")
+        assert e.value.field == "--data" and e.value.file == path
+    with pytest.raises(DataError, match="file not found"):
+        flags.input_file(tmp_path / "missing.jsonl", "--data")
