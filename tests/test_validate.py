@@ -296,3 +296,33 @@ def test_cli_length_check_counts_the_default_system_prompt_training_adds(tmp_pat
     codes = [i["code"] for i in json.loads(capsys.readouterr().out)["issues"]]
     assert codes == ["length.truncated_no_trainable"]
     assert main([*argv, "--system-prompt", ""]) == 0
+
+
+def test_fix_keeps_one_copy_when_the_first_copy_has_an_error(tmp_path):
+    # The scanner links a copy to the first earlier match; when that one is dropped for an error, the valid copy
+    # was dropped too (as a duplicate) and neither reached the cleaned file.
+    def rec(answer, weight=None, question="Name the largest planet in the solar system, please."):
+        a = {"role": "assistant", "content": answer}
+        if weight is not None:
+            a["weight"] = weight
+        return {"messages": [{"role": "user", "content": question}, a]}
+    answer = "Jupiter is the largest planet in the solar system by far, more than twice the mass of all others."
+    records = [rec(answer, weight=0),                      # error: nothing to train
+               rec(answer),                                # near copy of 1 (weights differ): the copy to keep
+               rec(answer),                                # exact copy of 2: dropped
+               rec("Mercury is the smallest planet.", question="Which planet is the smallest one?"),
+               rec(""),                                    # error: empty answer
+               ]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = validate_file(src)
+    codes = {(i.line, i.code) for i in report.issues}
+    assert {(2, "duplicate.near"), (3, "duplicate.exact"), (1, "labels.no_trainable")} <= codes  # as set up
+    out, rej, kept, dropped = write_fixed(report, tmp_path / "clean.jsonl")
+    lines = src.read_text().splitlines()
+    assert out.read_text().splitlines() == [lines[1], lines[3]]
+    assert [json.loads(x)["line"] for x in rej.read_text().splitlines()] == [1, 3, 5]
+    # without errors in the way, the rule is unchanged: the first copy stays, later ones go
+    src.write_text("".join(json.dumps(r) + "\n" for r in records[1:4]))
+    out, rej, kept, dropped = write_fixed(validate_file(src), tmp_path / "clean.jsonl")
+    assert (kept, dropped) == (2, 1) and [json.loads(x)["line"] for x in rej.read_text().splitlines()] == [2]

@@ -297,7 +297,26 @@ def validate_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | Non
         report.records_with_warnings += sum(1 for i in warned if not errors[i])
         report.records += n
         offset += n
+    if near_duplicates or report.exact_duplicates:
+        keep_first_valid_copy(report, scanner.groups())
     return report
+
+
+def keep_first_valid_copy(report: ValidationReport, groups) -> None:
+    """--fix keeps one copy of each duplicate group: its first record without an error. The scanner links a record
+    to the first earlier match, which may be a record --fix drops for an error (an empty answer, weight 0), and then
+    neither copy reached the cleaned file. `groups`: the union-find group of each record (exact and verified near
+    matches, the ones reported)."""
+    import numpy as np
+    broken = [o for o, reasons in report.rejected.items() if not all(r.startswith("duplicate.") for r in reasons)]
+    if not broken or len(broken) == len(report.rejected):
+        return  # no record with an error, or none dropped only as a copy: nothing to move
+    valid = np.ones(report.records, dtype=bool)
+    valid[broken] = False
+    ordinals = np.flatnonzero(valid)
+    _, first = np.unique(groups[ordinals], return_index=True)  # first valid record of each group
+    for o in ordinals[first].tolist():
+        report.rejected.pop(o, None)  # a copy only of dropped records: this one is the copy kept
 
 
 def _records_raw(path: Path) -> Iterator[tuple[int, bytes]]:
