@@ -296,6 +296,11 @@ def test_cli_length_check_counts_the_default_system_prompt_training_adds(tmp_pat
     codes = [i["code"] for i in json.loads(capsys.readouterr().out)["issues"]]
     assert codes == ["length.truncated_no_trainable"]
     assert main([*argv, "--system-prompt", ""]) == 0
+    capsys.readouterr()
+    rec["messages"].insert(0, {"role": "system", "content": "Be brief."})  # no conversation takes it: no note
+    f.write_text(json.dumps(rec) + "\n")
+    assert main(["validate", str(f), "--tokenizer", str(tok_dir)]) == 0
+    assert "default system prompt" not in capsys.readouterr().err
 
 
 def test_fix_keeps_one_copy_when_the_first_copy_has_an_error(tmp_path):

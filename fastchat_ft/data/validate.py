@@ -59,6 +59,7 @@ class ValidationReport:
     issues: list[Issue] = field(default_factory=list)
     rejected: dict[int, list[str]] = field(default_factory=dict)  # record ordinal -> reasons (for --fix)
     rejected_lines: dict[int, int] = field(default_factory=dict)  # record ordinal -> its first line (for --fix)
+    without_system: int = 0  # parsed records with no system turn (they get the --system-prompt)
     tokenizer: str | None = None
     template: str = "chatml"
     max_seq_len: int | None = None
@@ -296,6 +297,7 @@ def validate_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike | Non
         report.records_with_errors += int(errors.sum())
         report.records_with_warnings += sum(1 for i in warned if not errors[i])
         report.records += n
+        report.without_system += int(((batch["messages"] > 0) & (batch["roles"][:, 0] == 0)).sum())
         offset += n
     if near_duplicates or report.exact_duplicates:
         keep_first_valid_copy(report, scanner.groups())
@@ -478,5 +480,6 @@ def run_validate(args) -> int:
         print_report(report, getattr(args, "max_issues", 200))
         if fixed:
             print(f"wrote {fixed[2]} records to {fixed[0]} and {fixed[3]} rejects (with reasons) to {fixed[1]}")
-    print_system_prompt_note(args.system_prompt, system)
+    if report.without_system:
+        print_system_prompt_note(args.system_prompt, system)
     return 0 if report.ok else 1
