@@ -126,3 +126,37 @@ def test_conversations_the_loader_drops_are_reported(tiny_run, capsys):
     too_long = sum(n > limit for n in lengths)
     assert too_long and res["model"]["loader"]["dropped_overlong"] == too_long
     assert res["model"]["n_sequences"] == len(lengths) - too_long
+
+
+@pytest.mark.parametrize("option, value, dataset_kw", [
+    ("think", "strip_history", {"think": "strip_history"}),
+    ("excess_length_strategy", "truncate", {"overlong": "truncate"})])
+def test_eval_reads_the_file_with_the_runs_loader_options(tiny_run, tmp_path, capsys, option, value, dataset_kw):
+    # eval left the run's think / excess_length_strategy / allow_special_in_content out: it tokenized (or dropped)
+    # conversations other than training's validation did, and its numbers were not the ones the run logged
+    _need_engine_and_loader()
+    import shutil
+
+    from fastchat_ft.data import ChatDataset
+    from fastchat_ft.engine.data import eval_batches
+    from fastchat_ft.engine.validation import evaluate
+    from fastchat_ft.inference import load_model
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    with open(run / "training_config.yaml", "a") as f:
+        f.write(f"{option}: {value}\n")
+    rows = [{"messages": [{"role": "user", "content": "the cat?"},
+                          {"role": "assistant", "content": "<think>two dogs ran home quickly</think>the mat."},
+                          {"role": "user", "content": "and the dogs?"},
+                          {"role": "assistant", "content": "they ran home " + "quickly " * n}]} for n in (2, 40)]
+    data = write_jsonl(tmp_path / "val.jsonl", rows)
+    tok = tiny_run["tokenizer"]
+    max_len = 4 + len(tok(tok.apply_chat_template(rows[0]["messages"], tokenize=False))["input_ids"])  # the short fits
+    assert main(["eval", "--model", str(run), "--data", str(data), "--max-seq-len", str(max_len), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["model"]
+    loaded = load_model(run, device="cpu")
+    ds = ChatDataset([str(data)], str(loaded.source.tokenizer_dir), template="chatml", max_seq_len=max_len,
+                     packing=False, seed=0, cache=False, **dataset_kw)
+    want = evaluate(loaded.model, eval_batches([dict(r) for r in ds], 4))
+    assert (got["n_tokens"], got["n_sequences"]) == (want.n_tokens, want.n_sequences)
+    assert got["loss"] == pytest.approx(want.loss, rel=1e-6)

@@ -31,13 +31,15 @@ def run_eval(args) -> int:
     train_file, report = check_eval_args(args, data, run_dir, source)
     model = load_model(args.model)
     template = eval_template(args, model)
+    options = eval_loader_options(model)  # the run's, for the baseline too: both read the same conversations
     results = {"data": str(data), "template": template,
-               "model": {"path": str(model.source.path), **metrics_of(model, data, template, args.max_seq_len)}}
+               "model": {"path": str(model.source.path),
+                         **metrics_of(model, data, template, args.max_seq_len, options)}}
     baseline = None
     if args.baseline:
         baseline = load_model(args.baseline)
         results["baseline"] = {"path": str(baseline.source.path),
-                               **metrics_of(baseline, data, template, args.max_seq_len)}
+                               **metrics_of(baseline, data, template, args.max_seq_len, options)}
         results["improvement"] = improvement(results["model"], results["baseline"])
     if args.samples:
         write_samples_report(report, model, baseline, data, args.samples, results, train_file=train_file,
@@ -110,6 +112,19 @@ def _slug(source: ModelSource) -> str:
     return p.name or "model"
 
 
+# training config key -> ChatDataset keyword, for the loader options that change how a conversation is tokenized
+# or whether it is kept; train_on is not one of them: eval measures the assistant turns, whatever training trained
+RUN_LOADER_OPTIONS = {"think": "think", "allow_special_in_content": "allow_special_in_content",
+                      "excess_length_strategy": "overlong"}
+
+
+def eval_loader_options(model: LoadedModel) -> dict:
+    """The run's loader options, so eval reads the file as the run's validation did (a `think: strip_history` run
+    is not measured on the <think> blocks it never saw; a `truncate` run keeps what it truncated)."""
+    conf = _training_config(model) or {}
+    return {kw: conf[key] for key, kw in RUN_LOADER_OPTIONS.items() if conf.get(key) is not None}
+
+
 def eval_system_prompt(model: LoadedModel, template: str) -> str | None:
     """The system prompt conversations without one are evaluated with: the training run's `system_prompt` when it
     set one, else the default of the model's own template (what training and inference add; template_defaults)."""
@@ -122,7 +137,7 @@ def eval_system_prompt(model: LoadedModel, template: str) -> str | None:
 
 
 def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int,
-                system_prompt: str | None = None) -> tuple[list[dict], dict]:
+                system_prompt: str | None = None, options: dict | None = None) -> tuple[list[dict], dict]:
     """Tokenized, masked rows of the eval file from the native loader (the training data path, unpacked so a
     row is one conversation)."""
     from fastchat_ft.data import ChatDataset
@@ -130,7 +145,7 @@ def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int
     # cache=False: eval files are small and an eval should not write into the user's cache
     try:
         ds = ChatDataset([str(data)], str(tokenizer_dir), template=template, max_seq_len=max_seq_len,
-                         packing=False, seed=0, cache=False, system_prompt=system_prompt)
+                         packing=False, seed=0, cache=False, system_prompt=system_prompt, **(options or {}))
     except ImportError as e:  # a template whose renderer is not available in this install
         raise DataError(f"cannot render template {template!r} here ({e})", field="--template",
                         fix="pass --template with a built-in template: chatml, llama3, llama2, mistral, alpaca") from None
@@ -144,13 +159,14 @@ def encode_rows(data: Path, tokenizer_dir: Path, template: str, max_seq_len: int
     return rows, stats
 
 
-def metrics_of(loaded: LoadedModel, data: Path, template: str, max_seq_len: int) -> dict:
+def metrics_of(loaded: LoadedModel, data: Path, template: str, max_seq_len: int,
+               options: dict | None = None) -> dict:
     """Token-weighted loss / ppl / accuracy over every trainable token, one small batch in memory at a time."""
     from fastchat_ft.engine.data import eval_batches
     from fastchat_ft.engine.validation import evaluate
 
     rows, stats = encode_rows(data, loaded.source.tokenizer_dir, template, max_seq_len,
-                              eval_system_prompt(loaded, template))
+                              eval_system_prompt(loaded, template), options)
     result = evaluate(loaded.model, eval_batches(rows, EVAL_ROWS_PER_BATCH))
     if result.n_tokens == 0:
         raise DataError("the eval file has no trainable (assistant) tokens", file=str(data),
