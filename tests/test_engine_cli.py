@@ -54,3 +54,42 @@ def test_config_mistakes_print_the_key_and_fix_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fastchat_ft", "train", "--set", "adapter=lorra", "--dry-run"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "did you mean 'lora'" in out.stderr and "Traceback" not in out.stderr
+
+
+FAKE_TORCHRUN = """import pathlib, signal, sys, time
+mark = pathlib.Path(sys.argv[0]).with_suffix(".log")
+def stop(signum, frame):  # as torchrun would: hand it to the ranks, wait for them to save, exit
+    mark.write_text(mark.read_text() + f"got {signum}\\n")
+    time.sleep(0.5)
+    mark.write_text(mark.read_text() + "saved\\n")
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+mark.write_text("started\\n")
+time.sleep(5)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_nproc_launcher_hands_a_stop_signal_to_torchrun_and_waits(tmp_path, sig):
+    # `train --nproc N` re-launches under torchrun: SIGTERM (`kill`, a container stop) killed the launcher alone,
+    # leaving torchrun and its ranks training on unsignalled; Ctrl-C SIGKILLed torchrun and returned while the ranks
+    # were still saving
+    import signal
+    import time
+
+    fake = tmp_path / "torchrun.py"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_TORCHRUN)
+    fake.chmod(0o755)
+    code = ("import shutil, sys; from fastchat_ft.engine import distributed as d; "
+            f"shutil.which = lambda name: {str(fake)!r}; sys.exit(d.relaunch_with_torchrun(2, ['train', 'x.yaml']))")
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    mark = fake.with_suffix(".log")
+    deadline = time.time() + 60
+    while not (mark.is_file() and "started" in mark.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(getattr(signal, sig))
+    rc = launcher.wait(timeout=60)
+    log = mark.read_text()
+    assert f"got {int(getattr(signal, sig))}" in log and "saved" in log, log
+    assert rc == 128 + int(getattr(signal, sig)), (rc, launcher.stderr.read())

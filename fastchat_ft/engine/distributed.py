@@ -257,5 +257,23 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
     cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "fastchat_ft", *args]
     print("launching: " + " ".join(cmd), file=sys.stderr)
+    import signal
     import subprocess
-    return subprocess.call(cmd)
+
+    # Ctrl-C / SIGTERM are torchrun's to hand to the ranks (which finish the step and save): this process passes
+    # them on and waits. Left alone, SIGTERM (`kill`, a container stop) killed this process only, the ranks training
+    # on unsignalled, and Ctrl-C SIGKILLed torchrun (subprocess.call) and returned while the ranks were still saving.
+    child = subprocess.Popen(cmd)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + got[0] if got and rc else rc  # 130 / 143 as a one-process run stopped by that signal exits
