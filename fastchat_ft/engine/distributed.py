@@ -263,14 +263,16 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     # Ctrl-C / SIGTERM are torchrun's to hand to the ranks (which finish the step and save): this process passes
     # them on and waits. Left alone, SIGTERM (`kill`, a container stop) killed this process only, the ranks training
     # on unsignalled, and Ctrl-C SIGKILLed torchrun (subprocess.call) and returned while the ranks were still saving.
-    child = subprocess.Popen(cmd)
+    # torchrun runs in its own session, so a terminal's Ctrl-C reaches it once, from here: a second SIGINT cut its
+    # shutdown short (SignalException inside it) and the ranks never saved.
+    child = subprocess.Popen(cmd, start_new_session=True)
     got: list[int] = []
 
     def forward(signum, frame):
         got.append(signum)
         child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = child.wait()
     finally:
