@@ -56,7 +56,7 @@ def test_config_mistakes_print_the_key_and_fix_without_traceback(tmp_path):
     assert out.returncode == 1 and "did you mean 'lora'" in out.stderr and "Traceback" not in out.stderr
 
 
-FAKE_TORCHRUN = """import pathlib, signal, sys, time
+FAKE_TORCHRUN = """import os, pathlib, signal, sys, time
 mark = pathlib.Path(sys.argv[0]).with_suffix(".log")
 def stop(signum, frame):  # as torchrun would: hand it to the ranks, wait for them to save, exit
     mark.write_text(mark.read_text() + f"got {signum}\\n")
@@ -65,7 +65,7 @@ def stop(signum, frame):  # as torchrun would: hand it to the ranks, wait for th
     sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
-mark.write_text("started\\n")
+mark.write_text(f"started; own process group: {os.getpgid(0) != os.getpgid(os.getppid())}\\n")
 time.sleep(5)
 """
 
@@ -93,3 +93,28 @@ def test_nproc_launcher_hands_a_stop_signal_to_torchrun_and_waits(tmp_path, sig)
     log = mark.read_text()
     assert f"got {int(getattr(signal, sig))}" in log and "saved" in log, log
     assert rc == 128 + int(getattr(signal, sig)), (rc, launcher.stderr.read())
+
+
+def test_nproc_launcher_hands_torchrun_a_terminals_ctrl_c_once(tmp_path):
+    # a terminal's Ctrl-C goes to its whole process group: torchrun got it from there and again from the launcher,
+    # and the second SIGINT cut its shutdown short before the ranks had saved
+    import os
+    import signal
+    import time
+
+    fake = tmp_path / "torchrun.py"
+    fake.write_text(f"#!{sys.executable}\n" + FAKE_TORCHRUN)
+    fake.chmod(0o755)
+    code = ("import shutil, sys; from fastchat_ft.engine import distributed as d; "
+            f"shutil.which = lambda name: {str(fake)!r}; sys.exit(d.relaunch_with_torchrun(2, ['train', 'x.yaml']))")
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, start_new_session=True)  # its own group
+    mark = fake.with_suffix(".log")
+    deadline = time.time() + 60
+    while not (mark.is_file() and "started" in mark.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)  # as the terminal sends it
+    assert launcher.wait(timeout=60) == 130
+    # the two SIGINTs may merge into one delivery, so the group is what is checked: the terminal's reaches the
+    # launcher alone
+    assert "own process group: True" in mark.read_text()
+    assert mark.read_text().count(f"got {int(signal.SIGINT)}") == 1, mark.read_text()
