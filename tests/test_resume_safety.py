@@ -190,3 +190,21 @@ def test_a_finished_run_without_its_final_model_gets_it_from_the_last_checkpoint
     assert final and final == _snapshot(copy / "checkpoints" / "step-000006")
     assert json.loads((copy / "final" / "trainer_state.json").read_text())["step"] == 6
     assert not (copy / ".final.tmp-killed").exists()
+
+
+def test_a_rank_takes_the_copy_torchrun_passes_on_for_the_same_stop(monkeypatch):
+    """A scheduler that signals every process of the job (Slurm, systemd) reaches a rank directly and again through
+    torchrun: the copy aborted the rank without its checkpoint. Outside torchrun a second signal still aborts."""
+    import signal
+
+    from fastchat_ft.engine.checkpoint import StopFlag
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with StopFlag() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # torchrun's copy, moments later
+    assert stop.requested == "SIGTERM"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    with pytest.raises(KeyboardInterrupt), StopFlag():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,14 +332,21 @@ def _set_rng_state(state: dict) -> None:
 class StopFlag:
     """Ctrl-C / SIGTERM set a flag; the loop finishes the step, saves and exits. A second Ctrl-C aborts."""
 
+    # Under torchrun a rank can get one stop twice within moments: from a scheduler that signals every process of
+    # the job (Slurm, systemd) and again from torchrun passing it on. Aborting on that copy lost the checkpoint.
+    COPY_WINDOW_S = 5.0
+
     def __init__(self):
         self.requested: str | None = None
         self._previous = {}
+        self._at = 0.0
 
     def _handle(self, signum, frame):
         if self.requested:  # second signal: the user really wants out now
+            if "TORCHELASTIC_RUN_ID" in os.environ and time.monotonic() - self._at < self.COPY_WINDOW_S:
+                return
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested, self._at = signal.Signals(signum).name, time.monotonic()
         print(f"\n{self.requested} received: finishing this step, saving a checkpoint, then exiting "
               "(press Ctrl-C again to abort without saving)")
 
