@@ -250,32 +250,17 @@ def _comm_device() -> torch.device:
 
 
 def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """`fastchat-ft train ... --nproc N` -> `torchrun --nproc-per-node N -m fastchat_ft train ...`."""
+    """`fastchat-ft train ... --nproc N` -> `torchrun --nproc-per-node N -m fastchat_ft train ...`, in this process
+    (exec): it does not return."""
     args = [a for i, a in enumerate(argv) if a != "--nproc" and not (i and argv[i - 1] == "--nproc")
             and not a.startswith("--nproc=")]
     torchrun = shutil.which("torchrun") or ""
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
     cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "fastchat_ft", *args]
-    print("launching: " + " ".join(cmd), file=sys.stderr)
-    import signal
-    import subprocess
-
-    # Ctrl-C / SIGTERM are torchrun's to hand to the ranks (which finish the step and save): this process passes
-    # them on and waits. Left alone, SIGTERM (`kill`, a container stop) killed this process only, the ranks training
-    # on unsignalled, and Ctrl-C SIGKILLed torchrun (subprocess.call) and returned while the ranks were still saving.
-    # torchrun runs in its own session, so a terminal's Ctrl-C reaches it once, from here: a second SIGINT cut its
-    # shutdown short (SignalException inside it) and the ranks never saved.
-    child = subprocess.Popen(cmd, start_new_session=True)
-    got: list[int] = []
-
-    def forward(signum, frame):
-        got.append(signum)
-        child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        rc = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 128 + got[0] if got and rc else rc  # 130 / 143 as a one-process run stopped by that signal exits
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    # This process becomes torchrun (exec, not a child): a signal reaches it as it reaches a torchrun started by
+    # hand, which hands it to the ranks once (they finish the step and save). A launcher process in between either
+    # kept SIGTERM from torchrun (`kill`, a container stop: it died alone, the ranks trained on), SIGKILLed torchrun
+    # on Ctrl-C while the ranks were saving, or, passing signals on, gave torchrun a second one when the terminal or
+    # a scheduler had signalled it too, which cut its shutdown short before the ranks saved.
+    os.execv(cmd[0], cmd)
