@@ -263,4 +263,5 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     # kept SIGTERM from torchrun (`kill`, a container stop: it died alone, the ranks trained on), SIGKILLed torchrun
     # on Ctrl-C while the ranks were saving, or, passing signals on, gave torchrun a second one when the terminal or
     # a scheduler had signalled it too, which cut its shutdown short before the ranks saved.
+    sys.stdout.flush()  # exec drops what Python has not written yet
     os.execv(cmd[0], cmd)
