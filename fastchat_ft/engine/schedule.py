@@ -1,5 +1,6 @@
-"""Learning-rate schedule: linear warmup from 0, then cosine, linear or constant. A plain function of the
-step, so resume needs only the step number (scheduler.pt is saved too, for tools that expect it)."""
+"""Learning-rate schedule: linear warmup (the first step at peak/W, the peak at step W), then cosine or linear
+to 0 at the end, or constant. A plain function of the step, so resume needs only the step number (scheduler.pt is
+saved too, for tools that expect it)."""
 from __future__ import annotations
 
 import math
