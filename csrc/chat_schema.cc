@@ -177,6 +177,26 @@ void read_record(json::Value&& record, Conversation& out) {
     read_weight(mv, field, m);
     out.messages.push_back(std::move(m));
   }
+  // ShareGPT as LLaMA-Factory and others write it keeps the system prompt beside the turns: {"system": "...",
+  // "conversations": [...]}. It becomes the first turn (ignoring it trained those records without their prompt
+  // and made them duplicates of the same turns without one); "" or null means none, as there.
+  if (const json::Value* sys = r.find("system"); sharegpt && sys && !sys->is_null()) {
+    if (!sys->is_string())
+      bad(*sys, "system", std::string("the system prompt must be a string, got ") + json::type_name(sys->type),
+          "write \"system\": \"...\" beside \"conversations\"");
+    if (!sys->string.empty()) {
+      if (out.messages.front().role == Role::System)
+        bad(*sys, "system", "the record has a \"system\" prompt and a system turn too",
+            "keep one of them: drop \"system\" or the conversation's first turn");
+      Message m;
+      m.role = Role::System;
+      m.role_text = role_name(Role::System);
+      m.content = sys->string;
+      m.line = sys->line;
+      m.column = sys->column;
+      out.messages.insert(out.messages.begin(), std::move(m));
+    }
+  }
   if (const json::Value* tools = r.find("tools"); tools && !tools->is_null()) {
     if (!tools->is_array()) bad(*tools, "tools", std::string("tools must be a list, got ") + json::type_name(tools->type),
                                 "write \"tools\": [{\"type\": \"function\", \"function\": {...}}]");

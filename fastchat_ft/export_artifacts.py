@@ -56,8 +56,9 @@ def _messages(row) -> list[dict]:
                 out.append({"role": m["role"], "content": str(content)})
         return out
     if isinstance(row.get("conversations"), list):
-        return [{"role": _SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": str(m.get("value", ""))}
-                for m in row["conversations"] if isinstance(m, dict)]
+        system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) and row["system"] else []
+        return system + [{"role": _SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": str(m.get("value", ""))}
+                         for m in row["conversations"] if isinstance(m, dict)]
     return []
 
 

@@ -128,6 +128,30 @@ def test_json_array_files_and_sharegpt(tmp_path, smollm):
 
 
 
+@pytest.mark.parametrize("template", ["chatml", "tokenizer"])
+def test_sharegpt_system_beside_the_turns_is_the_first_turn(tmp_path, smollm, template):
+    """{"system": ..., "conversations": [...]} (LLaMA-Factory's ShareGPT) trains with its prompt, exactly as the
+    same conversation with a system turn; "" means none; a prompt beside a system turn, or not a string, is an
+    error naming "system"."""
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    openai = {"messages": [{"role": "system", "content": "You are Bob."}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a"}]}
+    bare = {"messages": openai["messages"][1:]}
+
+    def rows(record, name):
+        ds = dataset(write_jsonl(tmp_path / f"{name}-{template}.jsonl", [record]), smollm, template=template,
+                     packing=False)
+        return [(list(r["input_ids"]), list(r["labels"])) for r in ds]
+
+    assert rows({"system": "You are Bob.", "conversations": turns}, "sys") == rows(openai, "openai")
+    assert rows({"system": "", "conversations": turns}, "empty") == rows(bare, "bare")
+    for record, message in (({"system": "S", "conversations": [{"from": "system", "value": "T"}] + turns},
+                             "a system turn too"), ({"system": 3, "conversations": turns}, "must be a string")):
+        with pytest.raises(DataError, match=message) as info:
+            dataset(write_jsonl(tmp_path / "bad.jsonl", [record]), smollm, template=template)
+        assert info.value.field == "system"
+
+
 def test_summary_line_states_the_layout(tmp_path, smollm, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [conv(), conv("Another question?", "Another answer.")])
     dataset(path, smollm, max_seq_len=64, verbose=True)

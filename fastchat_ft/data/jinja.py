@@ -39,6 +39,8 @@ def normalize_record(record: dict) -> tuple[list[dict], list | None]:
     else:
         msgs = [{"role": SHAREGPT_ROLES[t.get("from", t.get("role"))], "content": t.get("value", t.get("content")),
                  **({"weight": t["weight"]} if "weight" in t else {})} for t in record["conversations"]]
+        if record.get("system"):  # ShareGPT's prompt beside the turns: the first turn, as the native reader does
+            msgs.insert(0, {"role": "system", "content": record["system"]})
     return msgs, record.get("tools") or None
 
 
