@@ -79,7 +79,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (Axolotl key names); default: the bundled demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--base-model", help="HF model folder (overrides base_model)")
-    p.add_argument("--data", action="append", help="ChatML file (overrides datasets)")
+    p.add_argument("--data", action="append", help="ChatML file (overrides datasets; without a config, validation "
+                   "holds out val_set_size of it, 5%% unless set, instead of the demo's validation file)")
+    p.add_argument("--val-data", action="append", help="ChatML validation file (overrides test_datasets)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides max_steps)")
     p.add_argument("--output-dir", help="run directory (overrides output_dir)")
     p.add_argument("--dry-run", action="store_true", help="check everything, estimate memory and time, and exit")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest (or a given) checkpoint")

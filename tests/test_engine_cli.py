@@ -44,6 +44,33 @@ def test_train_cli_dry_run_exits_without_training(tiny_setup, capsys):
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_data_without_a_config_validates_on_its_own_held_out_share_not_the_demo(tmp_path):
+    """train --data mine.jsonl on the bundled config used to validate on the demo's val.jsonl: now a val_set_size
+    share of --data (5% unless set), or --val-data; a config file's own test_datasets stay; --max-steps sets
+    max_steps."""
+    from fastchat_ft.engine.train import train_config
+
+    mine, theirs = tmp_path / "mine.jsonl", tmp_path / "val.jsonl"
+    for p in (mine, theirs):
+        p.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+
+    def cfg(*argv):
+        return train_config(cli.build_parser().parse_args(["train", *argv]))
+
+    demo = cfg()
+    assert [d["path"] for d in demo.test_datasets] and demo.test_datasets[0]["path"].endswith("demo/val.jsonl")
+    own = cfg("--data", str(mine), "--max-steps", "7")
+    assert own.test_datasets == [] and own.val_set_size == 0.05 and own.max_steps == 7
+    assert cfg("--data", str(mine), "--set", "val_set_size=3").val_set_size == 3
+    given = cfg("--data", str(mine), "--val-data", str(theirs))
+    assert [d["path"] for d in given.test_datasets] == [str(theirs.resolve())] and given.val_set_size == 0
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"datasets:\n  - path: {mine}\ntest_datasets:\n  - path: {theirs}\n")
+    kept = cfg(str(yaml), "--data", str(mine))
+    assert [d["path"] for d in kept.test_datasets] == [str(theirs.resolve())]
+    assert cli.main(["train", "--max-steps", "0", "--dry-run"]) == 1  # refused before anything loads
+
+
 def test_config_mistakes_print_the_key_and_fix_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_rank: 8\n")

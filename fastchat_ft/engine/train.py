@@ -36,8 +36,8 @@ from fastchat_ft.model import load as load_mod
 from fastchat_ft.model import lora as lora_mod
 
 
-def run_train(args) -> int:
-    flags.at_least(args, {"nproc": 1})  # --nproc 0 used to mean one process, silently
+def train_config(args):
+    """The run's config: the YAML (or the bundled demo's) with --set, then the flags."""
     cfg = config_mod.load(args.config, args.set)
     if args.base_model:
         cfg.base_model = args.base_model
@@ -45,8 +45,25 @@ def run_train(args) -> int:
         for p in args.data:
             flags.input_file(p, "--data")
         cfg.datasets = [{"path": str(Path(p).resolve()), "type": "chat_template"} for p in args.data]
+        if not args.config and not getattr(args, "val_data", None):
+            # the bundled config's test_datasets are the demo's validation file, which says nothing about your
+            # data: hold out a share of --data instead (val_set_size, 5% unless set)
+            cfg.test_datasets = []
+            cfg.val_set_size = cfg.val_set_size or 0.05
+    if getattr(args, "val_data", None):
+        for p in args.val_data:
+            flags.input_file(p, "--val-data")
+        cfg.test_datasets = [{"path": str(Path(p).resolve()), "type": "chat_template"} for p in args.val_data]
+    if getattr(args, "max_steps", None) is not None:
+        cfg.max_steps = args.max_steps
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    return cfg
+
+
+def run_train(args) -> int:
+    flags.at_least(args, {"nproc": 1, "max_steps": 1})  # --nproc 0 used to mean one process, silently
+    cfg = train_config(args)
     config_mod.validate(cfg)
     check_config_data_files(cfg)
     flags.output_folder(cfg.output_dir, "--output-dir" if args.output_dir else "output_dir")
