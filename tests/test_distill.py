@@ -246,3 +246,27 @@ def test_a_stopped_distillation_reports_its_last_validation_not_a_before_after(m
     result = json.loads((out / "run_manifest.json").read_text())["result"]
     assert result["val_kl_last"] == summary["val_kl"][0] and result["val_kl_last_step"] == 0
     assert not {"val_kl_before", "val_kl_after", "val_loss_before", "val_loss_after"} & result.keys()
+
+
+def test_a_stop_asked_during_an_evaluation_still_saves_the_next_steps_checkpoint(models, tmp_path, monkeypatch):
+    # as in train: a signal landing in after_step's evaluation (or logging, save) ended the loop on the live flag
+    # with no checkpoint, so the steps since the last save were lost
+    import signal
+
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+    real, calls = distill_mod.evaluate, []
+
+    def term_in_second_eval(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the step-2 evaluation (step 0's is the first)
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(distill_mod, "evaluate", term_in_second_eval)
+    out = tmp_path / "run"
+    args = _args(models, out, models / "teacher_base", max_steps=6)
+    args.set = args.set + ["eval_steps=2", "save_steps=100"]
+    summary = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False)
+    assert summary["stopped"] == "SIGTERM" and summary["steps"] == 3  # the step under way when it was seen
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    assert not (out / "final").exists()

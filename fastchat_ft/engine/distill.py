@@ -310,8 +310,11 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
     report = DistillReporter(cfg, s, run_dir, state, optimizer, scheduler, total_steps, steps_epoch, show_bar,
                              bool(resume), active=rank == 0, teacher=teacher, opts=opts, vocab=vocab, amp=amp)
     rows = s.data.train
+    # as train: act on the stop request as read once after each step (agreed over ranks, and saved for by after_step);
+    # one landing in after_step's logging, evaluation or save is seen after the next step, which is saved
+    stopping = None
     with ckpt.StopFlag() as stop:
-        while state.step < total_steps and not stop.requested:
+        while state.step < total_steps and not stopping:
             t0 = time.perf_counter()
             idx, mine = data_mod.rank_step(rows, cfg, per_step, state.epoch, state.batch_in_epoch, rank)
             if not any(idx):  # as in train: an optimizer step on no data would still move the weights
@@ -330,11 +333,12 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             train_mod._advance(state, steps_epoch, sum(data_mod.row_tokens(rows[i]) for m in idx for i in m))
-            if dist_mod.any_rank(bool(stop.requested)):  # every rank stops after the same step
-                stop.requested = stop.requested or "stop on another rank"
+            stopping = stop.requested
+            if dist_mod.any_rank(bool(stopping)):  # every rank stops after the same step
+                stopping = stopping or "stop on another rank"
             report.parts = parts
-            report.after_step(parts["loss"], grad_norm, t_data, time.perf_counter() - t0, stop.requested)
-    return report.finish(stop.requested)
+            report.after_step(parts["loss"], grad_norm, t_data, time.perf_counter() - t0, stopping)
+    return report.finish(stopping)
 
 
 class DistillReporter(train_mod.Reporter):
