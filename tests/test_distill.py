@@ -270,3 +270,28 @@ def test_a_stop_asked_during_an_evaluation_still_saves_the_next_steps_checkpoint
     assert summary["stopped"] == "SIGTERM" and summary["steps"] == 3  # the step under way when it was seen
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
     assert not (out / "final").exists()
+
+
+def test_a_stop_seen_after_the_last_step_still_finishes_the_distillation(models, tmp_path, monkeypatch):
+    # a stop during the last step skipped final/ and reported a stop at step 4 of 4 (exit 143); a --resume then
+    # said the run had finished, so final/ was never written
+    import signal
+
+    from fastchat_ft.engine import train as train_mod
+
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+    real, calls = distill_mod.distill_step, []
+
+    def term_in_last(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(distill_mod, "distill_step", term_in_last)
+    out = tmp_path / "run"
+    args = _args(models, out, models / "teacher_base", max_steps=4)
+    summary = distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False)
+    assert summary["stopped"] is None and summary["steps"] == 4
+    assert (out / "final" / "model.safetensors").is_file()
+    assert train_mod.stopped_status(summary) == 0

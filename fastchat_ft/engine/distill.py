@@ -338,7 +338,9 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
                 stopping = stopping or "stop on another rank"
             report.parts = parts
             report.after_step(parts["loss"], grad_norm, t_data, time.perf_counter() - t0, stopping)
-    return report.finish(stopping)
+    # as train: a stop seen after the last step stops nothing: the run finished (final/ saved, exit 0), else a
+    # resume would find it finished with no final/ ever written
+    return report.finish(stopping if state.step < total_steps else None)
 
 
 class DistillReporter(train_mod.Reporter):
