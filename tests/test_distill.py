@@ -295,3 +295,19 @@ def test_a_stop_seen_after_the_last_step_still_finishes_the_distillation(models,
     assert summary["stopped"] is None and summary["steps"] == 4
     assert (out / "final" / "model.safetensors").is_file()
     assert train_mod.stopped_status(summary) == 0
+
+
+def test_the_logged_lr_is_the_lr_the_step_used(models, tmp_path, monkeypatch):
+    # the log read the scheduler after its step(): step k showed step k+1's lr (warmup over 2 of 4 steps logged
+    # peak for step 1, not peak/2)
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = _args(models, out, models / "teacher_base", max_steps=4, learning_rate=1e-3)
+    args.set = args.set + ["warmup_ratio=0.5", "lr_scheduler=linear", "eval_steps=100"]
+    cfg, opts = distill_mod.config_from_args(args)
+    distill_mod.distill(cfg, opts, show_bar=False)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    peak = cfg.resolved_learning_rate()
+    # linear warmup over 2 steps (peak/2, peak), then linear decay from peak; the lr after step 4 (0) is unused
+    assert lrs == pytest.approx([peak / 2, peak, peak, peak / 2], rel=1e-9), lrs

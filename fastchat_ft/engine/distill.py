@@ -324,7 +324,7 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
             batches = [to_device(b, s.device) for b in mine]
             t_data = time.perf_counter() - t0
             parts = distill_step(student, teacher, batches, opts, vocab, amp, replicated)
-            grad_norm = float("nan")
+            grad_norm, lr = float("nan"), optimizer.param_groups[0]["lr"]  # the lr this step used (as train logs)
             if math.isfinite(parts["loss"]):
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 optimizer.step()
@@ -337,7 +337,7 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
             if dist_mod.any_rank(bool(stopping)):  # every rank stops after the same step
                 stopping = stopping or "stop on another rank"
             report.parts = parts
-            report.after_step(parts["loss"], grad_norm, t_data, time.perf_counter() - t0, stopping)
+            report.after_step(parts["loss"], grad_norm, lr, t_data, time.perf_counter() - t0, stopping)
     # as train: a stop seen after the last step stops nothing: the run finished (final/ saved, exit 0), else a
     # resume would find it finished with no final/ ever written
     return report.finish(stopping if state.step < total_steps else None)
@@ -361,7 +361,7 @@ class DistillReporter(train_mod.Reporter):
         write_json_atomic(manifest_path, manifest, indent=2, default=str)
         write_json_atomic(self.run_dir / "distill_config.json", asdict(opts), indent=2, default=str)
 
-    def after_step(self, loss, grad_norm, t_data, t_step, stopping) -> None:
+    def after_step(self, loss, grad_norm, lr, t_data, t_step, stopping) -> None:
         """As the train loop's, with the step's divergence (kl) and label CE (ce) in its metrics record."""
         st, cfg = self.state, self.cfg
         self.losses.append(loss)
@@ -372,7 +372,7 @@ class DistillReporter(train_mod.Reporter):
             if st.step % cfg.logging_steps == 0 or last:
                 self.log.log({"step": st.step, "epoch": round(st.epoch + st.batch_in_epoch / self.steps_epoch, 4),
                               "loss": loss, "kl": self.parts.get("kl"), "ce": self.parts.get("ce"),
-                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                              "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": self.tokens / self.busy}, advance=cfg.logging_steps)
             if st.step % self.eval_every == 0 or last:
                 self.evaluate()
