@@ -311,3 +311,25 @@ def test_the_logged_lr_is_the_lr_the_step_used(models, tmp_path, monkeypatch):
     peak = cfg.resolved_learning_rate()
     # linear warmup over 2 steps (peak/2, peak), then linear decay from peak; the lr after step 4 (0) is unused
     assert lrs == pytest.approx([peak / 2, peak, peak, peak / 2], rel=1e-9), lrs
+
+
+def test_resuming_another_folders_checkpoint_never_takes_over_a_run_there(models, tmp_path, monkeypatch, capsys):
+    # --resume PATH skipped the output-folder check, so a stopped run in the folder was trained on and taken over
+    from fastchat_ft.errors import ConfigError
+
+    monkeypatch.setenv("FASTCHAT_FT_CACHE", str(tmp_path / "cache"))
+    there = tmp_path / "y"
+    (there / "checkpoints" / "step-000001").mkdir(parents=True)
+    (there / "checkpoints" / "step-000001" / "model.safetensors").write_text("")
+    (there / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    other = str(tmp_path / "x" / "checkpoints" / "step-000002")
+    args = _args(models, there, models / "teacher_base", resume=other)
+    with pytest.raises(ConfigError) as err:
+        distill_mod.distill(*distill_mod.config_from_args(args), show_bar=False, resume=other)
+    assert err.value.field == "output_dir" and "checkpoints" in str(err.value)
+    # the CLI refuses before distill() (under --nproc, before torchrun starts the ranks)
+    monkeypatch.setattr(distill_mod, "distill", lambda *a, **k: pytest.fail("run_distill did not check the folder"))
+    rc = cli.main(["distill", "--teacher", str(models / "teacher_base"), "--student", str(models / "student"),
+                   "--data", str(models / "train.jsonl"), "--output-dir", str(there), "--resume", other])
+    assert rc == 1 and "output_dir" in capsys.readouterr().err
+    assert (there / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'  # nothing of the run touched

@@ -66,8 +66,9 @@ class DistillOptions:
 def run_distill(args) -> int:
     flags.at_least(args, {"nproc": 1})
     cfg, opts = config_from_args(args)
-    if not (getattr(args, "resume", None) or cfg.overwrite_output_dir):  # before torchrun starts N processes
-        train_mod.refuse_to_overwrite(Path(cfg.output_dir))
+    # as train: --resume PATH of another folder's checkpoint starts a new run here, so it gets the same check
+    if not cfg.overwrite_output_dir:  # before torchrun starts N processes
+        train_mod.refuse_to_overwrite(Path(cfg.output_dir), getattr(args, "resume", None))
     nproc = getattr(args, "nproc", None)
     if nproc and nproc > 1 and "WORLD_SIZE" not in os.environ:
         return dist_mod.relaunch_with_torchrun(nproc, sys.argv[1:])
@@ -274,8 +275,8 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
     torch.manual_seed(cfg.seed + rank)  # ranks draw different dropout masks
     random.seed(cfg.seed + rank)
     run_dir = Path(cfg.output_dir)
-    if not (resume or cfg.overwrite_output_dir):  # as train: an earlier run's final/ and metrics stay
-        train_mod.refuse_to_overwrite(run_dir)
+    if not cfg.overwrite_output_dir:  # as train: an earlier run's final/ and metrics stay
+        train_mod.refuse_to_overwrite(run_dir, resume)
     with train_mod.removed_if_setup_fails(run_dir, rank) as undo_setup:  # up to a loaded resume checkpoint
         # rank 0 first (tokenizer, data cache), the others then reuse its files; see dist_mod.rank_zero_first
         prep, vocab = dist_mod.rank_zero_first(lambda: _setup(cfg, opts, run_dir))
