@@ -139,8 +139,13 @@ def analyze_split(path: Path, tokenizer_dir: Path, tokenizer, config: dict) -> d
     Python count above when the analyzer cannot run (e.g. a template it does not know)."""
     try:
         from fastchat_ft.data.analyze import analyze_file
-        return analyze_file(path, str(tokenizer_dir), template=config.get("chat_template") or "chatml",
-                            max_seq_len=int(config.get("sequence_len") or 2048))
+        from fastchat_ft.data.validate import training_system_prompt
+        template = config.get("chat_template") or "chatml"
+        # the system turn training gave conversations without one (the model's default when system_prompt is
+        # unset): without it the statistics undercount the tokens the run trained on
+        system = training_system_prompt(config.get("system_prompt"), str(tokenizer_dir), template)
+        return analyze_file(path, str(tokenizer_dir), template=template,
+                            max_seq_len=int(config.get("sequence_len") or 2048), system_prompt=system)
     except Exception as e:  # noqa: BLE001 - statistics must not stop an export; the fallback says why
         stats = dataset_stats(read_conversations(path), tokenizer)
         stats["analyze_error"] = f"{type(e).__name__}: {e}"

@@ -113,3 +113,23 @@ def test_a_copied_train_split_was_already_right(tmp_path, tok_dir):
     out, info = export(tmp_path, run_dir, tok_dir)
     assert info["dataset_info"]["train"]["conversations"] == 9
     assert markers(read_jsonl(out / "data" / "train.jsonl")) == trained
+
+
+def test_split_stats_count_the_default_system_prompt_training_added(tmp_path, tok_dir):
+    """system_prompt unset: training gave each conversation without a system turn the model's default one
+    (SmolLM2's), so the exported statistics count it too; system_prompt "" trains, and counts, none."""
+    from fastchat_ft.data.analyze import analyze_file
+    from fastchat_ft.data.template_defaults import model_default_system
+
+    path, records, _ = make_run(tmp_path, tok_dir, 6, "jsonl")
+    system = model_default_system(str(tok_dir), "chatml")
+    assert system  # the premise: SmolLM2's template adds one
+    cfg = {"chat_template": "chatml", "sequence_len": 256}
+    with_default = export_artifacts.analyze_split(path, tok_dir, None, cfg)
+    without = export_artifacts.analyze_split(path, tok_dir, None, {**cfg, "system_prompt": ""})
+    assert "analyze_error" not in with_default
+    expected = analyze_file(path, str(tok_dir), template="chatml", max_seq_len=256, system_prompt=system)
+    assert with_default["tokens"]["total"] == expected["tokens"]["total"]
+    assert with_default["tokens"]["total"] > without["tokens"]["total"]
+    given = export_artifacts.analyze_split(path, tok_dir, None, {**cfg, "system_prompt": "Be brief."})
+    assert without["tokens"]["total"] < given["tokens"]["total"] < with_default["tokens"]["total"]
