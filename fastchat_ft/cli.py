@@ -96,7 +96,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", help="model folder to compare against")
     p.add_argument("--template", default=None, help=f"chat template ({TEMPLATES}; default: the run's training "
                    "template, else the model's own)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="longer conversations are left out of the metrics")
+    p.add_argument("--max-seq-len", type=int, default=None, help="longer conversations are left out of the metrics "
+                   "(default: the run's sequence_len when --model is a run or its checkpoint, else 2048)")
     p.add_argument("--samples", type=int, default=0, help="write a side-by-side report of N generations (0: none)")
     p.add_argument("--report", help="where --samples writes its Markdown (default: eval-samples-<model>.md)")
     p.add_argument("--train-data", help="training file for the memorisation check (default: the run's train split)")

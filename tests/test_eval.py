@@ -160,3 +160,35 @@ def test_eval_reads_the_file_with_the_runs_loader_options(tiny_run, tmp_path, ca
     want = evaluate(loaded.model, eval_batches([dict(r) for r in ds], 4))
     assert (got["n_tokens"], got["n_sequences"]) == (want.n_tokens, want.n_sequences)
     assert got["loss"] == pytest.approx(want.loss, rel=1e-6)
+
+
+def test_max_seq_len_defaults_to_the_runs_sequence_len(tiny_run, tmp_path, capsys):
+    # the default was 2048 whatever the run: eval kept conversations the run's validation left out (over its
+    # sequence_len) and reported another loss than the run's
+    _need_engine_and_loader()
+    import re
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"], run)
+    tok = tiny_run["tokenizer"]
+    lengths = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+               for r in tiny_run["val"]]
+    limit = sorted(lengths)[len(lengths) // 2]
+    too_long = sum(n > limit for n in lengths)
+    assert too_long and max(lengths) < 2048  # 2048 would keep them all
+    conf = run / "training_config.yaml"
+    conf.write_text(re.sub(r"(?m)^sequence_len: .*$", f"sequence_len: {limit}", conf.read_text()))
+    data = run / "data" / "val.jsonl"
+    assert main(["eval", "--model", str(run), "--data", str(data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["model"]["n_sequences"] == len(lengths) - too_long
+    assert (res["max_seq_len"], res["max_seq_len_from"]) == (limit, "the run's sequence_len")
+    assert res["model"]["loader"]["dropped_overlong"] == too_long
+    assert main(["eval", "--model", str(run / "final"), "--data", str(data), "--json"]) == 0  # a checkpoint of it
+    assert json.loads(capsys.readouterr().out)["max_seq_len"] == limit
+    assert main(["eval", "--model", str(run), "--data", str(data), "--max-seq-len", "2048"]) == 0  # the flag wins
+    out = capsys.readouterr().out
+    assert f"{len(lengths)} conversations" in out and "max_seq_len 2048 (--max-seq-len)" in out
+    assert main(["eval", "--model", str(tiny_run["base"]), "--data", str(data), "--json"]) == 0  # not a run
+    res = json.loads(capsys.readouterr().out)
+    assert (res["max_seq_len"], res["max_seq_len_from"]) == (2048, "default")

@@ -32,14 +32,16 @@ def run_eval(args) -> int:
     model = load_model(args.model)
     template = eval_template(args, model)
     options = eval_loader_options(model)  # the run's, for the baseline too: both read the same conversations
-    results = {"data": str(data), "template": template,
+    max_seq_len, max_seq_len_from = eval_max_seq_len(args, model)
+    results = {"data": str(data), "template": template, "max_seq_len": max_seq_len,
+               "max_seq_len_from": max_seq_len_from,
                "model": {"path": str(model.source.path),
-                         **metrics_of(model, data, template, args.max_seq_len, options)}}
+                         **metrics_of(model, data, template, max_seq_len, options)}}
     baseline = None
     if args.baseline:
         baseline = load_model(args.baseline)
         results["baseline"] = {"path": str(baseline.source.path),
-                               **metrics_of(baseline, data, template, args.max_seq_len, options)}
+                               **metrics_of(baseline, data, template, max_seq_len, options)}
         results["improvement"] = improvement(results["model"], results["baseline"])
     if args.samples:
         write_samples_report(report, model, baseline, data, args.samples, results, train_file=train_file,
@@ -118,6 +120,17 @@ RUN_LOADER_OPTIONS = {"think": "think", "allow_special_in_content": "allow_speci
                       "excess_length_strategy": "overlong"}
 
 
+def eval_max_seq_len(args, model: LoadedModel) -> tuple[int, str]:
+    """(length, where it came from): --max-seq-len, else the run's sequence_len (its validation left out the
+    conversations over it, so eval keeping them reported another loss than the run's), else 2048."""
+    if args.max_seq_len is not None:
+        return args.max_seq_len, "--max-seq-len"
+    conf = _training_config(model) or {}
+    if conf.get("sequence_len") is not None:
+        return int(conf["sequence_len"]), "the run's sequence_len"
+    return 2048, "default"
+
+
 def eval_loader_options(model: LoadedModel) -> dict:
     """The run's loader options, so eval reads the file as the run's validation did (a `think: strip_history` run
     is not measured on the <think> blocks it never saw; a `truncate` run keeps what it truncated)."""
@@ -190,7 +203,8 @@ def format_table(results: dict) -> str:
     m, b, imp = results["model"], results.get("baseline"), results.get("improvement")
     head = f"{'':16}{'model':>14}" + (f"{'baseline':>14}{'change':>22}" if b else "")
     lines = [f"eval on {results['data']} ({m['n_sequences']} conversations, {m['n_tokens']} trainable tokens, "
-             f"template {results['template']})", head]
+             f"template {results['template']}, max_seq_len {results['max_seq_len']} "
+             f"({results['max_seq_len_from']}))", head]
 
     def row(label, key, fmt, change=""):
         line = f"{label:16}{fmt(m[key]):>14}"
