@@ -334,9 +334,7 @@ def distill(cfg, opts: DistillOptions, *, resume: str | None = None, show_bar: b
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             train_mod._advance(state, steps_epoch, sum(data_mod.row_tokens(rows[i]) for m in idx for i in m))
-            stopping = stop.requested
-            if dist_mod.any_rank(bool(stopping)):  # every rank stops after the same step
-                stopping = stopping or "stop on another rank"
+            stopping = train_mod.agreed_stop(stop.requested)
             report.parts = parts
             report.after_step(parts["loss"], grad_norm, lr, t_data, time.perf_counter() - t0, stopping)
     # as train: a stop seen after the last step stops nothing: the run finished (final/ saved, exit 0), else a

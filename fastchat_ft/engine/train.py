@@ -90,6 +90,14 @@ def finished_already(run_dir: Path, steps: int, undo_setup) -> dict:
     return {"run_dir": str(run_dir), "steps": steps, "stopped": None, "finished": True, "train_losses": []}
 
 
+def agreed_stop(requested):
+    """This rank's stop reason after a step (None: go on), made the same on every rank: all stop after the same
+    step. Read once per step, so a signal landing in the step's logging or save is acted on after the next one."""
+    if dist_mod.any_rank(bool(requested)):
+        return requested or "stop on another rank"
+    return None
+
+
 def stopped_status(summary) -> int:
     """The exit status: 0 for a finished run; 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM) for one
     stopped early, checkpoint saved, so that `train && export` does not go on with a half-trained model."""
@@ -371,9 +379,7 @@ def train(cfg, *, dry_run: bool = False, resume: str | None = None, skip_bad_bat
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             _advance(state, steps_epoch, sum(data_mod.row_tokens(rows[i]) for m in idx for i in m))
-            stopping = stop.requested or ("stop_after" if stop_after and state.step >= stop_after else None)
-            if dist_mod.any_rank(bool(stopping)):  # every rank stops after the same step
-                stopping = stopping or "stop on another rank"
+            stopping = agreed_stop(stop.requested or ("stop_after" if stop_after and state.step >= stop_after else None))
             report.after_step(step_loss, grad_norm, lr, t_data, time.perf_counter() - t0, stopping)
     # a stop seen after the last step stops nothing: the run finished (final/ saved, exit 0), else a resume
     # would find it finished with no final/ ever written
